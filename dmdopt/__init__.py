@@ -1,0 +1,46 @@
+"""dmdopt: tune DMD-accelerated neural-network training with Optuna.
+
+Public surface (everything else is private):
+    DMDConfig, DMDAccelerator, train, TrainResult   -- training (dmdopt.training)
+    run_study, recommend, load_tuned_config          -- studies and tuned configs
+    dmdopt.dmd.extrapolate                           -- one (p x m) snapshot matrix
+Imports are lazy so `import dmdopt` stays cheap and the CLI starts fast.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "DMDConfig": "dmdopt.training.config",
+    "TrainConfig": "dmdopt.training.config",
+    "DMDAccelerator": "dmdopt.training.accelerator",
+    "train": "dmdopt.training.loop",
+    "TrainResult": "dmdopt.training.loop",
+    "ModelConfig": "dmdopt.model",
+    "ProblemConfig": "dmdopt.problem.config",
+    "run_study": "dmdopt.search.study",
+    "recommend": "dmdopt.search.recommend",
+    "load_tuned_config": "dmdopt.export",
+}
+
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from dmdopt.export import load_tuned_config
+    from dmdopt.model import ModelConfig
+    from dmdopt.problem.config import ProblemConfig
+    from dmdopt.search.recommend import recommend
+    from dmdopt.search.study import run_study
+    from dmdopt.training.accelerator import DMDAccelerator
+    from dmdopt.training.config import DMDConfig, TrainConfig
+    from dmdopt.training.loop import TrainResult, train
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'dmdopt' has no attribute {name!r}")

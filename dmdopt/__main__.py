@@ -1,0 +1,5 @@
+import sys
+
+from dmdopt.cli import main
+
+sys.exit(main())

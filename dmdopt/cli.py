@@ -1,0 +1,393 @@
+"""The `dmdopt` command: parse arguments, call the library, print. Nothing else lives here.
+
+A user's mistake (bad flag, bad file, unknown study, unreachable storage) prints ONE line on
+stderr and exits with code 2; Ctrl-C exits 130 and keeps every finished trial.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+from dmdopt.errors import UserError
+
+DEFAULT_STORAGE = "sqlite:///dmdopt-runs/optuna.db"
+DEFAULT_CACHE = "dmdopt-runs/data"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (no usage dump) and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _workers(text: str) -> int | str:
+    return "auto" if text == "auto" else _positive_int(text)
+
+
+def _study_ref(name: str, storage: str | None) -> tuple[str, str]:
+    """A study is named directly, or by its TOML file (which also gives its storage)."""
+    if name.endswith(".toml"):
+        from dmdopt.search.config import load_study_file
+
+        config = load_study_file(name)
+        return config.name, storage or config.storage
+    return name, storage or DEFAULT_STORAGE
+
+
+# ---------------------------------------------------------------------------------------------
+def cmd_data(args) -> int:
+    from dmdopt.problem import ProblemConfig, load_dataset
+
+    overrides = {k: v for k, v in (("grid", args.grid), ("n_samples", args.samples),
+                                   ("seed", args.seed)) if v is not None}
+    try:
+        config = ProblemConfig(**overrides)
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"data: {exc}") from None
+    dataset = load_dataset(config, cache_dir=args.cache_dir, workers=args.workers,
+                           progress=not args.quiet)
+    info = dataset.describe()
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+    else:
+        for key, value in info.items():
+            print(f"{key:>16}: {value}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    if args.config:
+        from dmdopt.production import run_production
+
+        out = run_production(args.config, steps=args.steps, device=args.device,
+                             checkpoint_dir=args.checkpoint_dir, tracking_uri=args.tracking_uri,
+                             progress=not args.quiet, log_mlflow=not args.no_mlflow)
+        _print_metrics(out)
+        return 0
+    from dmdopt.model import ModelConfig
+    from dmdopt.problem import ProblemConfig, load_dataset
+    from dmdopt.training import DMDConfig, TrainConfig, train
+
+    try:
+        problem = ProblemConfig(**({"grid": args.grid} if args.grid else {}),
+                                **({"n_samples": args.samples} if args.samples else {}))
+        training = TrainConfig(optimizer=args.optimizer, lr=args.lr, momentum=args.momentum,
+                               batch_size=args.batch_size, max_steps=args.steps or 2000,
+                               seed=args.seed, device=args.device or "auto",
+                               eval_every=args.eval_every)
+        model = ModelConfig(width=args.width, depth=args.depth, activation=args.activation)
+        dmd = None
+        if args.dmd_window or args.dmd_rank is not None or args.dmd_horizon:
+            dmd = DMDConfig(window=args.dmd_window or 20,
+                            rank=_number(args.dmd_rank) if args.dmd_rank is not None else 8,
+                            horizon=args.dmd_horizon or 100.0)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    dataset = load_dataset(problem, cache_dir=args.cache_dir, progress=not args.quiet)
+    result = train(dataset=dataset, model=model, training=training, dmd=dmd, progress=not args.quiet)
+    _print_metrics(result.metrics | {
+        "cost_bpe": result.backprop_equivalent, "backprop_steps": result.cost["backprop_steps"],
+        "forward_passes": result.cost["forward_passes"], "wall_time_s": result.wall_time,
+        "dmd_time_s": result.dmd_time, "jumps_accepted": result.jumps_accepted,
+        "jumps_rejected": result.jumps_rejected, "device": result.device,
+    })
+    return 0
+
+
+def _number(text: str) -> int | float:
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            raise UserError(f"--dmd-rank: expected an integer or a fraction, got {text!r}") from None
+
+
+def _print_metrics(metrics: dict) -> None:
+    for key, value in metrics.items():
+        if isinstance(value, float):
+            print(f"{key:>18}: {value:.6g}")
+        else:
+            print(f"{key:>18}: {value}")
+
+
+def cmd_study_run(args) -> int:
+    from dmdopt.search import load_study_file, run_study
+
+    config = load_study_file(args.file)
+    try:
+        run_study(config, n_trials=args.n_trials, storage=args.storage, workers=args.workers,
+                  timeout=args.timeout, cache_dir=args.cache_dir, tracking=not args.no_mlflow,
+                  tracking_uri=args.tracking_uri, progress=not args.quiet)
+    except KeyboardInterrupt:
+        print("interrupted: finished trials are kept; run the same command again to resume",
+              file=sys.stderr)
+        return 130
+    print(f"done. next: dmdopt study pareto {config.name}"
+          + (f" --storage {args.storage}" if args.storage else ""))
+    return 0
+
+
+def cmd_study_status(args) -> int:
+    from optuna.trial import TrialState
+
+    from dmdopt._util import mask_url
+    from dmdopt.search.storage import load_study
+
+    name, storage = _study_ref(args.name, args.storage)
+    study = load_study(name, storage)
+    trials = study.get_trials(deepcopy=False)
+    counts = {s.name: sum(t.state == s for t in trials) for s in TrialState}
+    ref = study.user_attrs.get("reference")
+    print(f"study      {name}  ({mask_url(storage)})")
+    print(f"objectives {', '.join(study.metric_names or [])}")
+    print("trials     " + "  ".join(f"{k.lower()} {v}" for k, v in counts.items() if v))
+    if ref:
+        print(f"reference  cost {ref['cost_bpe']:.1f} bpe  val error {ref['val_rel_l2']:.4f}")
+    return 0
+
+
+def _pareto_rows(summary: dict) -> list[dict]:
+    ref = summary["reference"] or {}
+    rec = (summary.get("recommended") or {}).get("number")
+    rows = [{"trial": "reference", "cost_bpe": ref.get("cost_bpe"), "val_rel_l2": ref.get("val_rel_l2"),
+             "speedup": 1.0, "window": None, "rank": None, "horizon": None, "recommended": False}]
+    by_number = {t["number"]: t for t in summary["trials"]}
+    for number in summary["pareto"]:
+        t = by_number[number]
+        rows.append({"trial": number, "cost_bpe": t["values"][0], "val_rel_l2": t["values"][1],
+                     "speedup": t["user_attrs"].get("speedup"), "window": t["params"].get("window"),
+                     "rank": t["params"].get("rank"), "horizon": t["params"].get("horizon"),
+                     "recommended": number == rec})
+    return rows
+
+
+def cmd_study_pareto(args) -> int:
+    from dmdopt.search.storage import load_study
+    from dmdopt.search.summary import summarize
+
+    name, storage = _study_ref(args.name, args.storage)
+    study = load_study(name, storage)
+    if len(study.directions) != 2:
+        raise UserError(f"study {name!r} is single-objective: it has a best trial, not a front")
+    summary = summarize(study, storage_url=storage)
+    rows = _pareto_rows(summary)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if args.csv:
+        import csv
+
+        writer = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+        return 0
+    print(f"Pareto front of {name}: {len(rows) - 1} point(s); objectives "
+          f"{' / '.join(summary['metric_names'])} (cost = bpe to reach the reference's error)")
+    print(f"{'trial':>9} {'cost_bpe':>10} {'val_rel_l2':>11} {'speedup':>8} {'window':>7} "
+          f"{'rank':>6} {'horizon':>9}")
+    for r in rows:
+        fmt = lambda v, f: "-" if v is None else (v if isinstance(v, str) else format(v, f))  # noqa: E731
+        mark = "  <- recommended" if r["recommended"] else ""
+        print(f"{r['trial']!s:>9} {fmt(r['cost_bpe'], '.1f'):>10} {fmt(r['val_rel_l2'], '.5f'):>11} "
+              f"{fmt(r['speedup'], '.2f'):>8} {fmt(r['window'], 'd'):>7} {fmt(r['rank'], 'g'):>6} "
+              f"{fmt(r['horizon'], '.4g'):>9}{mark}")
+    return 0
+
+
+def cmd_study_sync(args) -> int:
+    from dmdopt.search.storage import load_study
+    from dmdopt.search.summary import summarize
+    from dmdopt.tracking import StudyTracker
+
+    name, storage = _study_ref(args.name, args.storage)
+    study = load_study(name, storage)
+    tracker = StudyTracker(args.tracking_uri, name)
+    added = tracker.sync(summarize(study, storage_url=storage))
+    if added is None:
+        raise UserError("sync-mlflow: the MLflow tracking server is unreachable")
+    print(f"sync-mlflow: {added} trial run(s) added under the parent of study {name}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from dmdopt.export import export_tuned_config
+    from dmdopt.search.recommend import parse_policy
+    from dmdopt.search.storage import load_study
+    from dmdopt.search.summary import summarize
+
+    name, storage = _study_ref(args.name, args.storage)
+    policy, value = parse_policy(args.policy if args.value is None else f"{args.policy}={args.value}")
+    study = load_study(name, storage)
+    summary = summarize(study, storage_url=storage, policy=policy, value=value)
+    tuned = export_tuned_config(summary, args.output, policy=policy, value=value, number=args.trial)
+    exp = tuned.expected
+    print(f"exported trial {tuned.provenance['trial_number']} ({policy}) to {args.output}: "
+          f"window {tuned.dmd.window} rank {tuned.dmd.rank} horizon {tuned.dmd.horizon:g}; "
+          f"expected val error {exp.get('val_rel_l2', math.nan):.4f}, speed-up {exp.get('speedup', math.nan):.2f}x")
+    return 0
+
+
+def cmd_dashboard(args) -> int:
+    from dmdopt.search.storage import load_study
+    from dmdopt.search.summary import summarize
+    from dmdopt.tracking.dashboard import write_dashboard
+
+    name, storage = _study_ref(args.name, args.storage)
+    summary = summarize(load_study(name, storage), storage_url=storage)
+    write_dashboard(summary, args.output)
+    print(f"dashboard of {name} written to {args.output}")
+    return 0
+
+
+def cmd_ui(args) -> int:
+    from dmdopt.tracking.ui import start_ui
+
+    proc = start_ui(host=args.host, port=args.port, allow_remote=args.allow_remote)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        return 0
+
+
+def cmd_bench(args) -> int:
+    from dmdopt.bench import run_benchmark
+
+    run_benchmark(seeds=args.seeds, steps=args.steps, json_path=args.json, quick=args.quick)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="dmdopt", description="Tune DMD-accelerated training with Optuna; "
+                     "track it in MLflow; export the settings production training reads.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("data", help="build or inspect the pollutant dataset (cached)")
+    p.add_argument("--grid", type=_positive_int)
+    p.add_argument("--samples", type=_positive_int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--workers", type=_positive_int)
+    p.add_argument("--cache-dir", default=DEFAULT_CACHE)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("train", help="train the regressor (plain, with DMD flags, or --config tuned.toml)")
+    p.add_argument("--config", help="a tuned config written by `dmdopt export`")
+    p.add_argument("--steps", type=_positive_int, help="backprop-step budget")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--momentum", type=float, default=0.0)
+    p.add_argument("--batch-size", type=_positive_int)
+    p.add_argument("--eval-every", type=_positive_int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--width", type=_positive_int, default=128)
+    p.add_argument("--depth", type=_positive_int, default=3)
+    p.add_argument("--activation", default="tanh")
+    p.add_argument("--grid", type=_positive_int)
+    p.add_argument("--samples", type=_positive_int)
+    p.add_argument("--dmd-window", type=_positive_int)
+    p.add_argument("--dmd-rank")
+    p.add_argument("--dmd-horizon", type=float)
+    p.add_argument("--checkpoint-dir", default="dmdopt-runs/checkpoints")
+    p.add_argument("--tracking-uri")
+    p.add_argument("--no-mlflow", action="store_true")
+    p.add_argument("--cache-dir", default=DEFAULT_CACHE)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+    study = sub.add_parser("study", help="run and inspect studies")
+    ssub = study.add_subparsers(dest="study_command", required=True, parser_class=_Parser)
+    p = ssub.add_parser("run", help="create or resume the study in FILE")
+    p.add_argument("file")
+    p.add_argument("--n-trials", type=_positive_int)
+    p.add_argument("--timeout", type=float)
+    p.add_argument("--storage", help="Optuna storage URL (default: the study file's)")
+    p.add_argument("--workers", type=_workers, default=1, help="processes on this machine, or 'auto'")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///dmdopt-runs/mlflow.db)")
+    p.add_argument("--no-mlflow", action="store_true")
+    p.add_argument("--cache-dir", default=DEFAULT_CACHE)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_study_run)
+    for cmd, func, helptext in (("status", cmd_study_status, "trial counts and the reference"),
+                                ("pareto", cmd_study_pareto, "the Pareto front with the reference"),
+                                ("sync-mlflow", cmd_study_sync, "log trials missing in MLflow")):
+        p = ssub.add_parser(cmd, help=helptext)
+        p.add_argument("name", help="study name, or its TOML file")
+        p.add_argument("--storage")
+        if cmd == "pareto":
+            fmt = p.add_mutually_exclusive_group()
+            fmt.add_argument("--json", action="store_true")
+            fmt.add_argument("--csv", action="store_true")
+        if cmd == "sync-mlflow":
+            p.add_argument("--tracking-uri")
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("export", help="write the recommended settings as a tuned config")
+    p.add_argument("name", help="study name, or its TOML file")
+    p.add_argument("-o", "--output", required=True, help="tuned.toml, .json or .yaml")
+    p.add_argument("--policy", default="knee", help="knee | max-error-ratio=R | budget=C")
+    p.add_argument("--value", type=float, help="R or C for --policy max-error-ratio / budget")
+    p.add_argument("--trial", type=int, help="export this trial instead of the recommendation")
+    p.add_argument("--storage")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("dashboard", help="write the study's offline HTML dashboard")
+    p.add_argument("name")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--storage")
+    p.set_defaults(func=cmd_dashboard)
+
+    p = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 against the default store")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=_positive_int, default=5000)
+    p.add_argument("--allow-remote", action="store_true", help="required to bind a non-loopback host")
+    p.set_defaults(func=cmd_ui)
+
+    p = sub.add_parser("bench", help="plain vs DMD-accelerated training, side by side")
+    p.add_argument("--seeds", type=_positive_int, default=3)
+    p.add_argument("--steps", type=_positive_int)
+    p.add_argument("--json", help="also write the rows as JSON to this path")
+    p.add_argument("--quick", action="store_true", help="the small problem of studies/quick.toml")
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as exc:
+        print(f"dmdopt: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

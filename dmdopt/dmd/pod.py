@@ -1,0 +1,261 @@
+"""POD by the method of snapshots, and the rank rule.
+
+The snapshot matrices of one layer are tall and skinny (p up to 1e7 rows, n ~ 5..50 columns),
+so the POD never touches a p x p object: it eigendecomposes the n x n Gram matrix
+G = D^T D (``G = V diag(sigma^2) V^T``) and forms the modes as U = D V Sigma^-1.  The Gram is
+accumulated in float64 over row blocks that are up-cast one at a time, so a float32 input costs
+only one float64 block (``CHUNK_ELEMENTS`` numbers, 64 MiB) of extra memory, never a float64
+copy of the whole matrix.
+
+Precision: the method of snapshots squares the condition number, so singular values below
+about ``sigma_max * sqrt(n * eps64)`` (~1e-7 relative) are rounding noise; `pod` clips the rank
+there (see `gram_rtol`).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "CHUNK_ELEMENTS",
+    "EPS64",
+    "POD",
+    "SnapshotPOD",
+    "column_gram",
+    "combine_columns",
+    "gram_rtol",
+    "hard_threshold_omega",
+    "parse_rank",
+    "pod",
+    "pod_from_gram",
+    "select_rank",
+]
+
+EPS64 = float(torch.finfo(torch.float64).eps)
+CHUNK_ELEMENTS = 1 << 23
+"""Numbers per float64 row block (64 MiB): the only extra memory the big products need."""
+
+_RANK_STRINGS = ("optimal", "full")
+
+
+# --------------------------------------------------------------------------- rank rule
+
+
+def hard_threshold_omega(beta: float) -> float:
+    """Gavish & Donoho (2014) omega(beta) for unknown noise: tau = omega * median(sigma)."""
+    return 0.56 * beta**3 - 0.95 * beta**2 + 1.82 * beta + 1.43
+
+
+def _bad_rank(rank: object) -> ValueError:
+    return ValueError(
+        "rank must be an int >= 1 (cap), a float in (0, 1] (energy fraction), 0 or 'optimal' "
+        f"(Gavish-Donoho hard threshold) or 'full' (numerical rank); got rank={rank!r}"
+    )
+
+
+def parse_rank(rank: object) -> tuple[str, float]:
+    """Classify `rank` as ('cap', r) / ('energy', f) / ('optimal', 0) / ('full', 0).
+
+    Raises ValueError naming `rank` for anything else, so callers can validate a setting
+    before they have data.
+    """
+    if isinstance(rank, bool | torch.Tensor) or rank is None:
+        # bool is an int subclass; a tensor would silently broadcast -- refuse both.
+        raise _bad_rank(rank)
+    if isinstance(rank, str):
+        key = rank.strip().lower()
+        if key in _RANK_STRINGS:
+            return key, 0.0
+        raise _bad_rank(rank)
+    if isinstance(rank, numbers.Integral):  # python int and every numpy integer
+        value = int(rank)
+        if value < 0:
+            raise _bad_rank(rank)
+        return ("optimal", 0.0) if value == 0 else ("cap", float(value))
+    if isinstance(rank, numbers.Real):  # python float and numpy floats
+        value = float(rank)
+        if math.isnan(value) or value < 0.0 or value > 1.0:
+            raise _bad_rank(rank)
+        return ("optimal", 0.0) if value == 0.0 else ("energy", value)
+    raise _bad_rank(rank)
+
+
+def select_rank(
+    singular_values: Tensor,
+    rank: int | float | str,
+    *,
+    n_rows: int | None = None,
+    n_cols: int | None = None,
+    rtol: float | None = None,
+) -> int:
+    """The truncation rank the rule `rank` picks for a matrix with these singular values.
+
+    rank: int >= 1 caps the rank; float in (0, 1] keeps the smallest r whose energy
+    sum(sigma_i^2, i<r) / sum(sigma^2) reaches the fraction; 0 (or 'optimal') is the
+    Gavish-Donoho optimal hard threshold for unknown noise, tau = omega(beta) * median(sigma)
+    with beta = min/max aspect ratio of the (n_rows x n_cols) data matrix (square if unknown);
+    'full' keeps every numerically supported value.
+
+    Whatever the rule, the result is clipped to the numerical rank, the count of
+    sigma_i > sigma_max * rtol (default rtol = max(n_rows, n_cols) * eps64, right for
+    SVD-computed values; `pod` passes the looser `gram_rtol`), and is at least 1 unless every
+    sigma is 0 (then 0).  Bad values raise ValueError naming `rank`.
+    """
+    kind, value = parse_rank(rank)
+    sigma = torch.as_tensor(singular_values).detach().to("cpu", torch.float64).flatten()
+    sigma = torch.sort(sigma, descending=True).values
+    k = int(sigma.numel())
+    if k == 0 or not bool(torch.isfinite(sigma).all()) or float(sigma[0]) <= 0.0:
+        return 0
+    rows = n_rows if n_rows is not None else k
+    cols = n_cols if n_cols is not None else k
+    if rtol is None:
+        rtol = max(rows, cols, 1) * EPS64
+    numerical = int((sigma > sigma[0] * rtol).sum())
+
+    if kind == "cap":
+        r = int(value)
+    elif kind == "full":
+        r = numerical
+    elif kind == "energy":
+        energy = torch.cumsum(sigma**2, 0) / torch.sum(sigma**2)
+        # 1e-12 slack: a fraction of exactly 1.0 must not miss the last term to rounding.
+        r = int((energy < value - 1e-12).sum()) + 1
+    else:  # optimal hard threshold
+        beta = min(rows, cols) / max(rows, cols, 1)
+        tau = hard_threshold_omega(beta) * float(torch.median(sigma))
+        r = int((sigma > tau).sum())
+    return max(1, min(r, numerical))
+
+
+def gram_rtol(n_cols: int) -> float:
+    """Relative singular-value floor the method of snapshots can resolve.
+
+    eigh(G) is accurate to ~n * eps64 * ||G||, i.e. sigma_i to ~sqrt(n * eps64) * sigma_max;
+    directions below that have meaningless V columns and would make U = D V / sigma garbage.
+    """
+    return math.sqrt(max(n_cols, 1) * EPS64)
+
+
+# --------------------------------------------------------------------------- big products
+
+
+def _row_blocks(data: Tensor, differences: bool):
+    """Yield (row slice, float64 block) -- the block is differenced along columns if asked.
+
+    Up-casting *before* differencing keeps x_{k+1} - x_k exact for float32 data.
+    """
+    p, m = data.shape
+    rows = max(1, CHUNK_ELEMENTS // max(m, 1))
+    for start in range(0, p, rows):
+        stop = min(p, start + rows)
+        block = data[start:stop].to(torch.float64)
+        if differences:
+            block = block[:, 1:] - block[:, :-1]
+        yield slice(start, stop), block
+
+
+def column_gram(data: Tensor, *, differences: bool = False) -> Tensor:
+    """float64 Gram D^T D of the columns of `data` (or of its column differences), on the CPU.
+
+    O(p * n^2) flops, O(CHUNK_ELEMENTS) extra memory; the small result goes to the CPU because
+    everything after it is n x n work that is faster there than as tiny device kernels.
+    """
+    p, m = data.shape
+    n = m - 1 if differences else m
+    gram = torch.zeros(n, n, dtype=torch.float64, device=data.device)
+    if n > 0:
+        for _, block in _row_blocks(data, differences):
+            gram += block.T @ block
+    return gram.cpu()
+
+
+def combine_columns(
+    data: Tensor,
+    coefficients: Tensor,
+    *,
+    differences: bool = False,
+    out_dtype: torch.dtype | None = None,
+) -> Tensor:
+    """D[:, :k] @ coefficients (k x r, float64) as a p x r tensor on the data's device.
+
+    Used to form the POD modes U = D V Sigma^-1 block by block in float64 and store them in
+    `out_dtype` (default: the data's dtype), so a float32 layer keeps float32 modes.
+    """
+    p = data.shape[0]
+    k, r = coefficients.shape
+    out = torch.empty(p, r, dtype=out_dtype or data.dtype, device=data.device)
+    coeff = coefficients.to(data.device, torch.float64)
+    for rows, block in _row_blocks(data, differences):
+        out[rows] = (block[:, :k] @ coeff).to(out.dtype)
+    return out
+
+
+# --------------------------------------------------------------------------- POD
+
+
+@dataclass(frozen=True)
+class SnapshotPOD:
+    """The small half of a POD: what the n x n Gram alone determines (all float64, CPU)."""
+
+    singular_values: Tensor  # (r,) descending, > 0
+    right_vectors: Tensor  # V, (n, r) orthonormal columns
+    all_singular_values: Tensor  # (n,) descending, before truncation
+    rank: int
+
+    @property
+    def coefficients(self) -> Tensor:
+        """V Sigma^-1 (n x r): the column combinations that give the modes, U = D V Sigma^-1."""
+        return self.right_vectors / self.singular_values
+
+
+def pod_from_gram(gram: Tensor, rank: int | float | str, *, n_rows: int) -> SnapshotPOD:
+    """Method of snapshots on an n x n Gram: eigh, sigma = sqrt(eigenvalues), rank rule."""
+    gram = gram.to("cpu", torch.float64)
+    n = gram.shape[0]
+    parse_rank(rank)  # validate even when the data is degenerate
+    if n == 0 or not bool(torch.isfinite(gram).all()):
+        empty = torch.zeros(0, dtype=torch.float64)
+        return SnapshotPOD(empty, torch.zeros(n, 0, dtype=torch.float64), empty, 0)
+    evals, evecs = torch.linalg.eigh(0.5 * (gram + gram.T))
+    order = torch.argsort(evals, descending=True)
+    sigma_all = torch.sqrt(torch.clamp(evals[order], min=0.0))
+    evecs = evecs[:, order]
+    r = select_rank(sigma_all, rank, n_rows=n_rows, n_cols=n, rtol=gram_rtol(n))
+    return SnapshotPOD(sigma_all[:r].clone(), evecs[:, :r].clone(), sigma_all, r)
+
+
+@dataclass(frozen=True)
+class POD:
+    """Truncated POD of a p x n matrix: D ~ U diag(sigma) V^T."""
+
+    modes: Tensor  # U, (p, r), the data's dtype and device
+    small: SnapshotPOD
+
+    @property
+    def singular_values(self) -> Tensor:
+        return self.small.singular_values
+
+    @property
+    def right_vectors(self) -> Tensor:
+        return self.small.right_vectors
+
+    @property
+    def rank(self) -> int:
+        return self.small.rank
+
+
+def pod(data: Tensor, rank: int | float | str = "full") -> POD:
+    """POD of the columns of `data` (p x n) by the method of snapshots, truncated by `rank`.
+
+    Cost O(p * n^2) for the Gram plus O(p * n * r) for the modes; no p x p matrix is formed.
+    """
+    if data.ndim != 2:
+        raise ValueError(f"data must be a 2-D (p x n) tensor; got shape {tuple(data.shape)}")
+    small = pod_from_gram(column_gram(data), rank, n_rows=data.shape[0])
+    return POD(combine_columns(data, small.coefficients), small)

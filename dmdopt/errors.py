@@ -1,0 +1,11 @@
+"""The one exception type for mistakes a user can make (bad file, bad flag, bad value).
+
+The CLI turns it into one line on stderr and exit code 2; everything else is a bug and keeps
+its traceback.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A user's mistake: the message names the field and the value."""

@@ -1,0 +1,132 @@
+"""The trial objective: DMD knobs from the trial -> train -> (cost, validation error).
+
+Objectives (both minimised, metric names `cost_bpe`, `val_rel_l2`):
+- cost_bpe:   backprop-equivalent cost to first reach the reference's final validation error
+              (time-to-accuracy); a trial that never reaches it counts its whole spend.
+- val_rel_l2: validation relative L2 error at the end of the (shared) step budget.
+So the reference (plain training) sits at (its budget, its final error), and a point left of it
+is a speed-up. In `cost_to_target` mode the single objective is the cost to reach the target
+error; training stops there, and trials falling behind are pruned on the learning curve.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import optuna
+
+from dmdopt.search.config import LINE_SEARCH_PRESETS, StudyConfig
+from dmdopt.training.config import DMDConfig
+from dmdopt.training.loop import Diverged, TrainResult, train
+
+METRIC_NAMES = ["cost_bpe", "val_rel_l2"]
+CURVE_POINTS = 100
+
+
+def curve_summary(result: TrainResult) -> list[list[float]]:
+    """[[cost, val_error], ...] down-sampled to at most CURVE_POINTS, last point kept."""
+    curve = [[round(p["cost"], 4), p["val_error"]] for p in result.curve]
+    if len(curve) > CURVE_POINTS:
+        stride = math.ceil(len(curve) / CURVE_POINTS)
+        curve = curve[::stride] + ([curve[-1]] if (len(curve) - 1) % stride else [])
+    return curve
+
+
+def suggest_dmd(trial: optuna.Trial, config: StudyConfig) -> DMDConfig:
+    """Sample window, rank, horizon (and optional knobs); rank is clipped to window - 1.
+
+    The rank range is static (samplers model it independently of window); the rank actually
+    used is recorded as the user attribute `rank_effective` and in `dmd`.
+    """
+    space = config.space
+    window = trial.suggest_int("window", space.window.low, space.window.high, log=space.window.log)
+    if space.rank.kind == "int":
+        rank: int | float = trial.suggest_int("rank", int(space.rank.low), int(space.rank.high))
+        rank = min(rank, window - 1)
+    else:
+        rank = trial.suggest_float("rank", space.rank.low, space.rank.high)
+    horizon: float = trial.suggest_float("horizon", space.horizon.low, space.horizon.high, log=True)
+    if space.horizon.include_inf and trial.suggest_categorical("horizon_inf", [False, True]):
+        horizon = math.inf
+    extra = dict(config.dmd)
+    if space.optimizer_state:
+        extra["optimizer_state"] = trial.suggest_categorical("optimizer_state", list(space.optimizer_state))
+    if space.line_search:
+        preset = trial.suggest_categorical("line_search", list(space.line_search))
+        extra["line_search"] = LINE_SEARCH_PRESETS[preset]
+    trial.set_user_attr("rank_effective", rank)
+    return DMDConfig.from_dict(extra | {"window": window, "rank": rank, "horizon": horizon})
+
+
+class Objective:
+    """Callable objective bound to a study config, its dataset and its reference result."""
+
+    def __init__(self, config: StudyConfig, dataset, reference: dict) -> None:
+        self.config = config
+        self.dataset = dataset
+        self.reference = reference
+
+    def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
+        cfg = self.config
+        dmd = suggest_dmd(trial, cfg)
+        training = cfg.training
+        if cfg.space.lr is not None:
+            lr = trial.suggest_float("lr", cfg.space.lr.low, cfg.space.lr.high, log=cfg.space.lr.log)
+            training = replace(training, lr=lr)
+        single = cfg.mode == "cost_to_target"
+        target = cfg.target_error if cfg.target_error is not None else self.reference["val_rel_l2"]
+        if single:
+            training = replace(training, target_error=target)
+        trial.set_user_attr("training", training.to_dict())
+        trial.set_user_attr("dmd", dmd.to_dict())
+
+        def on_eval(point: dict) -> None:
+            if single:
+                trial.report(point["val_error"], point["step"])
+                if trial.should_prune():
+                    raise optuna.TrialPruned(f"pruned at step {point['step']}")
+
+        try:
+            result = train(dataset=self.dataset, model=cfg.model, training=training, dmd=dmd,
+                           on_eval=on_eval)
+        except Diverged as exc:
+            trial.set_user_attr("fail_reason", f"diverged: {exc}")
+            raise
+
+        reached = result.cost_to_reach(self.reference["val_rel_l2"])
+        cost_total = result.backprop_equivalent
+        cost = reached[0] if reached else cost_total
+        wall_to = reached[1] if reached else result.wall_time
+        attrs = {
+            "cost_total": cost_total, "cost_to_reference": cost, "reached_reference": bool(reached),
+            "val_error": result.val_error, "test_error": result.metrics["test_rel_l2"],
+            "val_r2": result.metrics["val_r2"], "wall_time": result.wall_time,
+            "wall_to_reference": wall_to, "dmd_time": result.dmd_time,
+            "speedup": self.reference["cost_bpe"] / cost if cost > 0 else math.inf,
+            "jumps_accepted": result.jumps_accepted, "jumps_rejected": result.jumps_rejected,
+            "curve": curve_summary(result), "device": result.device,
+            "forward_passes": result.cost["forward_passes"], "backprop_steps": result.cost["backprop_steps"],
+        }
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
+        if cfg.max_error_ratio is not None:
+            trial.set_constraint(
+                "max_error_ratio", result.val_error - cfg.max_error_ratio * self.reference["val_rel_l2"]
+            )
+        if single:
+            if result.stopped_by != "target":
+                return cost_total * 2.0  # never reached the target: worse than any that did
+            return cost_total
+        return cost, result.val_error
+
+
+def reference_run(config: StudyConfig, dataset) -> dict:
+    """Plain training with the study's optimiser, budget and seed: the point every plot shows."""
+    result = train(dataset=dataset, model=config.model, training=config.training, dmd=None)
+    return {
+        "cost_bpe": result.backprop_equivalent, "cost_total": result.backprop_equivalent,
+        "val_rel_l2": result.val_error, "test_rel_l2": result.metrics["test_rel_l2"],
+        "wall_time": result.wall_time, "curve": curve_summary(result),
+        "training": config.training.to_dict(), "device": result.device,
+    }

@@ -1,0 +1,264 @@
+"""Running a study: storage, sampler, the reference run, workers, resume, tracking.
+
+`run_study(config)` is idempotent: re-running resumes (finished trials are kept; the study
+stops once `n_trials` trials are COMPLETE, counted over every worker on every machine).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import multiprocessing as mp
+import os
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+
+from dmdopt._util import mask_url
+from dmdopt.errors import UserError
+from dmdopt.search.config import StudyConfig
+from dmdopt.search.objective import METRIC_NAMES, Objective, reference_run
+from dmdopt.search.storage import open_storage
+from dmdopt.search.summary import summarize
+
+log = logging.getLogger("dmdopt")
+
+
+def make_sampler(config: StudyConfig) -> optuna.samplers.BaseSampler:
+    seed = config.seed
+    if config.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if config.sampler == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=6)
+    if config.sampler == "gp":
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=6)
+    population = max(4, min(16, (config.n_trials or 32) // 4))
+    return optuna.samplers.NSGAIISampler(seed=seed, population_size=population)
+
+
+def config_digest(config: StudyConfig) -> str:
+    """What must match for a re-run to resume this study (storage & n_trials may differ)."""
+    raw = {k: v for k, v in config.raw.items()}
+    study = dict(raw.get("study", {}))
+    for key in ("storage", "n_trials", "timeout"):
+        study.pop(key, None)
+    raw["study"] = study
+    return hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _load_dataset(config: StudyConfig, cache_dir: str | os.PathLike, progress: bool):
+    from dmdopt.problem import ProblemConfig, load_dataset
+
+    return load_dataset(ProblemConfig.from_dict(config.problem), cache_dir=cache_dir, progress=progress)
+
+
+def prepare_study(config: StudyConfig, *, storage_url: str, cache_dir="dmdopt-runs/data",
+                  progress: bool = True, echo=print) -> tuple[optuna.Study, object]:
+    """Create or resume the study, build the dataset, run the reference once."""
+    storage = open_storage(storage_url)
+    directions = ["minimize"] if config.mode == "cost_to_target" else ["minimize", "minimize"]
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0)
+    try:
+        study = optuna.create_study(study_name=config.name, storage=storage,
+                                    sampler=make_sampler(config), pruner=pruner,
+                                    directions=directions, load_if_exists=True)
+    except ValueError as exc:  # direction mismatch with an existing study
+        raise UserError(f"study {config.name!r}: {exc}") from None
+    digest = config_digest(config)
+    existing = study.user_attrs.get("config_digest")
+    if existing is None:
+        study.set_user_attr("config_digest", digest)
+        study.set_user_attr("config", json.loads(json.dumps(config.raw, default=str)))
+        if config.mode == "cost_to_target":
+            study.set_metric_names(["cost_bpe"])
+        else:
+            study.set_metric_names(METRIC_NAMES)
+    elif existing != digest:
+        raise UserError(
+            f"study {config.name!r} already exists in {mask_url(storage_url)} with a different "
+            "configuration; give this one another [study] name or use another storage"
+        )
+    dataset = _load_dataset(config, cache_dir, progress)
+    if study.user_attrs.get("reference") is None:
+        echo(f"reference: plain {config.training.optimizer} for {config.training.max_steps} steps ...")
+        reference = reference_run(config, dataset)
+        study.set_user_attr("reference", reference)
+    reference = study.user_attrs["reference"]
+    echo(f"reference: cost {reference['cost_bpe']:.0f} bpe, val error {reference['val_rel_l2']:.4f}, "
+         f"wall {reference['wall_time']:.1f} s")
+    return study, dataset
+
+
+def _count(study: optuna.Study, states: tuple[TrialState, ...]) -> int:
+    return len(study.get_trials(deepcopy=False, states=states))
+
+
+class _Tracking:
+    """Logs finished trials to MLflow; never lets a tracking problem fail a trial."""
+
+    def __init__(self, study_name: str, storage_url: str, tracking_uri: str | None, enabled: bool):
+        self.tracker = None
+        self.storage_url = storage_url
+        if not enabled:
+            return
+        try:
+            from dmdopt.tracking import StudyTracker
+            self.tracker = StudyTracker(tracking_uri, study_name)
+        except Exception as exc:  # noqa: BLE001 - tracking is best-effort by design
+            log.warning("MLflow tracking disabled: %s", exc)
+
+    def start(self, study: optuna.Study) -> None:
+        if self.tracker is not None:
+            self.tracker.ensure_parent(summarize(study, storage_url=self.storage_url))
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if self.tracker is None:
+            return
+        try:
+            summary = summarize(study, storage_url=self.storage_url)
+            self.tracker.log_trial(summary, trial.number)
+            self.tracker.refresh_parent(summary)
+        except Exception as exc:  # noqa: BLE001 - the trial is safe in the Optuna storage
+            log.warning("MLflow logging of trial %d failed: %s (run `dmdopt study sync-mlflow`)",
+                        trial.number, exc)
+
+
+def _echo_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial, echo=print) -> None:
+    p = trial.params
+    knobs = f"window {p.get('window')} rank {trial.user_attrs.get('rank_effective', p.get('rank'))} " \
+            f"horizon {'inf' if p.get('horizon_inf') else format(p.get('horizon', float('nan')), '.3g')}"
+    if trial.state == TrialState.COMPLETE:
+        a = trial.user_attrs
+        echo(f"trial {trial.number:>3} complete  cost {trial.values[0]:8.1f} bpe "
+             f"({a.get('speedup', float('nan')):.2f}x)  val error {a.get('val_error', float('nan')):.4f}  "
+             f"jumps {a.get('jumps_accepted', 0)}/{a.get('jumps_accepted', 0) + a.get('jumps_rejected', 0)}  {knobs}")
+    else:
+        reason = trial.user_attrs.get("fail_reason", "")
+        echo(f"trial {trial.number:>3} {trial.state.name.lower()}  {knobs}  {reason}")
+
+
+def worker_loop(config: StudyConfig, *, storage_url: str, n_trials: int | None,
+                timeout: float | None, cache_dir="dmdopt-runs/data", tracking: bool = True,
+                tracking_uri: str | None = None, echo=print, progress: bool = False) -> int:
+    """One worker: run trials until `n_trials` are COMPLETE in the storage (all workers
+    together) or `timeout` seconds passed. Returns the trials this worker ran."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = open_storage(storage_url)
+    study = optuna.load_study(study_name=config.name, storage=storage, sampler=make_sampler(config),
+                              pruner=optuna.pruners.MedianPruner(n_startup_trials=3))
+    dataset = _load_dataset(config, cache_dir, progress)
+    objective = Objective(config, dataset, study.user_attrs["reference"])
+    tracker = _Tracking(config.name, storage_url, tracking_uri, tracking)
+
+    def guarded(trial: optuna.Trial):
+        # Another worker may have filled the quota while we were asking: don't overshoot.
+        if n_trials is not None:
+            ahead = [t for t in study.get_trials(deepcopy=False,
+                                                 states=(TrialState.COMPLETE, TrialState.RUNNING))
+                     if t.number < trial.number]
+            if len(ahead) >= n_trials:
+                trial.set_user_attr("fail_reason", "surplus: the study already had enough trials")
+                raise optuna.TrialPruned("surplus")
+        return objective(trial)
+
+    def after(study_: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        _echo_trial(study_, trial, echo)
+        tracker(study_, trial)
+
+    ran = 0
+    started = time.monotonic()
+    while True:
+        if n_trials is not None and _count(study, (TrialState.COMPLETE,)) + _count(
+                study, (TrialState.RUNNING,)) >= n_trials and not _count(study, (TrialState.WAITING,)):
+            break
+        left = None if timeout is None else timeout - (time.monotonic() - started)
+        if left is not None and left <= 0:
+            break
+        study.optimize(guarded, n_trials=1, catch=(Exception,), callbacks=[after])
+        ran += 1
+        if n_trials is not None and ran >= 3 * n_trials:
+            echo(f"stopping: this worker ran {ran} trials without the study completing {n_trials}")
+            break
+        if n_trials is not None and _count(study, (TrialState.COMPLETE,)) >= n_trials:
+            break
+    return ran
+
+
+def _worker_entry(path_or_raw, storage_url, n_trials, timeout, cache_dir, tracking, tracking_uri,
+                  device_index):
+    """Entry point of a spawned worker process (binds one GPU when several are visible)."""
+    if device_index is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(device_index)
+    from dmdopt.search.config import parse_study
+
+    config = parse_study(path_or_raw)
+    prefix = f"[worker {os.getpid()}] "
+    try:
+        worker_loop(config, storage_url=storage_url, n_trials=n_trials, timeout=timeout,
+                    cache_dir=cache_dir, tracking=tracking, tracking_uri=tracking_uri,
+                    echo=lambda line: print(prefix + line, flush=True))
+    except KeyboardInterrupt:
+        pass
+
+
+def visible_gpus() -> int:
+    try:
+        import torch
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception:  # noqa: BLE001
+        return 0
+
+
+def run_study(config: StudyConfig, *, n_trials: int | None = None, storage: str | None = None,
+              workers: int | str = 1, timeout: float | None = None, cache_dir="dmdopt-runs/data",
+              tracking: bool = True, tracking_uri: str | None = None, progress: bool = True,
+              echo=print) -> optuna.Study:
+    """Create or resume `config`'s study and run it to `n_trials` COMPLETE trials.
+
+    workers: an int, or "auto" = one per visible GPU (at least 1). With several GPUs each
+    worker process sees exactly one (CUDA_VISIBLE_DEVICES).
+    """
+    storage_url = storage or config.storage
+    n_trials = n_trials if n_trials is not None else config.n_trials
+    timeout = timeout if timeout is not None else config.timeout
+    gpus = visible_gpus()
+    if workers == "auto":
+        workers = max(1, gpus)
+    if not isinstance(workers, int) or workers < 1:
+        raise UserError(f"--workers must be a positive integer or 'auto', got {workers!r}")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study, _ = prepare_study(config, storage_url=storage_url, cache_dir=cache_dir,
+                             progress=progress, echo=echo)
+    done = _count(study, (TrialState.COMPLETE,))
+    echo(f"study {config.name}: {done} complete trial(s) in {mask_url(storage_url)}; "
+         f"target {n_trials if n_trials is not None else 'until timeout'}; {workers} worker(s)")
+    tracker = _Tracking(config.name, storage_url, tracking_uri, tracking)
+    try:
+        tracker.start(study)
+    except Exception as exc:  # noqa: BLE001
+        log.warning("MLflow: could not create the parent run: %s", exc)
+    if workers == 1:
+        worker_loop(config, storage_url=storage_url, n_trials=n_trials, timeout=timeout,
+                    cache_dir=cache_dir, tracking=tracking, tracking_uri=tracking_uri, echo=echo)
+    else:
+        ctx = mp.get_context("spawn")
+        procs = [ctx.Process(target=_worker_entry, daemon=False,
+                             args=(config.raw, storage_url, n_trials, timeout, str(cache_dir),
+                                   tracking, tracking_uri, (i % gpus) if gpus > 1 else None))
+                 for i in range(workers)]
+        for p in procs:
+            p.start()
+        try:
+            for p in procs:
+                p.join()
+        except KeyboardInterrupt:
+            for p in procs:
+                p.join(timeout=30)
+            raise
+    return study

@@ -1,0 +1,92 @@
+"""Plain-data view of a study (see CONTRACT.md): what tracking/, dashboards and export read."""
+
+from __future__ import annotations
+
+import math
+
+import optuna
+from optuna.trial import TrialState
+
+from dmdopt._util import mask_url
+
+
+def _params(trial: optuna.trial.FrozenTrial) -> dict:
+    params = dict(trial.params)
+    if params.pop("horizon_inf", False):
+        params["horizon"] = "inf"
+    if "rank_effective" in trial.user_attrs:
+        params["rank"] = trial.user_attrs["rank_effective"]
+    return params
+
+
+def hypervolume_reference_point(study: optuna.Study) -> list[float]:
+    """Fixed per study: 1.5 x the reference's (cost, error), so every history is comparable."""
+    ref = study.user_attrs.get("reference") or {}
+    return [1.5 * ref.get("cost_bpe", 1.0), 1.5 * ref.get("val_rel_l2", 1.0)]
+
+
+def hypervolume_history(trials: list, ref_point: list[float]) -> list[list[float]]:
+    import numpy as np
+    from optuna._hypervolume import compute_hypervolume
+
+    history, points = [], []
+    for t in sorted(trials, key=lambda t: t.datetime_complete or t.datetime_start):
+        if t.state != TrialState.COMPLETE or t.values is None or len(t.values) != 2:
+            continue
+        if all(v < r for v, r in zip(t.values, ref_point, strict=True)):
+            points.append(list(t.values))
+        hv = compute_hypervolume(np.asarray(points), np.asarray(ref_point)) if points else 0.0
+        history.append([len(history) + 1, float(hv)])
+    return history
+
+
+def pareto_numbers(study: optuna.Study) -> list[int]:
+    if len(study.directions) != 2:
+        best = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+        return [min(best, key=lambda t: t.value).number] if best else []
+    front = study.best_trials
+    return [t.number for t in sorted(front, key=lambda t: (t.values[0], t.values[1], t.number))]
+
+
+def summarize(study: optuna.Study, *, storage_url: str | None = None, policy: str = "knee",
+              value: float | None = None) -> dict:
+    trials = study.get_trials(deepcopy=False)
+    ref_point = hypervolume_reference_point(study)
+    rows = []
+    for t in trials:
+        rows.append({
+            "number": t.number, "state": t.state.name, "params": _params(t),
+            "values": list(t.values) if t.values is not None else None,
+            "user_attrs": dict(t.user_attrs),
+            "datetime_start": t.datetime_start.isoformat() if t.datetime_start else None,
+            "datetime_complete": t.datetime_complete.isoformat() if t.datetime_complete else None,
+        })
+        if t.state == TrialState.FAIL and "fail_reason" not in t.user_attrs:
+            reason = t.system_attrs.get("fail_reason") or "failed (see the worker's log)"
+            rows[-1]["user_attrs"]["fail_reason"] = reason
+    summary = {
+        "study_name": study.study_name,
+        "metric_names": study.metric_names or ["cost_bpe", "val_rel_l2"],
+        "storage": mask_url(storage_url),
+        "config": study.user_attrs.get("config", {}),
+        "reference": study.user_attrs.get("reference"),
+        "trials": rows,
+        "pareto": pareto_numbers(study),
+        "recommended": None,
+        "hypervolume_history": hypervolume_history(trials, ref_point),
+        "hypervolume_reference_point": ref_point,
+    }
+    if summary["pareto"] and summary["reference"] and len(study.directions) == 2:
+        try:
+            from dmdopt.search.recommend import recommend
+            points = [{"number": r["number"], "cost_bpe": r["values"][0], "val_rel_l2": r["values"][1]}
+                      for r in rows if r["number"] in summary["pareto"]]
+            number = recommend(points, summary["reference"], policy=policy, value=value)
+            summary["recommended"] = {"number": number, "policy": policy}
+        except Exception:  # no qualifying point: the summary simply has no recommendation
+            summary["recommended"] = None
+    return summary
+
+
+def is_finite_front(values: list[float] | None) -> bool:
+    return values is not None and all(math.isfinite(v) for v in values)

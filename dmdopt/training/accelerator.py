@@ -1,0 +1,191 @@
+"""`DMDAccelerator`: POD + DMD weight extrapolation as a plug-in for any PyTorch loop.
+
+    acc = DMDAccelerator(model, optimizer, DMDConfig(window=20, rank=8, horizon=100))
+    for batch in loader:
+        ...; loss.backward(); optimizer.step()
+        acc.step(closure)   # closure() -> loss tensor, forward only, used to accept/reject
+
+After each optimiser step the accelerator copies every parameter group into a snapshot buffer
+(`window` columns). When the buffer is full it fits one DMD per group (`dmdopt.dmd`), tries the
+extrapolated weights at each line-search horizon (forward passes only), and keeps the best one
+**only if the closure's loss improves** on the current weights; otherwise the weights are rolled
+back bit for bit. Either way a fresh window starts.
+
+Optimiser state after a kept jump (`optimizer_state`): 'keep' leaves Adam's moments / SGD's
+momentum as they were — they describe the local curvature, which the jump does not change much;
+'reset' clears them (Adam then re-warms its bias correction). 'keep' is the default: it measured
+better on the benchmark (README).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from dmdopt.training.config import DMDConfig
+from dmdopt.training.cost import CostCounter
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64,
+           "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def group_parameters(model: nn.Module, grouping: str) -> list[list[nn.Parameter]]:
+    """Parameter groups that share one DMD: per module ('layer'), per tensor, or all ('global')."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if grouping == "global":
+        return [params] if params else []
+    if grouping == "tensor":
+        return [[p] for p in params]
+    groups: list[list[nn.Parameter]] = []
+    seen: set[int] = set()
+    for module in model.modules():
+        own = [p for p in module.parameters(recurse=False) if p.requires_grad and id(p) not in seen]
+        if own:
+            groups.append(own)
+            seen.update(id(p) for p in own)
+    return groups
+
+
+class DMDAccelerator:
+    """Wraps a model + optimiser; call `step(closure)` after every `optimizer.step()`."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, config: DMDConfig,
+                 *, cost: CostCounter | None = None, forward_weight: float = 1.0) -> None:
+        """`forward_weight`: one closure call in units of a forward pass over a training batch
+        (e.g. n_train / batch_size when the closure evaluates the whole training set)."""
+        self.model = model
+        self.optimizer = optimizer
+        self.config = config
+        self.cost = cost
+        self.forward_weight = forward_weight
+        self.groups = group_parameters(model, config.grouping)
+        self.sizes = [sum(p.numel() for p in g) for g in self.groups]
+        first = self.groups[0][0] if self.groups else None
+        device = torch.device("cpu") if config.snapshot_device == "cpu" or first is None else first.device
+        dtype = _DTYPES[config.snapshot_dtype]
+        self.buffers = [torch.empty(n, config.window, dtype=dtype, device=device) for n in self.sizes]
+        self.filled = 0
+        self.steps_seen = 0
+        self.stats = {"jumps_accepted": 0, "jumps_rejected": 0, "forward_passes": 0,
+                      "dmd_flops": 0.0, "dmd_seconds": 0.0, "forward_seconds": 0.0,
+                      "chosen_horizons": []}
+
+    @classmethod
+    def from_config(cls, path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    **kwargs) -> DMDAccelerator:
+        """An accelerator with the DMD settings of an exported tuned config (TOML/JSON/YAML)."""
+        from dmdopt.export import load_tuned_config
+
+        return cls(model, optimizer, load_tuned_config(path).dmd, **kwargs)
+
+    @property
+    def snapshot_bytes(self) -> int:
+        """Memory held by the snapshot buffers: window x parameters x bytes."""
+        return sum(b.numel() * b.element_size() for b in self.buffers)
+
+    # -------------------------------------------------------------------------------------------
+    def _flat(self, group: list[nn.Parameter]) -> torch.Tensor:
+        return torch.cat([p.detach().reshape(-1) for p in group])
+
+    @torch.no_grad()
+    def _assign(self, group: list[nn.Parameter], flat: torch.Tensor) -> None:
+        offset = 0
+        for p in group:
+            n = p.numel()
+            p.copy_(flat[offset:offset + n].view_as(p).to(p.dtype))
+            offset += n
+
+    def _loss(self, closure: Callable[[], torch.Tensor]) -> float:
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            value = float(closure())
+        self.stats["forward_passes"] += 1
+        self.stats["forward_seconds"] += time.perf_counter() - t0
+        if self.cost is not None:
+            self.cost.forward_passes += self.forward_weight
+        return value if math.isfinite(value) else math.inf
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor]) -> bool | None:
+        """Record a snapshot; at the end of a window try a jump. Returns True/False when a jump
+        was kept/rejected, None otherwise."""
+        self.steps_seen += 1
+        if self.steps_seen <= self.config.warmup:
+            return None
+        t0 = time.perf_counter()
+        for buf, group in zip(self.buffers, self.groups, strict=True):
+            buf[:, self.filled] = self._flat(group).to(buf.device, buf.dtype)
+        self.filled += 1
+        self.stats["dmd_seconds"] += time.perf_counter() - t0
+        if self.filled < self.config.window:
+            return None
+        self.filled = 0
+        return self._jump(closure)
+
+    def _jump(self, closure: Callable[[], torch.Tensor]) -> bool:
+        from dmdopt.dmd import dmd_flops, fit_dmd
+
+        cfg = self.config
+        current = [self._flat(g).clone() for g in self.groups]  # exact rollback point
+        base_loss = self._loss(closure)
+
+        t0 = time.perf_counter()
+        fits = []
+        for buf in self.buffers:
+            fit = fit_dmd(buf, rank=cfg.rank)
+            fits.append(fit)
+            flops = dmd_flops(buf.shape[0], buf.shape[1], fit.rank)
+            self.stats["dmd_flops"] += flops
+            if self.cost is not None:
+                self.cost.dmd_flops += flops
+        self.stats["dmd_seconds"] += time.perf_counter() - t0
+
+        best_loss, best_h, best_params = base_loss, None, None
+        for factor in cfg.line_search or (1.0,):
+            t0 = time.perf_counter()
+            candidate = []
+            for fit, group, now in zip(fits, self.groups, current, strict=True):
+                if math.isinf(cfg.horizon):
+                    target = fit.predict(math.inf).to(now.device, now.dtype)
+                    flat = now + factor * (target - now) if factor != 1.0 else target
+                    horizon = math.inf if factor == 1.0 else factor
+                else:
+                    horizon = cfg.horizon * factor
+                    flat = fit.predict(horizon).to(now.device, now.dtype)
+                if not torch.isfinite(flat).all():
+                    flat = now
+                candidate.append(flat)
+                self._assign(group, flat)
+            self.stats["dmd_seconds"] += time.perf_counter() - t0
+            loss = self._loss(closure)
+            if loss < best_loss:
+                best_loss, best_h, best_params = loss, horizon, candidate
+
+        if best_params is None:  # no candidate improved the loss: roll back exactly
+            for group, now in zip(self.groups, current, strict=True):
+                self._assign(group, now)
+            self.stats["jumps_rejected"] += 1
+            return False
+        for group, flat in zip(self.groups, best_params, strict=True):
+            self._assign(group, flat)
+        if cfg.optimizer_state == "reset":
+            self.optimizer.state.clear()
+        self.stats["jumps_accepted"] += 1
+        self.stats["chosen_horizons"].append(best_h)
+        return True
+
+    # -------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"buffers": [b.clone() for b in self.buffers], "filled": self.filled,
+                "steps_seen": self.steps_seen, "stats": dict(self.stats)}
+
+    def load_state_dict(self, state: dict) -> None:
+        for buf, saved in zip(self.buffers, state["buffers"], strict=True):
+            buf.copy_(saved)
+        self.filled = state["filled"]
+        self.steps_seen = state["steps_seen"]
+        self.stats = dict(state["stats"])

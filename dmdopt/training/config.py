@@ -1,0 +1,170 @@
+"""Configs for a training run: the optimiser/budget (`TrainConfig`) and DMD (`DMDConfig`).
+
+Both are frozen, keyword-only and validated on construction, so a bad value fails where it is
+written (a TOML file, a tuned config, a trial) with the field's name in the message.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+OPTIMIZERS = ("adam", "sgd")
+GROUPINGS = ("layer", "tensor", "global")
+OPTIMIZER_STATE_POLICIES = ("keep", "reset")
+SNAPSHOT_DTYPES = ("float32", "float64", "bfloat16", "float16")
+SNAPSHOT_DEVICES = ("same", "cpu")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _from_dict(cls, data: dict, section: str):
+    if not isinstance(data, dict):
+        raise ValueError(f"{section}: expected a table, got {data!r}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{section}: unknown key {unknown[0]!r}")
+    return cls(**data)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """The base optimiser and the budget.
+
+    `max_steps` is the budget in backprop steps; `target_error` (validation relative L2) stops
+    earlier when reached. `batch_size=None` means full batch. `eval_every` sets the learning
+    curve's resolution; monitoring evaluations are *not* counted as training cost.
+    """
+
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    momentum: float = 0.0
+    batch_size: int | None = None
+    max_steps: int = 2000
+    target_error: float | None = None
+    eval_every: int = 50
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"training.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if not _is_number(self.lr) or not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"training.lr must be a positive number, got {self.lr!r}")
+        if not _is_number(self.momentum) or not 0 <= self.momentum < 1:
+            raise ValueError(f"training.momentum must be in [0, 1), got {self.momentum!r}")
+        if self.batch_size is not None and (not _is_int(self.batch_size) or self.batch_size < 1):
+            raise ValueError(f"training.batch_size must be a positive integer, got {self.batch_size!r}")
+        if not _is_int(self.max_steps) or self.max_steps < 1:
+            raise ValueError(f"training.max_steps must be a positive integer, got {self.max_steps!r}")
+        if self.target_error is not None and (
+            not _is_number(self.target_error) or not self.target_error > 0
+        ):
+            raise ValueError(f"training.target_error must be > 0, got {self.target_error!r}")
+        if not _is_int(self.eval_every) or self.eval_every < 1:
+            raise ValueError(f"training.eval_every must be a positive integer, got {self.eval_every!r}")
+        if not _is_int(self.seed):
+            raise ValueError(f"training.seed must be an integer, got {self.seed!r}")
+        if not isinstance(self.device, str) or not (
+            self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")
+        ):
+            raise ValueError(f"training.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainConfig:
+        return _from_dict(cls, data, "training")
+
+
+def parse_horizon(value: Any) -> float:
+    """`inf` (float or the string) or a positive finite number."""
+    if isinstance(value, str) and value.strip().lower() in ("inf", "infinity"):
+        return math.inf
+    if not _is_number(value) or not (value > 0):
+        raise ValueError(f"dmd.horizon must be a positive number or 'inf', got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DMDConfig:
+    """Settings of the DMD accelerator (see `DMDAccelerator`).
+
+    window     backprop steps (snapshots) between two DMD jumps.
+    rank       POD rank: int cap, energy fraction in (0, 1], or 0 = optimal hard threshold.
+    horizon    steps to extrapolate ahead, or inf (approximate converged state).
+    line_search  horizon factors tried with forward passes only, e.g. (1, 0.25, 0.0625);
+               the best loss among them wins. () means only `horizon` itself.
+    grouping   'layer' (weights+bias of a module together), 'tensor', or 'global'.
+    optimizer_state  'keep' (moments survive a kept jump) or 'reset' (cleared).
+    snapshot_dtype / snapshot_device  where snapshots live (memory: window*params*bytes).
+    warmup     plain backprop steps before the first window (early training is not affine).
+    """
+
+    window: int = 20
+    rank: int | float = 8
+    horizon: float = 100.0
+    line_search: tuple[float, ...] = (1.0, 0.25, 0.0625)
+    grouping: str = "layer"
+    optimizer_state: str = "keep"
+    snapshot_dtype: str = "float32"
+    snapshot_device: str = "same"
+    warmup: int = 0
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.window) or self.window < 3:
+            raise ValueError(f"dmd.window must be an integer >= 3, got {self.window!r}")
+        rank = self.rank
+        if _is_int(rank):
+            if rank < 0:
+                raise ValueError(f"dmd.rank must be >= 0, got {rank!r}")
+            if rank > self.window - 1:
+                raise ValueError(
+                    f"dmd.rank must be at most window - 1 = {self.window - 1}, got {rank!r}"
+                )
+        elif _is_number(rank):
+            if not 0 < rank <= 1:
+                raise ValueError(f"dmd.rank as an energy fraction must be in (0, 1], got {rank!r}")
+        else:
+            raise ValueError(f"dmd.rank must be an integer or a fraction in (0, 1], got {rank!r}")
+        object.__setattr__(self, "horizon", parse_horizon(self.horizon))
+        factors = tuple(self.line_search)
+        if any(not _is_number(f) or not f > 0 for f in factors):
+            raise ValueError(f"dmd.line_search factors must be positive numbers, got {self.line_search!r}")
+        object.__setattr__(self, "line_search", tuple(float(f) for f in factors))
+        if self.grouping not in GROUPINGS:
+            raise ValueError(f"dmd.grouping must be one of {GROUPINGS}, got {self.grouping!r}")
+        if self.optimizer_state not in OPTIMIZER_STATE_POLICIES:
+            raise ValueError(
+                f"dmd.optimizer_state must be one of {OPTIMIZER_STATE_POLICIES}, got {self.optimizer_state!r}"
+            )
+        if self.snapshot_dtype not in SNAPSHOT_DTYPES:
+            raise ValueError(f"dmd.snapshot_dtype must be one of {SNAPSHOT_DTYPES}, got {self.snapshot_dtype!r}")
+        if self.snapshot_device not in SNAPSHOT_DEVICES:
+            raise ValueError(
+                f"dmd.snapshot_device must be one of {SNAPSHOT_DEVICES}, got {self.snapshot_device!r}"
+            )
+        if not _is_int(self.warmup) or self.warmup < 0:
+            raise ValueError(f"dmd.warmup must be a non-negative integer, got {self.warmup!r}")
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["horizon"] = "inf" if math.isinf(self.horizon) else self.horizon
+        data["line_search"] = list(self.line_search)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> DMDConfig:
+        data = dict(data)
+        if "line_search" in data and isinstance(data["line_search"], list):
+            data["line_search"] = tuple(data["line_search"])
+        return _from_dict(cls, data, "dmd")

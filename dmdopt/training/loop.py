@@ -1,0 +1,293 @@
+"""The training loop: plain backprop, optionally accelerated by DMD jumps.
+
+Read it top to bottom: data to device, model + optimiser, then one straight loop of
+backprop steps; after each optimiser step the accelerator (if any) records a snapshot and,
+at the end of a window, tries a DMD jump; every `eval_every` steps a monitoring evaluation
+appends a point to the learning curve. Cost is counted as it is spent (see `cost.py`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from dmdopt.model import ModelConfig, Regressor, build_regressor
+from dmdopt.training.config import DMDConfig, TrainConfig
+from dmdopt.training.cost import CostCounter, flops_per_backprop
+
+
+class Diverged(RuntimeError):
+    """Training produced a non-finite or exploding loss."""
+
+
+@dataclass
+class TrainResult:
+    """Everything a training run produced, apart from the weights (in `model`)."""
+
+    curve: list[dict]  # points: step, cost, wall, train_error, val_error
+    metrics: dict[str, float]  # val_/test_ mse, rel_l2, r2
+    cost: dict[str, float]  # backprop_steps, forward_passes, dmd_flops, backprop_equivalent
+    wall_time: float
+    dmd_time: float
+    jumps_accepted: int
+    jumps_rejected: int
+    device: str
+    stopped_by: str  # "budget" | "target"
+    model: nn.Module | None = field(default=None, repr=False)
+
+    @property
+    def val_error(self) -> float:
+        return self.metrics["val_rel_l2"]
+
+    @property
+    def backprop_equivalent(self) -> float:
+        return self.cost["backprop_equivalent"]
+
+    def cost_to_reach(self, error: float) -> tuple[float, float] | None:
+        """(bpe cost, wall time) of the first curve point with val_error <= error, if any."""
+        for point in self.curve:
+            if point["val_error"] <= error:
+                return point["cost"], point["wall"]
+        return None
+
+    def to_dict(self) -> dict:
+        return {
+            "curve": self.curve, "metrics": self.metrics, "cost": self.cost,
+            "wall_time": self.wall_time, "dmd_time": self.dmd_time,
+            "jumps_accepted": self.jumps_accepted, "jumps_rejected": self.jumps_rejected,
+            "device": self.device, "stopped_by": self.stopped_by,
+        }
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> the first CUDA device when present (or the one CUDA_VISIBLE_DEVICES leaves), else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"training.device is {name!r} but no CUDA device is visible")
+    return torch.device(name)
+
+
+def make_optimizer(params, config: TrainConfig) -> torch.optim.Optimizer:
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=config.lr)
+    return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum)
+
+
+@torch.no_grad()
+def evaluate(model: Regressor, x: torch.Tensor, y: torch.Tensor, *, chunk: int = 4096) -> dict:
+    """MSE, relative L2 (Frobenius over the split) and R^2 (variance-weighted) in raw units."""
+    from sklearn.metrics import r2_score
+
+    model.eval()
+    pred = torch.cat([model(x[i:i + chunk]) for i in range(0, len(x), chunk)])
+    model.train()
+    err = pred.double() - y.double()
+    mse = float((err ** 2).mean())
+    rel = float(torch.linalg.norm(err) / torch.linalg.norm(y.double()))
+    if not math.isfinite(mse):
+        return {"mse": math.inf, "rel_l2": math.inf, "r2": -math.inf}
+    r2 = float(r2_score(y.cpu().numpy(), pred.cpu().numpy(), multioutput="variance_weighted"))
+    return {"mse": mse, "rel_l2": rel, "r2": r2}
+
+
+def train(
+    *,
+    dataset,
+    model: ModelConfig | None = None,
+    training: TrainConfig | None = None,
+    dmd: DMDConfig | None = None,
+    progress: bool = False,
+    on_eval: Callable[[dict], None] | None = None,
+    checkpoint_path: str | os.PathLike | None = None,
+    checkpoint_every: int = 0,
+) -> TrainResult:
+    """Train the regressor on `dataset` (a `dmdopt.problem.Dataset`), optionally with DMD.
+
+    `on_eval(point)` is called after every learning-curve point (a study uses it to stop
+    diverging or hopeless trials by raising). With `checkpoint_path`, the full state (weights,
+    optimiser, accelerator, RNG, curve, cost) is written atomically every `checkpoint_every`
+    steps and a run that finds an existing checkpoint resumes from it, bit for bit.
+    """
+    from dmdopt.training.accelerator import DMDAccelerator
+
+    model_config = model or ModelConfig()
+    config = training or TrainConfig()
+    device = resolve_device(config.device)
+    torch.manual_seed(config.seed)
+
+    # --- data, on the training device ------------------------------------------------------
+    x_train_np, y_train_np = dataset.split("train")
+    x_val_np, y_val_np = dataset.split("val")
+    x_test_np, y_test_np = dataset.split("test")
+    as_t = lambda a: torch.as_tensor(np.ascontiguousarray(a), dtype=torch.float32, device=device)  # noqa: E731
+    x_train, y_train = as_t(x_train_np), as_t(y_train_np)
+    x_val, y_val, x_test, y_test = as_t(x_val_np), as_t(y_val_np), as_t(x_test_np), as_t(y_test_np)
+    n_train = len(x_train)
+    batch_rows = min(config.batch_size or n_train, n_train)
+
+    # --- model, optimiser, accelerator ------------------------------------------------------
+    net = build_regressor(model_config, x_train_np, y_train_np).to(device)
+    y_train_scaled = net.scale_targets(y_train)
+    optimizer = make_optimizer(net.parameters(), config)
+    n_params = sum(p.numel() for p in net.parameters())
+    cost = CostCounter(flops_per_backprop=flops_per_backprop(n_params, batch_rows))
+    batch_gen = torch.Generator(device="cpu").manual_seed(config.seed)
+
+    @torch.no_grad()
+    def train_loss() -> torch.Tensor:
+        """Full training-set loss, forward only: the accelerator's accept/reject test."""
+        total = torch.zeros((), device=device)
+        for i in range(0, n_train, 4096):
+            pred = net.forward_scaled(x_train[i:i + 4096])
+            total += ((pred - y_train_scaled[i:i + 4096]) ** 2).sum()
+        return total / y_train_scaled.numel()
+
+    accelerator = None
+    if dmd is not None:
+        accelerator = DMDAccelerator(net, optimizer, dmd, cost=cost,
+                                     forward_weight=n_train / batch_rows)
+
+    state: dict[str, Any] = {"step": 0, "curve": [], "wall": 0.0, "perm": None, "pos": 0}
+    ckpt = Path(checkpoint_path) if checkpoint_path else None
+    if ckpt is not None and ckpt.exists():
+        saved = torch.load(ckpt, map_location=device, weights_only=False)
+        net.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        if accelerator is not None and saved.get("accelerator") is not None:
+            accelerator.load_state_dict(saved["accelerator"])
+        batch_gen.set_state(saved["batch_gen"])
+        torch.set_rng_state(saved["torch_rng"])
+        cost = CostCounter(**{k: v for k, v in saved["cost"].items() if k != "backprop_equivalent"})
+        if accelerator is not None:
+            accelerator.cost = cost
+        state = saved["state"]
+
+    def save_checkpoint() -> None:
+        tmp = ckpt.with_suffix(ckpt.suffix + ".tmp")
+        torch.save({
+            "model": net.state_dict(), "optimizer": optimizer.state_dict(),
+            "accelerator": accelerator.state_dict() if accelerator is not None else None,
+            "batch_gen": batch_gen.get_state(), "torch_rng": torch.get_rng_state(),
+            "cost": cost.to_dict(), "state": state,
+        }, tmp)
+        os.replace(tmp, ckpt)
+
+    def next_batch() -> tuple[torch.Tensor, torch.Tensor]:
+        if batch_rows == n_train:
+            return x_train, y_train_scaled
+        if state["perm"] is None or state["pos"] + batch_rows > n_train:
+            state["perm"] = torch.randperm(n_train, generator=batch_gen)
+            state["pos"] = 0
+        idx = state["perm"][state["pos"]:state["pos"] + batch_rows].to(device)
+        state["pos"] += batch_rows
+        return x_train[idx], y_train_scaled[idx]
+
+    def record_point() -> dict:
+        val = evaluate(net, x_val, y_val)
+        tr = evaluate(net, x_train, y_train)
+        point = {"step": state["step"], "cost": cost.backprop_equivalent, "wall": state["wall"],
+                 "train_error": tr["rel_l2"], "val_error": val["rel_l2"]}
+        state["curve"].append(point)
+        if not math.isfinite(val["rel_l2"]):
+            raise Diverged(f"validation error is {val['rel_l2']} at step {state['step']}")
+        if on_eval is not None:
+            on_eval(point)
+        return point
+
+    bar = _progress_bar(config.max_steps, enabled=progress)
+    stopped_by = "budget"
+    try:
+        if not state["curve"]:
+            record_point()  # the starting point of the learning curve, cost 0
+        bar.advance(state["step"])
+        first_loss = None
+        while state["step"] < config.max_steps:
+            t0 = time.perf_counter()
+            # ---- one backprop step ----
+            xb, yb = next_batch()
+            optimizer.zero_grad(set_to_none=True)
+            loss = ((net.forward_scaled(xb) - yb) ** 2).mean()
+            loss.backward()
+            optimizer.step()
+            cost.backprop_steps += 1
+            state["step"] += 1
+            loss_value = float(loss)  # syncs the device, so wall time below is honest
+            if first_loss is None:
+                first_loss = loss_value
+            if not math.isfinite(loss_value) or loss_value > 1e6 * max(first_loss, 1e-12):
+                raise Diverged(f"training loss is {loss_value:.3g} at step {state['step']}")
+            # ---- DMD: snapshot, and at the end of a window a jump (kept only if it helps) ----
+            if accelerator is not None:
+                accelerator.step(train_loss)
+            state["wall"] += time.perf_counter() - t0
+            bar.advance(1, loss=loss_value)
+            # ---- monitoring, not counted as cost ----
+            if state["step"] % config.eval_every == 0 or state["step"] == config.max_steps:
+                point = record_point()
+                bar.note(val_error=point["val_error"])
+                if config.target_error is not None and point["val_error"] <= config.target_error:
+                    stopped_by = "target"
+                    break
+            if ckpt is not None and checkpoint_every and state["step"] % checkpoint_every == 0:
+                save_checkpoint()
+    finally:
+        bar.close()
+
+    if state["curve"][-1]["step"] != state["step"]:
+        record_point()
+    val = evaluate(net, x_val, y_val)
+    test = evaluate(net, x_test, y_test)
+    metrics = {f"val_{k}": v for k, v in val.items()} | {f"test_{k}": v for k, v in test.items()}
+    stats = accelerator.stats if accelerator is not None else {}
+    if ckpt is not None:
+        save_checkpoint()
+    return TrainResult(
+        curve=state["curve"], metrics=metrics, cost=cost.to_dict(), wall_time=state["wall"],
+        dmd_time=stats.get("dmd_seconds", 0.0),
+        jumps_accepted=stats.get("jumps_accepted", 0), jumps_rejected=stats.get("jumps_rejected", 0),
+        device=str(device), stopped_by=stopped_by, model=net,
+    )
+
+
+class _progress_bar:
+    """A rich progress bar on stderr, or nothing."""
+
+    def __init__(self, total: int, *, enabled: bool) -> None:
+        self._progress = None
+        self._fields: dict[str, float] = {}
+        if not enabled:
+            return
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self._progress = Progress(
+            TextColumn("training"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+            TextColumn("{task.fields[info]}"), console=Console(stderr=True), transient=False,
+        )
+        self._progress.start()
+        self._task = self._progress.add_task("train", total=total, info="")
+
+    def _info(self) -> str:
+        return "  ".join(f"{k} {v:.4g}" for k, v in self._fields.items())
+
+    def advance(self, n: int, **fields: float) -> None:
+        if self._progress is not None:
+            self._fields.update(fields)
+            self._progress.update(self._task, advance=n, info=self._info())
+
+    def note(self, **fields: float) -> None:
+        self.advance(0, **fields)
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
