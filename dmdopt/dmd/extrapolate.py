@@ -80,7 +80,9 @@ def parse_horizon(horizon: int | float | str) -> float:
         value = float(horizon)
         if value > 0.0:  # NaN fails this too
             return value
-    raise ValueError(f"horizon must be a positive number of steps or 'inf'; got horizon={horizon!r}")
+    raise ValueError(
+        f"horizon must be a positive number of steps or 'inf'; got horizon={horizon!r}"
+    )
 
 
 def _expm1_complex(re: Tensor, im: Tensor) -> Tensor:
@@ -156,7 +158,9 @@ class DMDFit:
     def modes(self) -> Tensor:
         """Projected DMD modes U W, (p, r) complex, on the snapshots' device (allocated here)."""
         if self.operator is None or self.basis is None:
-            return torch.zeros(self.last.shape[0], 0, dtype=torch.complex128, device=self.last.device)
+            return torch.zeros(
+                self.last.shape[0], 0, dtype=torch.complex128, device=self.last.device
+            )
         return self.operator.projected_modes(self.basis)
 
     def _coefficients(self, horizon: float, tol: float) -> Tensor | None:
@@ -176,7 +180,9 @@ class DMDFit:
         coeff = self._coefficients(h, tol)
         if coeff is None or self.basis is None:
             return self.last.clone()
-        out = self.last.to(self.basis.dtype) + self.basis @ coeff.to(self.basis.device, self.basis.dtype)
+        out = self.last.to(self.basis.dtype) + self.basis @ coeff.to(
+            self.basis.device, self.basis.dtype
+        )
         if not bool(torch.isfinite(out).all()):
             return self.last.clone()
         return out.to(self.last.dtype)
@@ -191,7 +197,9 @@ class DMDFit:
 
 def _check_snapshots(snapshots: Tensor) -> None:
     if not isinstance(snapshots, Tensor) or snapshots.ndim != 2 or snapshots.shape[1] < 1:
-        shape = tuple(snapshots.shape) if isinstance(snapshots, Tensor) else type(snapshots).__name__
+        shape = (
+            tuple(snapshots.shape) if isinstance(snapshots, Tensor) else type(snapshots).__name__
+        )
         raise ValueError(f"snapshots must be a 2-D (p x m) tensor with m >= 1; got {shape}")
     if not snapshots.dtype.is_floating_point:
         raise TypeError(f"snapshots must be real floating point; got dtype {snapshots.dtype}")
@@ -230,7 +238,9 @@ def fit_dmd(snapshots: Tensor, *, rank: int | float | str) -> DMDFit:
         return DMDFit(last, "non_finite")
     coeff = op.pod.coefficients
     basis_gram = coeff.T @ gram[:n, :n] @ coeff  # U^T U
-    basis_norm = float(torch.linalg.eigvalsh(0.5 * (basis_gram + basis_gram.T)).max().clamp(min=0)) ** 0.5
+    basis_norm = (
+        float(torch.linalg.eigvalsh(0.5 * (basis_gram + basis_gram.T)).max().clamp(min=0)) ** 0.5
+    )
     work = snapshots.dtype if snapshots.dtype in (torch.float32, torch.float64) else torch.float32
     basis = combine_columns(snapshots, coeff, differences=True, out_dtype=work)
     return DMDFit(last, "ok", op, basis, amplitudes, basis_norm)

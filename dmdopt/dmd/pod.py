@@ -4,8 +4,9 @@ The snapshot matrices of one layer are tall and skinny (p up to 1e7 rows, n ~ 5.
 so the POD never touches a p x p object: it eigendecomposes the n x n Gram matrix
 G = D^T D (``G = V diag(sigma^2) V^T``) and forms the modes as U = D V Sigma^-1.  The Gram is
 accumulated in float64 over row blocks that are up-cast one at a time, so a float32 input costs
-only one float64 block (``CHUNK_ELEMENTS`` numbers, 64 MiB) of extra memory, never a float64
-copy of the whole matrix.
+only one float64 block (``CHUNK_ELEMENTS`` numbers, 64 MiB, plus its column differences: about
+128 MiB peak) of extra memory, never a float64 copy of the whole matrix (which would be 2x the
+float32 snapshots, e.g. 4 GB for p = 1e7, m = 50).
 
 Precision: the method of snapshots squares the condition number, so singular values below
 about ``sigma_max * sqrt(n * eps64)`` (~1e-7 relative) are rounding noise; `pod` clips the rank
@@ -104,7 +105,7 @@ def select_rank(
     Whatever the rule, the result is clipped to the numerical rank, the count of
     sigma_i > sigma_max * rtol (default rtol = max(n_rows, n_cols) * eps64, right for
     SVD-computed values; `pod` passes the looser `gram_rtol`), and is at least 1 unless every
-    sigma is 0 (then 0).  Bad values raise ValueError naming `rank`.
+    sigma is 0 or any is non-finite (then 0).  Bad values raise ValueError naming `rank`.
     """
     kind, value = parse_rank(rank)
     sigma = torch.as_tensor(singular_values).detach().to("cpu", torch.float64).flatten()
@@ -148,7 +149,7 @@ def gram_rtol(n_cols: int) -> float:
 def _row_blocks(data: Tensor, differences: bool):
     """Yield (row slice, float64 block) -- the block is differenced along columns if asked.
 
-    Up-casting *before* differencing keeps x_{k+1} - x_k exact for float32 data.
+    The differences are taken in float64 too, so the whole Gram sees no float32 rounding.
     """
     p, m = data.shape
     rows = max(1, CHUNK_ELEMENTS // max(m, 1))

@@ -22,6 +22,7 @@ import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -187,15 +188,26 @@ def build_fields(
         # ~8 chunks per worker: balances load and gives a smooth progress bar.
         size = max(1, min(64, -(-n // (8 * workers))))
         starts = range(0, n, size)
-        # "spawn": safe even if the caller has threads running (e.g. torch).
+        # "spawn": safe even if the caller has threads running (e.g. torch), unlike fork.
+        # Its cost: workers re-import the caller's __main__, which needs a main guard.
         ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=min(workers, len(starts)), mp_context=ctx) as pool:
-            futures = {pool.submit(_solve_chunk, params[s : s + size], *args): s for s in starts}
-            for fut in as_completed(futures):
-                s = futures[fut]
-                block = fut.result()
-                fields[s : s + len(block)] = block
-                bar.advance(len(block))
+        try:
+            with ProcessPoolExecutor(max_workers=min(workers, len(starts)), mp_context=ctx) as pool:
+                futures = {
+                    pool.submit(_solve_chunk, params[s : s + size], *args): s for s in starts
+                }
+                for fut in as_completed(futures):
+                    s = futures[fut]
+                    block = fut.result()
+                    fields[s : s + len(block)] = block
+                    bar.advance(len(block))
+        except BrokenProcessPool as exc:
+            raise RuntimeError(
+                "dataset worker processes died. If load_dataset is called from a script, "
+                "guard the call with `if __name__ == '__main__':` (workers are spawned and "
+                "re-import __main__; code read from stdin cannot be re-imported), "
+                "or pass workers=1."
+            ) from exc
         return fields
     finally:
         bar.close()

@@ -124,6 +124,8 @@ def train(
     config = training or TrainConfig()
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
+    if device.type == "cpu":
+        torch.set_flush_denormal(True)  # tiny SGD updates otherwise hit slow denormal paths
 
     # --- data, on the training device ------------------------------------------------------
     x_train_np, y_train_np = dataset.split("train")
@@ -157,7 +159,8 @@ def train(
         accelerator = DMDAccelerator(net, optimizer, dmd, cost=cost,
                                      forward_weight=n_train / batch_rows)
 
-    state: dict[str, Any] = {"step": 0, "curve": [], "wall": 0.0, "perm": None, "pos": 0}
+    state: dict[str, Any] = {"step": 0, "curve": [], "wall": 0.0, "perm": None, "pos": 0,
+                             "first_loss": None, "stopped_by": None}
     ckpt = Path(checkpoint_path) if checkpoint_path else None
     if ckpt is not None and ckpt.exists():
         saved = torch.load(ckpt, map_location=device, weights_only=False)
@@ -205,13 +208,12 @@ def train(
         return point
 
     bar = _progress_bar(config.max_steps, enabled=progress)
-    stopped_by = "budget"
+    stopped_by = state.get("stopped_by") or "budget"
     try:
         if not state["curve"]:
             record_point()  # the starting point of the learning curve, cost 0
         bar.advance(state["step"])
-        first_loss = None
-        while state["step"] < config.max_steps:
+        while state["step"] < config.max_steps and state.get("stopped_by") is None:
             t0 = time.perf_counter()
             # ---- one backprop step ----
             xb, yb = next_batch()
@@ -221,10 +223,10 @@ def train(
             optimizer.step()
             cost.backprop_steps += 1
             state["step"] += 1
-            loss_value = float(loss)  # syncs the device, so wall time below is honest
-            if first_loss is None:
-                first_loss = loss_value
-            if not math.isfinite(loss_value) or loss_value > 1e6 * max(first_loss, 1e-12):
+            loss_value = loss.item()  # syncs the device, so wall time below is honest
+            if state["first_loss"] is None:
+                state["first_loss"] = loss_value
+            if not math.isfinite(loss_value) or loss_value > 1e6 * max(state["first_loss"], 1e-12):
                 raise Diverged(f"training loss is {loss_value:.3g} at step {state['step']}")
             # ---- DMD: snapshot, and at the end of a window a jump (kept only if it helps) ----
             if accelerator is not None:
@@ -236,7 +238,7 @@ def train(
                 point = record_point()
                 bar.note(val_error=point["val_error"])
                 if config.target_error is not None and point["val_error"] <= config.target_error:
-                    stopped_by = "target"
+                    stopped_by = state["stopped_by"] = "target"
                     break
             if ckpt is not None and checkpoint_every and state["step"] % checkpoint_every == 0:
                 save_checkpoint()

@@ -1,0 +1,444 @@
+"""Tuned configs: the recommended trial's settings, written for production training to read.
+
+A tuned config is data, never code: TOML (written by the small writer below, read by
+`tomllib`), JSON, or YAML (`yaml.safe_dump` / `yaml.safe_load` only), chosen by the file's
+extension. Schema version 1::
+
+    schema_version = 1
+    [dmd]         DMDConfig.to_dict()        (horizon `inf` is the string "inf")
+    [training]    TrainConfig.to_dict()
+    [model]       ModelConfig.to_dict()
+    [problem]     ProblemConfig.to_dict()
+    [provenance]  study_name, trial_number, policy, storage (password masked), dataset_hash,
+                  versions {dmdopt, torch, optuna, mlflow}, git_commit, created_at (UTC)
+    [expected]    the trial's metrics: cost_bpe, cost_total, val_rel_l2, test_rel_l2, speedup,
+                  device (where the trial ran)
+
+TOML has no null: a key whose value is None is left out, and reading puts None back -- only
+keys whose default is None may be missing; any other missing key is an error, so a config
+never silently falls back to a default. [provenance] and [expected] may be absent (a
+hand-written config has no study behind it); the four settings sections may not.
+
+Writing is atomic (temporary file in the destination's directory, then `os.replace`) and the
+text is parsed back and compared before it replaces anything. Reading validates everything;
+each mistake is a `UserError` of one line naming the file, the field and the value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import tempfile
+import tomllib
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from dmdopt._util import git_commit, mask_url, versions
+from dmdopt.errors import UserError
+from dmdopt.model import ModelConfig
+from dmdopt.training.config import DMDConfig, TrainConfig
+
+SCHEMA_VERSION = 1
+FORMATS = {".toml": "toml", ".json": "json", ".yaml": "yaml", ".yml": "yaml"}
+SETTINGS_SECTIONS = ("dmd", "training", "model", "problem")
+PROVENANCE_KEYS = ("study_name", "trial_number", "policy", "storage", "dataset_hash", "versions",
+                   "git_commit", "created_at")
+EXPECTED_KEYS = ("cost_bpe", "cost_total", "val_rel_l2", "test_rel_l2", "speedup", "device")
+
+
+def _problem_cls():
+    from dmdopt.problem import ProblemConfig
+
+    return ProblemConfig
+
+
+@dataclass(frozen=True)
+class TunedConfig:
+    """Everything production training needs, plus where it came from and what it should give."""
+
+    dmd: DMDConfig
+    training: TrainConfig
+    model: ModelConfig
+    problem: Any  # dmdopt.problem.ProblemConfig (imported lazily: problem/ builds datasets)
+    provenance: dict = field(default_factory=dict)
+    expected: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        """The file's content as plain data (non-finite floats as "inf"/"-inf"/"nan")."""
+        return _plain({
+            "schema_version": SCHEMA_VERSION,
+            "dmd": self.dmd.to_dict(),
+            "training": self.training.to_dict(),
+            "model": self.model.to_dict(),
+            "problem": self.problem.to_dict(),
+            "provenance": dict(self.provenance),
+            "expected": dict(self.expected),
+        })
+
+    def settings_hash(self) -> str:
+        """sha256 (16 hex) of the settings that determine the trained weights step by step.
+
+        Leaves out `training.max_steps` and `training.device` (so a longer run, or a run moved
+        to another machine, continues the same checkpoint) and provenance/expected.
+        """
+        import hashlib
+
+        data = self.to_dict()
+        settings = {k: data[k] for k in SETTINGS_SECTIONS}
+        settings["training"] = {k: v for k, v in settings["training"].items()
+                                if k not in ("max_steps", "device")}
+        text = json.dumps(settings, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _plain(value: Any) -> Any:
+    """Tuples -> lists, non-finite floats -> strings: data every format can hold."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    return value
+
+
+# ------------------------------------------------------------------------------------------
+# export
+
+
+def _find_trial(summary: dict, number: int) -> dict:
+    for t in summary.get("trials", []):
+        if t.get("number") == number:
+            return t
+    raise UserError(f"study {summary.get('study_name')!r} has no trial {number!r}")
+
+
+def tuned_config_from_summary(summary: dict, *, policy: str = "knee", value: float | None = None,
+                              number: int | None = None) -> TunedConfig:
+    """The TunedConfig of trial `number`, or of the trial the policy recommends."""
+    from dmdopt.search.recommend import format_policy, parse_policy, points_from_summary, recommend
+
+    if number is None:
+        policy, value = parse_policy(policy, value)
+        number = recommend(points_from_summary(summary), summary.get("reference"),
+                           policy=policy, value=value)
+        policy_text = format_policy(policy, value)
+    else:
+        policy_text = "manual"
+    trial = _find_trial(summary, number)
+    if trial.get("state") != "COMPLETE":
+        raise UserError(f"trial {number} is {trial.get('state')}, not COMPLETE: nothing to export")
+    attrs = trial.get("user_attrs", {})
+    config = summary.get("config") or {}
+    where = f"study {summary.get('study_name')!r} trial {number}"
+    for key in ("training", "dmd"):
+        if not isinstance(attrs.get(key), dict):
+            raise UserError(f"{where}: user attribute {key!r} (its settings) is missing")
+    try:
+        dmd = DMDConfig.from_dict(attrs["dmd"])
+        training = TrainConfig.from_dict(attrs["training"])
+        model = ModelConfig.from_dict(config.get("model", {}))
+        problem = _problem_cls().from_dict(config.get("problem", {}))
+    except (ValueError, TypeError) as exc:
+        raise UserError(f"{where}: {exc}") from None
+
+    values = trial.get("values") or []
+    expected = {
+        "cost_bpe": values[0] if values else None,
+        "cost_total": attrs.get("cost_total"),
+        "val_rel_l2": values[1] if len(values) >= 2 else attrs.get("val_error"),
+        "test_rel_l2": attrs.get("test_error"),
+        "speedup": attrs.get("speedup"),
+        "device": attrs.get("device"),
+    }
+    provenance = {
+        "study_name": summary.get("study_name"),
+        "trial_number": number,
+        "policy": policy_text,
+        "storage": mask_url(summary.get("storage")),
+        "dataset_hash": problem.config_hash(),
+        "versions": versions(),
+        "git_commit": git_commit(),
+        "created_at": datetime.now(UTC).replace(microsecond=0).isoformat(),
+    }
+    return TunedConfig(dmd=dmd, training=training, model=model, problem=problem,
+                       provenance={k: v for k, v in provenance.items() if v is not None},
+                       expected={k: v for k, v in expected.items() if v is not None})
+
+
+def export_tuned_config(summary: dict, path: str | os.PathLike, *, policy: str = "knee",
+                        value: float | None = None, number: int | None = None) -> TunedConfig:
+    """Write the recommended (or the given) trial of a study summary to `path`; return it."""
+    path = Path(path)
+    fmt = _format_of(path)
+    tuned = tuned_config_from_summary(summary, policy=policy, value=value, number=number)
+    write_tuned_config(tuned, path, fmt=fmt)
+    return tuned
+
+
+def write_tuned_config(tuned: TunedConfig, path: str | os.PathLike, *, fmt: str | None = None) -> None:
+    """Serialise, check the text reads back to the same config, then replace `path` atomically."""
+    path = Path(path)
+    fmt = fmt or _format_of(path)
+    text = _dumps(tuned.to_dict(), fmt)
+    back = _validate(_parse(text, fmt, str(path)), str(path))
+    if back.to_dict() != tuned.to_dict():  # a writer bug must not produce a file that means something else
+        raise RuntimeError(f"tuned config for {path} does not read back identically")
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as exc:
+        raise UserError(f"cannot write tuned config {path}: {exc.strerror or exc}") from None
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+
+def _format_of(path: Path) -> str:
+    fmt = FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise UserError(f"{path}: unknown extension {path.suffix!r} "
+                        f"(use one of {', '.join(sorted(FORMATS))})")
+    return fmt
+
+
+_HEADER = ("# dmdopt tuned config (schema_version 1): written by `dmdopt export`, read by\n"
+           "# `dmdopt train --config`. Data only; every value is validated on load.\n")
+
+
+def _dumps(data: dict, fmt: str) -> str:
+    if fmt == "json":
+        return json.dumps(data, indent=2, allow_nan=False) + "\n"
+    if fmt == "yaml":
+        import yaml
+
+        return _HEADER + yaml.safe_dump(data, sort_keys=False, default_flow_style=False)
+    return _HEADER + _toml_dumps(data)
+
+
+# ------------------------------------------------------------------------------------------
+# a tiny TOML writer (tomllib only reads): str, int, float, bool, lists, tables
+
+
+_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def _toml_key(key: str) -> str:
+    return key if _BARE_KEY.match(key) else _toml_str(key)
+
+
+def _toml_str(text: str) -> str:
+    # JSON string escapes are valid TOML basic-string escapes; DEL is not allowed raw in TOML
+    return json.dumps(text, ensure_ascii=True).replace("\x7f", "\\u007f")
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+        return repr(value)  # shortest round-trip form, always with '.' or 'e'
+    if isinstance(value, str):
+        return _toml_str(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value if v is not None) + "]"
+    if isinstance(value, dict):
+        items = [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items() if v is not None]
+        return "{" + ", ".join(items) + "}"
+    raise TypeError(f"cannot write {type(value).__name__} {value!r} to TOML")
+
+
+def _toml_dumps(data: dict, prefix: tuple[str, ...] = ()) -> str:
+    """Scalars and arrays first, then one [table] per dict; None values are left out."""
+    lines: list[str] = []
+    tables: list[tuple[str, dict]] = []
+    for key, value in data.items():
+        if value is None:
+            continue
+        if isinstance(value, dict):
+            tables.append((key, value))
+        else:
+            lines.append(f"{_toml_key(key)} = {_toml_value(value)}")
+    out = "\n".join(lines) + ("\n" if lines else "")
+    for key, table in tables:
+        name = ".".join(_toml_key(k) for k in (*prefix, key))
+        out += f"\n[{name}]\n" + _toml_dumps(table, (*prefix, key))
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# reading
+
+
+def _one_line(text: Any) -> str:
+    return " ".join(str(text).split())
+
+
+_YAML_EXP_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+
+
+def _yaml_numbers(value: Any) -> Any:
+    """YAML 1.1 reads `1e-3` (no dot) as a string; in a config it can only mean the number."""
+    if isinstance(value, dict):
+        return {k: _yaml_numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_yaml_numbers(v) for v in value]
+    if isinstance(value, str) and _YAML_EXP_FLOAT.match(value.strip()):
+        return float(value)
+    return value
+
+
+def _parse(text: str, fmt: str, where: str) -> Any:
+    try:
+        if fmt == "toml":
+            return tomllib.loads(text)
+        if fmt == "json":
+            return json.loads(text)
+        import yaml
+
+        data = yaml.safe_load(text)
+        if isinstance(data, dict):  # only where numbers are meant, never in provenance strings
+            data = {k: _yaml_numbers(v) if k in (*SETTINGS_SECTIONS, "expected") else v
+                    for k, v in data.items()}
+        return data
+    except Exception as exc:  # each parser has its own error type; all mean "not readable"
+        raise UserError(f"{where}: not valid {fmt.upper()}: {_one_line(exc)}") from None
+
+
+def load_tuned_config(path: str | os.PathLike) -> TunedConfig:
+    """Read and validate a tuned config (TOML, JSON or YAML by extension)."""
+    path = Path(path)
+    fmt = _format_of(path)
+    if not path.is_file():
+        raise UserError(f"tuned config not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot read: {_one_line(exc)}") from None
+    return _validate(_parse(text, fmt, str(path)), str(path))
+
+
+def tuned_config_from_dict(data: dict, *, where: str = "tuned config") -> TunedConfig:
+    """Validate plain data (as read from a file) into a TunedConfig."""
+    return _validate(data, where)
+
+
+def _check_section(table: Any, section: str, cls: type, where: str) -> dict:
+    """Unknown or missing keys -> UserError; None put back for keys TOML could not write."""
+    if not isinstance(table, dict):
+        raise UserError(f"{where}: [{section}] must be a table, got {_one_line(repr(table))}")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    for key in table:
+        if key not in known:
+            raise UserError(f"{where}: unknown key {section}.{key} = {_one_line(repr(table[key]))}")
+    data = dict(table)
+    for name, f in known.items():
+        if name not in data:
+            if f.default is None:
+                data[name] = None
+            else:
+                raise UserError(f"{where}: missing key {section}.{name}")
+        elif isinstance(f.default, tuple) and not isinstance(data[name], (list, tuple)):
+            raise UserError(f"{where}: {section}.{name} must be a list, "
+                            f"got {_one_line(repr(data[name]))}")
+    return data
+
+
+def _build(cls: Any, data: dict, section: str, where: str) -> Any:
+    try:
+        return cls.from_dict(data)
+    except (ValueError, TypeError) as exc:
+        msg = _one_line(exc)
+        first = msg.split(" ", 1)[0]
+        if first in {f.name for f in dataclasses.fields(cls)}:  # "grid must be ..." -> problem.grid
+            msg = f"{section}.{msg}"
+        elif not msg.startswith((f"{section}.", f"{section}:")):
+            msg = f"{section}: {msg}"
+        raise UserError(f"{where}: {msg}") from None
+
+
+def _check_provenance(table: Any, where: str) -> dict:
+    if not isinstance(table, dict):
+        raise UserError(f"{where}: [provenance] must be a table, got {_one_line(repr(table))}")
+    for key, value in table.items():
+        if key not in PROVENANCE_KEYS:
+            raise UserError(f"{where}: unknown key provenance.{key} = {_one_line(repr(value))}")
+    number = table.get("trial_number")
+    if number is not None and (isinstance(number, bool) or not isinstance(number, int) or number < 0):
+        raise UserError(f"{where}: provenance.trial_number must be a trial number, got {number!r}")
+    vers = table.get("versions")
+    if vers is not None and (not isinstance(vers, dict)
+                             or not all(isinstance(v, str) for v in vers.values())):
+        raise UserError(f"{where}: provenance.versions must be a table of strings, got {vers!r}")
+    for key in ("study_name", "policy", "storage", "dataset_hash", "git_commit", "created_at"):
+        if table.get(key) is not None and not isinstance(table[key], str):
+            raise UserError(f"{where}: provenance.{key} must be a string, got {table[key]!r}")
+    return dict(table)
+
+
+def _check_expected(table: Any, where: str) -> dict:
+    if not isinstance(table, dict):
+        raise UserError(f"{where}: [expected] must be a table, got {_one_line(repr(table))}")
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        if key not in EXPECTED_KEYS:
+            raise UserError(f"{where}: unknown key expected.{key} = {_one_line(repr(value))}")
+        if value is None:
+            continue
+        if key == "device":
+            if not isinstance(value, str):
+                raise UserError(f"{where}: expected.device must be a string, got {value!r}")
+            out[key] = value
+            continue
+        if isinstance(value, str) and value.strip().lower() in ("inf", "-inf", "nan"):
+            out[key] = float(value)  # how non-finite numbers are written
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) \
+                or value < 0:
+            raise UserError(f"{where}: expected.{key} must be a number >= 0, got {value!r}")
+        out[key] = value
+    return out
+
+
+def _validate(data: Any, where: str) -> TunedConfig:
+    if not isinstance(data, dict):
+        raise UserError(f"{where}: expected a table of sections, got {_one_line(repr(data))[:80]}")
+    if "schema_version" not in data:
+        raise UserError(f"{where}: missing key schema_version (this dmdopt reads {SCHEMA_VERSION})")
+    version = data["schema_version"]
+    if version != SCHEMA_VERSION or isinstance(version, bool):
+        raise UserError(f"{where}: unsupported schema_version {version!r} "
+                        f"(this dmdopt reads {SCHEMA_VERSION})")
+    allowed = {"schema_version", *SETTINGS_SECTIONS, "provenance", "expected"}
+    for key in data:
+        if key not in allowed:
+            raise UserError(f"{where}: unknown key {key} (sections: {', '.join(sorted(allowed - {'schema_version'}))})")
+    for section in SETTINGS_SECTIONS:
+        if section not in data:
+            raise UserError(f"{where}: missing section [{section}]")
+    problem_cls = _problem_cls()
+    classes = {"dmd": DMDConfig, "training": TrainConfig, "model": ModelConfig,
+               "problem": problem_cls}
+    built = {s: _build(classes[s], _check_section(data[s], s, classes[s], where), s, where)
+             for s in SETTINGS_SECTIONS}
+    return TunedConfig(**built,
+                       provenance=_check_provenance(data.get("provenance", {}), where),
+                       expected=_check_expected(data.get("expected", {}), where))

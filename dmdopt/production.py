@@ -1,0 +1,199 @@
+"""Production training from a tuned config: long, resumable, checked against the study.
+
+`run_production` reads the tuned config, builds (or loads the cached) dataset of its
+[problem], trains with its [model]/[training]/[dmd] and checkpoints as it goes. The checkpoint
+is named after the config's settings hash, so re-running the same command after a crash, a
+Ctrl-C or a cluster pre-emption resumes where it stopped and ends bit-identical to a run that
+was never interrupted (same device type). Then:
+
+* the achieved validation error is compared with the trial's (`[expected]`), when the step
+  budget is the trial's: a relative difference above `SAME_DEVICE_TOLERANCE` (1e-6, same
+  device type: the run should be a replay) or `OTHER_DEVICE_TOLERANCE` (5%, another device
+  type or unknown: kernels differ, so only the same ballpark is expected) gives one warning;
+* the run, its model and metrics are logged to MLflow (tags `dmdopt.source_study`,
+  `dmdopt.source_trial`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from dmdopt.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_DATA_DIR = Path("dmdopt-runs") / "data"
+DEFAULT_CHECKPOINT_DIR = Path("dmdopt-runs") / "checkpoints"
+DEFAULT_EXPERIMENT = "dmdopt-production"
+SAME_DEVICE_TOLERANCE = 1e-6
+OTHER_DEVICE_TOLERANCE = 0.05
+
+
+def checkpoint_cadence(max_steps: int, window: int) -> int:
+    """About 20 checkpoints per run, at least 50 steps apart, in whole DMD windows.
+
+    Saving costs a copy of weights, optimiser state and snapshot buffers, so not every step;
+    a kill loses at most ~5% of the run. Whole windows put a checkpoint right after a DMD jump
+    (when `warmup` is a multiple of the window). Resume is exact at any step either way.
+    """
+    target = max(50, math.ceil(max_steps / 20))
+    return window * math.ceil(target / window)
+
+
+def tolerance_for(expected_device: str | None, device: str) -> float:
+    """1e-6 when the trial ran on the same device type (cpu/cuda/mps), else 5%."""
+    if expected_device and expected_device.split(":")[0] == device.split(":")[0]:
+        return SAME_DEVICE_TOLERANCE
+    return OTHER_DEVICE_TOLERANCE
+
+
+def _checkpoint_state(path: Path) -> tuple[int, float] | None:
+    """(step, last validation error) of a checkpoint written by `train()`; None: none yet."""
+    if not path.exists():
+        return None
+    import torch
+
+    try:  # tensors, dicts, numbers only: the restricted unpickler suffices
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        curve = saved["state"]["curve"]
+        return int(saved["state"]["step"]), float(curve[-1]["val_error"]) if curve else math.inf
+    except Exception as exc:
+        raise UserError(f"checkpoint {path} cannot be read ({' '.join(str(exc).split())[:200]}); "
+                        "delete it to start over") from None
+
+
+def _flat_params(tuned, training, steps: int) -> dict[str, Any]:
+    data = tuned.to_dict()
+    params: dict[str, Any] = {}
+    for section in ("dmd", "training", "model", "problem"):
+        for key, value in data[section].items():
+            params[f"{section}.{key}"] = value
+    params["training.max_steps"] = steps
+    params["training.device"] = training.device
+    return params
+
+
+def _log_run(*, tracking_uri, experiment, tuned, training, result, config_path, key, summary):
+    try:
+        from dmdopt.tracking.models import log_model_run
+    except ImportError as exc:
+        logger.warning("MLflow logging skipped: dmdopt.tracking.models is not available (%s)", exc)
+        return None
+    from dmdopt._util import git_commit
+
+    prov = tuned.provenance
+    study, trial = prov.get("study_name"), prov.get("trial_number")
+    run_name = f"production-{study}-trial{trial}" if study is not None else f"production-{key}"
+    metrics = {k: float(v) for k, v in summary.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+    tags = {
+        "dmdopt.kind": "production",
+        "dmdopt.source_study": str(study) if study is not None else "",
+        "dmdopt.source_trial": str(trial) if trial is not None else "",
+        "dmdopt.source_policy": str(prov.get("policy", "")),
+        "dmdopt.tuned_config": str(config_path),
+        "dmdopt.config_hash": key,
+        "dmdopt.dataset_hash": tuned.problem.config_hash(),
+        "dmdopt.git_commit": git_commit() or "",
+    }
+    return log_model_run(tracking_uri=tracking_uri, experiment=experiment, run_name=run_name,
+                         model=result.model, params=_flat_params(tuned, training, summary["steps"]),
+                         metrics=metrics, tags=tags)
+
+
+def run_production(
+    config_path: str | os.PathLike,
+    *,
+    steps: int | None = None,
+    device: str | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    tracking_uri: str | None = None,
+    progress: bool = True,
+    experiment: str = DEFAULT_EXPERIMENT,
+    cache_dir: str | os.PathLike | None = None,
+    checkpoint_every: int | None = None,
+    log_mlflow: bool = True,
+) -> dict:
+    """Train the tuned config; resume from its checkpoint if one exists. Returns metrics,
+    cost, the comparison with the trial, the checkpoint path and the MLflow run id."""
+    from dmdopt.export import load_tuned_config
+    from dmdopt.problem import load_dataset
+    from dmdopt.training.loop import resolve_device, train
+
+    tuned = load_tuned_config(config_path)
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise UserError(f"steps must be a positive integer, got {steps!r}")
+    try:
+        training = replace(tuned.training, max_steps=steps or tuned.training.max_steps,
+                           device=device or tuned.training.device)
+        resolved = resolve_device(training.device)
+    except ValueError as exc:
+        raise UserError(" ".join(str(exc).split())) from None
+    if checkpoint_every is not None and (not isinstance(checkpoint_every, int) or checkpoint_every < 1):
+        raise UserError(f"checkpoint_every must be a positive integer, got {checkpoint_every!r}")
+    every = checkpoint_every or checkpoint_cadence(training.max_steps, tuned.dmd.window)
+
+    key = tuned.settings_hash()
+    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else DEFAULT_CHECKPOINT_DIR
+    try:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create checkpoint directory {ckpt_dir}: {exc.strerror or exc}") from None
+    if not os.access(ckpt_dir, os.W_OK):
+        raise UserError(f"checkpoint directory {ckpt_dir} is not writable")
+    ckpt = ckpt_dir / f"{key}.pt"
+    requested_steps = training.max_steps
+    saved = _checkpoint_state(ckpt)
+    start = saved[0] if saved else None
+    if start is not None and start > training.max_steps:
+        raise UserError(f"checkpoint {ckpt} is at step {start}, past the requested "
+                        f"{training.max_steps} steps: pass steps >= {start} or delete it")
+    finished_by_target = bool(saved and training.target_error is not None
+                              and saved[1] <= training.target_error)
+    if finished_by_target:
+        # train() keeps going from a checkpoint of a run that already stopped at its target;
+        # a budget equal to the checkpoint's step replays it instead (nothing is retrained)
+        training = replace(training, max_steps=start)
+    if start and progress:
+        print(f"resuming from {ckpt} at step {start}", file=sys.stderr)
+
+    dataset = load_dataset(tuned.problem, cache_dir=cache_dir or DEFAULT_DATA_DIR, progress=progress)
+    result = train(dataset=dataset, model=tuned.model, training=training, dmd=tuned.dmd,
+                   progress=progress, checkpoint_path=ckpt, checkpoint_every=every)
+
+    summary: dict[str, Any] = dict(result.metrics)
+    summary.update({
+        "cost_bpe": result.cost["backprop_equivalent"],
+        "backprop_steps": result.cost["backprop_steps"],
+        "wall_time": result.wall_time, "dmd_time": result.dmd_time,
+        "jumps_accepted": result.jumps_accepted, "jumps_rejected": result.jumps_rejected,
+        "steps": result.curve[-1]["step"],
+        "stopped_by": "target" if finished_by_target else result.stopped_by,
+        "device": result.device, "resumed_from_step": start or 0,
+        "checkpoint": str(ckpt), "checkpoint_every": every, "config_hash": key,
+        "expected_val_rel_l2": None, "val_rel_diff": None, "tolerance": None, "reproduced": None,
+    })
+    expected = tuned.expected.get("val_rel_l2")
+    if expected is not None and requested_steps == tuned.training.max_steps:
+        tol = tolerance_for(tuned.expected.get("device"), str(resolved))
+        diff = abs(result.val_error - expected) / max(abs(expected), 1e-300)
+        summary.update(expected_val_rel_l2=expected, val_rel_diff=diff, tolerance=tol,
+                       reproduced=diff <= tol)
+        if diff > tol:
+            logger.warning(
+                "val_rel_l2 %.6g differs from the trial's %.6g by %.3g%% (tolerance %.3g%%, "
+                "trial on %s, now on %s): check the dataset, versions and device",
+                result.val_error, expected, 100 * diff, 100 * tol,
+                tuned.expected.get("device", "an unknown device"), result.device)
+    summary["run_id"] = None
+    if log_mlflow:
+        summary["run_id"] = _log_run(tracking_uri=tracking_uri, experiment=experiment, tuned=tuned,
+                                     training=training, result=result, config_path=config_path,
+                                     key=key, summary=summary)
+    return summary

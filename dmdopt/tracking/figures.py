@@ -1,0 +1,313 @@
+"""Figures of a study summary (CONTRACT.md): Pareto front, knobs, hypervolume, learning curves.
+
+Plotly figures feed both the MLflow artifacts and the offline dashboard, so one builder per
+plot keeps the two views identical. Only plain summary dicts come in: no optuna, no mlflow.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from pathlib import Path
+from typing import Any
+
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+KNOBS = ("window", "rank", "horizon")
+CSV_COLUMNS = ("trial", "cost_bpe", "val_rel_l2", "speedup", "window", "rank", "horizon",
+               "is_reference", "is_recommended")
+
+_REF_COLOR = "#d62728"
+_FRONT_COLOR = "#1f77b4"
+_REC_COLOR = "#2ca02c"
+_OTHER_COLOR = "#9a9a9a"
+_LAYOUT = {"template": "plotly_white", "margin": {"l": 60, "r": 20, "t": 50, "b": 50},
+           "font": {"family": "system-ui, -apple-system, 'Segoe UI', sans-serif", "size": 12}}
+
+
+# ---------------------------------------------------------------- summary access
+def as_float(value: Any) -> float | None:
+    """A number from a summary field ("inf" strings included); None for anything else."""
+    if isinstance(value, bool) or value is None:
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def complete_trials(summary: dict) -> list[dict]:
+    """COMPLETE trials with two finite objective values, in trial order."""
+    out = []
+    for t in summary.get("trials") or []:
+        values = t.get("values")
+        if t.get("state") == "COMPLETE" and values and len(values) >= 2 and all(
+                (v := as_float(x)) is not None and math.isfinite(v) for x in values[:2]):
+            out.append(t)
+    return sorted(out, key=lambda t: t["number"])
+
+
+def pareto_trials(summary: dict) -> list[dict]:
+    """The Pareto trials in the summary's order (sorted by cost)."""
+    by_number = {t["number"]: t for t in complete_trials(summary)}
+    return [by_number[n] for n in summary.get("pareto") or [] if n in by_number]
+
+
+def recommended_number(summary: dict) -> int | None:
+    rec = summary.get("recommended")
+    return rec.get("number") if isinstance(rec, dict) else None
+
+
+def reference_point(summary: dict) -> tuple[float, float] | None:
+    """(cost_bpe, val_rel_l2) of plain training, when the summary has it."""
+    ref = summary.get("reference") or {}
+    cost, err = as_float(ref.get("cost_bpe")), as_float(ref.get("val_rel_l2"))
+    return (cost, err) if cost is not None and err is not None else None
+
+
+def speedup(summary: dict, trial: dict) -> float | None:
+    """The trial's recorded speedup, else reference cost / trial cost."""
+    attr = as_float((trial.get("user_attrs") or {}).get("speedup"))
+    if attr is not None:
+        return attr
+    ref = reference_point(summary)
+    cost = as_float((trial.get("values") or [None])[0])
+    return ref[0] / cost if ref and cost else None
+
+
+def _hover(trial: dict) -> str:
+    params = trial.get("params") or {}
+    knobs = "<br>".join(f"{k}={params[k]}" for k in params)
+    cost, err = trial["values"][:2]
+    return f"trial {trial['number']}<br>cost={cost:.4g}<br>val_rel_l2={err:.4g}<br>{knobs}"
+
+
+def _empty(fig: go.Figure, text: str) -> go.Figure:
+    fig.add_annotation(text=text, showarrow=False, xref="paper", yref="paper", x=0.5, y=0.5,
+                       font={"size": 16, "color": "#666"})
+    return fig
+
+
+# ---------------------------------------------------------------- Pareto table / CSV
+def pareto_rows(summary: dict) -> list[dict]:
+    """The reference row first, then the Pareto trials by cost, marked as CSV_COLUMNS says."""
+    rows = []
+    ref = reference_point(summary)
+    if ref is not None:
+        rows.append({"trial": "reference", "cost_bpe": ref[0], "val_rel_l2": ref[1],
+                     "speedup": 1.0, "window": "", "rank": "", "horizon": "",
+                     "is_reference": True, "is_recommended": False})
+    rec = recommended_number(summary)
+    for t in pareto_trials(summary):
+        params = t.get("params") or {}
+        rows.append({"trial": t["number"], "cost_bpe": t["values"][0],
+                     "val_rel_l2": t["values"][1], "speedup": speedup(summary, t),
+                     **{k: params.get(k, "") for k in KNOBS},
+                     "is_reference": False, "is_recommended": t["number"] == rec})
+    return rows
+
+
+def pareto_csv(summary: dict) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for row in pareto_rows(summary):
+        writer.writerow({k: "" if row[k] is None else row[k] for k in CSV_COLUMNS})
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------- plotly figures
+def pareto_figure(summary: dict) -> go.Figure:
+    """All complete trials, the front as a staircase, the reference and the recommendation."""
+    fig = go.Figure()
+    fig.update_layout(**_LAYOUT, title="Pareto front: cost vs validation error",
+                      xaxis_title="cost (backprop-equivalent steps)",
+                      yaxis_title="validation relative L2 error", yaxis_type="log",
+                      legend={"orientation": "h", "y": -0.18})
+    done = complete_trials(summary)
+    front = pareto_trials(summary)
+    ref = reference_point(summary)
+    if not done and ref is None:
+        return _empty(fig, "no complete trials yet")
+    front_numbers = {t["number"] for t in front}
+    others = [t for t in done if t["number"] not in front_numbers]
+    if others:
+        fig.add_trace(go.Scatter(
+            x=[t["values"][0] for t in others], y=[t["values"][1] for t in others],
+            mode="markers", name="trials", marker={"color": _OTHER_COLOR, "size": 7},
+            hovertext=[_hover(t) for t in others], hoverinfo="text"))
+    if front:
+        fig.add_trace(go.Scatter(
+            x=[t["values"][0] for t in front], y=[t["values"][1] for t in front],
+            mode="lines+markers", line={"shape": "hv", "color": _FRONT_COLOR},
+            marker={"size": 9}, name="Pareto front",
+            hovertext=[_hover(t) for t in front], hoverinfo="text"))
+    if ref is not None:
+        fig.add_trace(go.Scatter(
+            x=[ref[0]], y=[ref[1]], mode="markers", name="reference (plain training)",
+            marker={"symbol": "star", "size": 16, "color": _REF_COLOR},
+            hovertext=[f"reference<br>cost={ref[0]:.4g}<br>val_rel_l2={ref[1]:.4g}"],
+            hoverinfo="text"))
+    rec = recommended_number(summary)
+    rec_trial = next((t for t in done if t["number"] == rec), None)
+    if rec_trial is not None:
+        policy = (summary.get("recommended") or {}).get("policy", "")
+        fig.add_trace(go.Scatter(
+            x=[rec_trial["values"][0]], y=[rec_trial["values"][1]], mode="markers",
+            name=f"recommended (trial {rec}{', ' + policy if policy else ''})",
+            marker={"symbol": "circle-open", "size": 20, "color": _REC_COLOR,
+                    "line": {"width": 3}},
+            hovertext=[_hover(rec_trial)], hoverinfo="text"))
+    if not done:
+        _empty(fig, "no complete trials yet")
+    return fig
+
+
+def knob_positions(values: list[Any], knob: str) -> tuple[list[Any], dict]:
+    """x positions and x-axis settings for one knob.
+
+    Horizons go on a log axis with `inf` placed one decade past the largest finite horizon and
+    labelled "inf"; other numeric knobs are linear; non-numeric values become categories.
+    """
+    nums = [as_float(v) for v in values]
+    if any(n is None for n in nums):
+        return [str(v) for v in values], {"type": "category", "title": knob}
+    if knob != "horizon":
+        return nums, {"type": "linear", "title": knob}
+    finite = [n for n in nums if math.isfinite(n) and n > 0]
+    lo = math.floor(math.log10(min(finite))) if finite else 0
+    hi = math.floor(math.log10(max(finite))) + 1 if finite else 1
+    inf_at = 10.0 ** hi
+    xs = [inf_at if math.isinf(n) and n > 0 else (n if n > 0 else None) for n in nums]
+    ticks = [10.0 ** k for k in range(lo, hi)] if finite else []
+    axis = {"type": "log", "title": "horizon (steps; inf = converged state)",
+            "tickvals": ticks + [inf_at],
+            "ticktext": [f"{t:g}" for t in ticks] + ["inf"],
+            "range": [lo - 0.15, hi + 0.15]}
+    return xs, axis
+
+
+def knob_figure(summary: dict, knob: str) -> go.Figure:
+    """Cost (left) and validation error (right) against one DMD knob."""
+    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.12,
+                        subplot_titles=(f"cost vs {knob}", f"validation error vs {knob}"))
+    fig.update_layout(**_LAYOUT, title=f"DMD knob: {knob}", showlegend=True,
+                      legend={"orientation": "h", "y": -0.22})
+    done = [t for t in complete_trials(summary) if knob in (t.get("params") or {})]
+    fig.update_yaxes(title_text="cost (backprop-eq. steps)", row=1, col=1)
+    fig.update_yaxes(title_text="val rel. L2", type="log", row=1, col=2)
+    if not done:
+        return _empty(fig, f"no complete trials with {knob} yet")
+    xs, axis = knob_positions([t["params"][knob] for t in done], knob)
+    title = axis.pop("title")
+    front = set(summary.get("pareto") or [])
+    groups = (("Pareto", _FRONT_COLOR, True), ("other trials", _OTHER_COLOR, False))
+    for name, color, on_front in groups:
+        idx = [i for i, t in enumerate(done) if (t["number"] in front) == on_front
+               and xs[i] is not None]
+        if not idx:
+            continue
+        for col, k in ((1, 0), (2, 1)):
+            fig.add_trace(go.Scatter(
+                x=[xs[i] for i in idx], y=[done[i]["values"][k] for i in idx], mode="markers",
+                name=name, legendgroup=name, showlegend=col == 1,
+                marker={"color": color, "size": 8},
+                hovertext=[_hover(done[i]) for i in idx], hoverinfo="text"), row=1, col=col)
+    ref = reference_point(summary)
+    if ref is not None:
+        for col, k in ((1, 0), (2, 1)):
+            fig.add_hline(y=ref[k], line={"color": _REF_COLOR, "dash": "dash"}, row=1, col=col,
+                          annotation_text="reference" if col == 1 else None)
+    fig.update_xaxes(title_text=title, **axis)
+    return fig
+
+
+def hypervolume_figure(summary: dict) -> go.Figure:
+    fig = go.Figure()
+    fig.update_layout(**_LAYOUT, title="Hypervolume after each completed trial",
+                      xaxis_title="completed trials", yaxis_title="hypervolume")
+    hist = summary.get("hypervolume_history") or []
+    if not hist:
+        return _empty(fig, "no completed trials yet")
+    fig.add_trace(go.Scatter(x=[h[0] for h in hist], y=[h[1] for h in hist],
+                             mode="lines+markers", name="hypervolume",
+                             line={"color": _FRONT_COLOR}))
+    return fig
+
+
+def curves_figure(summary: dict) -> go.Figure:
+    """Learning curves (val error vs cost) of the Pareto trials and the reference."""
+    fig = go.Figure()
+    fig.update_layout(**_LAYOUT, title="Learning curves: Pareto trials and reference",
+                      xaxis_title="cost (backprop-equivalent steps)",
+                      yaxis_title="validation relative L2 error", yaxis_type="log")
+    drawn = 0
+    ref = summary.get("reference") or {}
+    if ref.get("curve"):
+        fig.add_trace(go.Scatter(x=[p[0] for p in ref["curve"]], y=[p[1] for p in ref["curve"]],
+                                 mode="lines", name="reference",
+                                 line={"color": _REF_COLOR, "width": 3, "dash": "dash"}))
+        drawn += 1
+    rec = recommended_number(summary)
+    for t in pareto_trials(summary):
+        curve = (t.get("user_attrs") or {}).get("curve") or []
+        if not curve:
+            continue
+        fig.add_trace(go.Scatter(
+            x=[p[0] for p in curve], y=[p[1] for p in curve], mode="lines",
+            name=f"trial {t['number']}" + (" (recommended)" if t["number"] == rec else ""),
+            line={"width": 3 if t["number"] == rec else 1.5}))
+        drawn += 1
+    if not drawn:
+        _empty(fig, "no learning curves yet")
+    return fig
+
+
+def pareto_html(summary: dict) -> str:
+    """Stand-alone interactive Pareto page; plotly.js inlined so it opens offline."""
+    return pareto_figure(summary).to_html(include_plotlyjs=True, full_html=True,
+                                          config={"displaylogo": False})
+
+
+# ---------------------------------------------------------------- static PNG
+def write_pareto_png(summary: dict, path: str | Path) -> Path:
+    """The Pareto plot as a PNG (matplotlib, Agg): readable without a browser."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.5), dpi=120)
+    FigureCanvasAgg(fig)  # Agg canvas on this figure only: no pyplot, no global backend switch
+    ax = fig.add_subplot()
+    done = complete_trials(summary)
+    front = pareto_trials(summary)
+    ref = reference_point(summary)
+    if done:
+        ax.scatter([t["values"][0] for t in done], [t["values"][1] for t in done],
+                   c=_OTHER_COLOR, s=18, label="trials")
+    if front:
+        ax.step([t["values"][0] for t in front], [t["values"][1] for t in front], where="post",
+                color=_FRONT_COLOR, marker="o", label="Pareto front")
+    if ref is not None:
+        ax.scatter([ref[0]], [ref[1]], marker="*", s=220, c=_REF_COLOR,
+                   label="reference (plain training)", zorder=5)
+    rec = next((t for t in done if t["number"] == recommended_number(summary)), None)
+    if rec is not None:
+        ax.scatter([rec["values"][0]], [rec["values"][1]], s=260, facecolors="none",
+                   edgecolors=_REC_COLOR, linewidths=2.5,
+                   label=f"recommended (trial {rec['number']})", zorder=6)
+    if done or ref is not None:
+        ax.set_yscale("log")
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no complete trials yet", ha="center", va="center",
+                transform=ax.transAxes)
+    ax.set_xlabel("cost (backprop-equivalent steps)")
+    ax.set_ylabel("validation relative L2 error")
+    ax.set_title(f"{summary.get('study_name', 'study')}: Pareto front")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, format="png")
+    return path

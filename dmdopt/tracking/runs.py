@@ -1,0 +1,394 @@
+"""MLflow runs of a study: one parent run per study, one nested child run per finished trial.
+
+Runs are created with explicit ids (`MlflowClient.create_run` / `log_batch` / `set_terminated`),
+never through the fluent active-run stack, so trials in threads, processes or on other machines
+never fight over "the active run". Tracking is best-effort: a dead or failing server costs one
+warning per tracker and a few seconds, never a trial.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import os
+import re
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+from mlflow.entities import Metric, Param, RunTag, ViewType
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from dmdopt._util import git_commit, mask_url, versions
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TRACKING_URI = "sqlite:///dmdopt-runs/mlflow.db"
+DEFAULT_ARTIFACTS = "dmdopt-runs/mlartifacts"
+FINISHED_STATES = {"COMPLETE": "FINISHED", "FAIL": "FAILED", "PRUNED": "KILLED"}
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+
+TAG_STUDY, TAG_ROLE = "dmdopt.study", "dmdopt.role"
+TAG_TRIAL, TAG_STATE, TAG_FAIL = "dmdopt.trial_number", "dmdopt.trial_state", "dmdopt.fail_reason"
+_PARENT_SETTLE_S = 0.5  # after creating a parent, let a concurrent creator's insert land
+_MAX_PARAMS, _MAX_TAGS, _MAX_METRICS = 100, 100, 1000  # MLflow log_batch limits per call
+_PARAM_LEN, _TAG_LEN = 6000, 5000
+_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+
+T = TypeVar("T")
+
+
+# ---------------------------------------------------------------- store locations
+def resolve_tracking_uri(uri: str | None) -> str:
+    """Explicit URI, else $MLFLOW_TRACKING_URI, else the local sqlite default."""
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def local_artifact_root(uri: str) -> Path | None:
+    """Artifacts beside a sqlite store (`<db dir>/mlartifacts`); None for servers.
+
+    A server decides its own artifact location (`mlflow-artifacts:/`); forcing a local path
+    there would point every client at a folder on the wrong machine.
+    """
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = uri[len("sqlite:///"):]
+    if db in ("", ":memory:"):
+        return Path(DEFAULT_ARTIFACTS).resolve()
+    return (Path(db).parent / "mlartifacts").resolve()
+
+
+def prepare_local_store(uri: str) -> None:
+    """Create the folder of a sqlite database: sqlite won't create missing directories."""
+    if uri.startswith("sqlite:///") and uri[len("sqlite:///"):] not in ("", ":memory:"):
+        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+
+
+def get_or_create_experiment(client: MlflowClient, name: str, uri: str) -> str:
+    """Experiment id by name; created (race-safe) with artifacts beside a local store.
+
+    Tagged as model training: MLflow 3's UI otherwise opens experiments on its GenAI
+    (traces) pages, where runs are not shown.
+    """
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        root = local_artifact_root(uri)
+        slug = re.sub(r"[^A-Za-z0-9._-]+", "_", name) or "study"
+        try:
+            return client.create_experiment(
+                name, artifact_location=(root / slug).as_uri() if root else None,
+                tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        except MlflowException:  # another process created it first
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    if exp.lifecycle_stage == "deleted":
+        client.restore_experiment(exp.experiment_id)
+    if EXPERIMENT_KIND_TAG not in exp.tags:
+        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return exp.experiment_id
+
+
+# ---------------------------------------------------------------- small conversions
+def flatten(data: Any, prefix: str = "") -> dict[str, str]:
+    """Nested dict -> {"a.b.c": "value"}; lists as JSON; long values truncated for MLflow."""
+    out: dict[str, str] = {}
+    if isinstance(data, dict):
+        for key, value in data.items():
+            out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    elif prefix:
+        text = json.dumps(data) if isinstance(data, (list, tuple)) else str(data)
+        out[prefix[:250]] = text[:_PARAM_LEN]
+    return out
+
+
+def _epoch_ms(iso: str | None, default: int) -> int:
+    if not iso:
+        return default
+    try:
+        return int(datetime.fromisoformat(iso).timestamp() * 1000)
+    except ValueError:
+        return default
+
+
+def _number(value: Any) -> float | None:
+    if value is None or isinstance(value, (str, dict, list)):
+        return None
+    try:
+        num = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(num) else num
+
+
+def _chunks(items: list[T], size: int) -> Iterator[list[T]]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def log_batch(client: MlflowClient, run_id: str, *, metrics: Sequence[Metric] = (),
+               params: dict[str, str] | None = None, tags: dict[str, str] | None = None) -> None:
+    """log_batch within MLflow's per-call limits."""
+    plist = [Param(k, v) for k, v in (params or {}).items()]
+    tlist = [RunTag(k, str(v)[:_TAG_LEN]) for k, v in (tags or {}).items()]
+    for chunk in _chunks(plist, _MAX_PARAMS):
+        client.log_batch(run_id, params=chunk)
+    for chunk in _chunks(tlist, _MAX_TAGS):
+        client.log_batch(run_id, tags=chunk)
+    for chunk in _chunks(list(metrics), _MAX_METRICS):
+        client.log_batch(run_id, metrics=chunk)
+
+
+def _find(config: Any, key: str) -> Any:
+    """First value of `key` anywhere in a nested dict (breadth first)."""
+    queue = [config]
+    while queue:
+        node = queue.pop(0)
+        if isinstance(node, dict):
+            if key in node:
+                return node[key]
+            queue.extend(v for v in node.values() if isinstance(v, dict))
+    return None
+
+
+# ---------------------------------------------------------------- failure tolerance
+def tolerant(method: Callable[..., T]) -> Callable[..., T | None]:
+    """Run a tracker method; on any error warn once per tracker and return None."""
+
+    @functools.wraps(method)
+    def wrapper(self: StudyTracker, *args: Any, **kwargs: Any) -> T | None:
+        try:
+            return method(self, *args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - tracking must never fail a trial
+            self._report(method.__name__, exc)
+            return None
+
+    return wrapper
+
+
+# ---------------------------------------------------------------- the tracker
+class StudyTracker:
+    """Mirrors one Optuna study (as a CONTRACT.md summary) into MLflow runs."""
+
+    def __init__(self, tracking_uri: str | None, study_name: str) -> None:
+        self.tracking_uri = resolve_tracking_uri(tracking_uri)
+        self.study_name = study_name
+        self._client: MlflowClient | None = None
+        self._experiment_id: str | None = None
+        self._parent_id: str | None = None
+        self._warned = False
+        if self.tracking_uri.startswith(("http://", "https://")):
+            for key, value in _HTTP_DEFAULTS.items():  # a dead server costs seconds, not minutes
+                os.environ.setdefault(key, value)
+
+    # -- plumbing
+    def _report(self, what: str, exc: BaseException) -> None:
+        if not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"MLflow tracking at {mask_url(self.tracking_uri)} failed ({what}: "
+                f"{type(exc).__name__}: {exc}); the study continues without it. "
+                "Later tracking errors of this study are logged at debug level; "
+                "`dmdopt study sync-mlflow` fills in what is missing.",
+                RuntimeWarning, stacklevel=3)
+        log.debug("MLflow %s failed", what, exc_info=exc)
+
+    @property
+    def client(self) -> MlflowClient:
+        if self._client is None:
+            prepare_local_store(self.tracking_uri)
+            self._client = MlflowClient(tracking_uri=self.tracking_uri)
+        return self._client
+
+    @property
+    def experiment_id(self) -> str:
+        if self._experiment_id is None:
+            self._experiment_id = get_or_create_experiment(self.client, self.study_name,
+                                                           self.tracking_uri)
+        return self._experiment_id
+
+    def _search(self, filter_string: str) -> list:
+        """All active runs of this study's experiment matching the filter (paginated)."""
+        runs, token = [], None
+        while True:
+            page = self.client.search_runs(
+                [self.experiment_id], filter_string=filter_string,
+                run_view_type=ViewType.ACTIVE_ONLY, max_results=1000, page_token=token)
+            runs.extend(r for r in page if r.data.tags.get(TAG_STUDY) == self.study_name)
+            token = page.token
+            if not token:
+                return runs
+
+    def _parents(self) -> list:
+        runs = self._search(f"tags.`{TAG_ROLE}` = 'parent'")
+        return sorted(runs, key=lambda r: (r.info.start_time, r.info.run_id))
+
+    def logged_trials(self) -> dict[int, str]:
+        """trial number -> child run id, for every child already in MLflow."""
+        found: dict[int, str] = {}
+        for run in self._search(f"tags.`{TAG_ROLE}` = 'child'"):
+            try:
+                found.setdefault(int(run.data.tags[TAG_TRIAL]), run.info.run_id)
+            except (KeyError, ValueError):
+                continue
+        return found
+
+    # -- parent
+    def _create_parent(self, summary: dict) -> str:
+        config = summary.get("config") or {}
+        sampler = summary.get("sampler") or _find(config, "sampler")
+        if isinstance(sampler, dict):
+            sampler = sampler.get("name") or sampler.get("type")
+        tags = {TAG_STUDY: self.study_name, TAG_ROLE: "parent",
+                "dmdopt.storage": mask_url(summary.get("storage")) or "",
+                "dmdopt.sampler": sampler or "",
+                "dmdopt.objectives": ",".join(summary.get("metric_names") or []),
+                **{f"dmdopt.version.{k}": v for k, v in versions().items()}}
+        commit = git_commit()
+        if commit:
+            tags.update({"dmdopt.git_commit": commit, "mlflow.source.git.commit": commit})
+        run = self.client.create_run(self.experiment_id, run_name=self.study_name, tags=tags)
+        params = {k: mask_url(v) for k, v in flatten(config).items()}  # storage URLs in config
+        log_batch(self.client, run.info.run_id, params=params)
+        return run.info.run_id
+
+    @tolerant
+    def ensure_parent(self, summary: dict) -> str:
+        """The study's parent run id; created when missing.
+
+        When several exist (two machines started at once), every tracker picks the earliest
+        started (ties: smallest run id); a tracker that created a losing duplicate deletes it.
+        """
+        parents = self._parents()
+        if not parents:
+            created = self._create_parent(summary)
+            time.sleep(_PARENT_SETTLE_S)
+            parents = self._parents()
+            if parents and parents[0].info.run_id != created:
+                self.client.delete_run(created)
+            elif not parents:  # search lag on a remote store: our own run is the parent
+                self._parent_id = created
+                return created
+        self._parent_id = parents[0].info.run_id
+        return self._parent_id
+
+    def _parent(self, summary: dict) -> str:
+        if self._parent_id is None:
+            self.ensure_parent(summary)
+        if self._parent_id is None:
+            raise RuntimeError("no parent run")
+        return self._parent_id
+
+    # -- children
+    def _create_child(self, summary: dict, trial: dict, parent_id: str) -> str:
+        number, state = trial["number"], trial["state"]
+        attrs = trial.get("user_attrs") or {}
+        now = int(time.time() * 1000)
+        tags = {"mlflow.parentRunId": parent_id, TAG_STUDY: self.study_name, TAG_ROLE: "child",
+                TAG_TRIAL: str(number), TAG_STATE: state}
+        if state == "FAIL" or attrs.get("fail_reason"):
+            tags[TAG_FAIL] = str(attrs.get("fail_reason") or "unknown")
+        params = flatten(trial.get("params") or {})
+        params.update(flatten(attrs.get("dmd") or {}, "dmd"))
+        params.update(flatten(attrs.get("training") or {}, "training"))
+
+        final: dict[str, float] = {}
+        names = summary.get("metric_names") or ["cost_bpe", "val_rel_l2"]
+        for name, value in zip(names, trial.get("values") or [], strict=False):
+            if (num := _number(value)) is not None:
+                final[name] = num
+        for key in ("cost_bpe", "cost_total", "cost_to_reference", "val_error", "test_error",
+                    "speedup", "wall_time", "jumps_accepted", "jumps_rejected",
+                    "reached_reference"):
+            if key not in final and (num := _number(attrs.get(key))) is not None:
+                final[key] = num
+        curve = [(int(round(c)), v) for c, e in attrs.get("curve") or []
+                 if _number(c) is not None and (v := _number(e)) is not None]
+        metrics = [Metric("val_error", v, now, step) for step, v in curve]
+        last_step = max((s for s, _ in curve), default=0)
+        if "val_error" in final and (not curve or curve[-1][1] != final["val_error"]):
+            step = max(last_step, int(round(final.get("cost_total", 0))))
+            metrics.append(Metric("val_error", final.pop("val_error"), now + 1, step))
+        else:
+            final.pop("val_error", None)  # the curve's last point is the final value
+        metrics += [Metric(k, v, now + 1, 0) for k, v in final.items()]
+
+        start = _epoch_ms(trial.get("datetime_start"), now)
+        run = self.client.create_run(self.experiment_id, start_time=start, tags=tags,
+                                     run_name=f"trial-{number:03d}")
+        run_id = run.info.run_id
+        log_batch(self.client, run_id, metrics=metrics, params=params)
+        self.client.set_terminated(run_id, FINISHED_STATES[state],
+                                   end_time=_epoch_ms(trial.get("datetime_complete"), now))
+        return run_id
+
+    @tolerant
+    def log_trial(self, summary: dict, number: int) -> str | None:
+        """Child run of a finished trial (COMPLETE, FAIL, PRUNED); None if already logged."""
+        trial = next((t for t in summary.get("trials") or [] if t["number"] == number), None)
+        if trial is None or trial.get("state") not in FINISHED_STATES:
+            return None
+        parent_id = self._parent(summary)
+        existing = self._search(f"tags.`{TAG_ROLE}` = 'child' and "
+                                f"tags.`{TAG_TRIAL}` = '{int(number)}'")
+        if existing:
+            return None
+        return self._create_child(summary, trial, parent_id)
+
+    # -- parent artifacts and metrics
+    @tolerant
+    def refresh_parent(self, summary: dict) -> str:
+        """Pareto HTML/PNG/CSV, dashboard, hypervolume history and status on the parent."""
+        from dmdopt.tracking import dashboard, figures
+
+        parent_id = self._parent(summary)
+        client = self.client
+        with tempfile.TemporaryDirectory(prefix="dmdopt-artifacts-") as tmp:
+            out = Path(tmp)
+            (out / "pareto.html").write_text(figures.pareto_html(summary), encoding="utf-8")
+            figures.write_pareto_png(summary, out / "pareto.png")
+            (out / "pareto.csv").write_text(figures.pareto_csv(summary), encoding="utf-8")
+            dashboard.write_dashboard(summary, out / "dashboard.html")
+            client.log_artifacts(parent_id, str(out))
+
+        now = int(time.time() * 1000)
+        logged = {m.step for m in client.get_metric_history(parent_id, "hypervolume")}
+        metrics = [Metric("hypervolume", float(hv), now, int(n))
+                   for n, hv in summary.get("hypervolume_history") or [] if int(n) not in logged]
+        existing = client.get_run(parent_id).data.metrics
+        ref = summary.get("reference") or {}
+        for key in ("cost_bpe", "val_rel_l2", "test_rel_l2", "wall_time"):
+            name = f"reference_{key}"
+            if name not in existing and (num := _number(ref.get(key))) is not None:
+                metrics.append(Metric(name, num, now, 0))
+        rec = summary.get("recommended") or {}
+        tags = {"dmdopt.pareto": ",".join(str(n) for n in summary.get("pareto") or []),
+                "dmdopt.recommended_trial": str(rec.get("number", "")),
+                "dmdopt.recommended_policy": str(rec.get("policy", ""))}
+        log_batch(client, parent_id, metrics=metrics, tags=tags)
+        states = {t.get("state") for t in summary.get("trials") or []}
+        if states & {"RUNNING", "WAITING"}:
+            client.update_run(parent_id, status="RUNNING")
+        else:
+            client.set_terminated(parent_id, "FINISHED")
+        return parent_id
+
+    @tolerant
+    def sync(self, summary: dict) -> int:
+        """Log every finished trial MLflow lacks, refresh the parent; returns children added."""
+        parent_id = self._parent(summary)
+        have = self.logged_trials()
+        added = 0
+        for trial in summary.get("trials") or []:
+            if trial.get("state") in FINISHED_STATES and trial["number"] not in have:
+                self._create_child(summary, trial, parent_id)
+                added += 1
+        self.refresh_parent(summary)
+        return added

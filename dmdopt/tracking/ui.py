@@ -1,0 +1,123 @@
+"""Start the MLflow UI (`mlflow server`) on the study store, loopback-only unless asked.
+
+The MLflow server has no authentication, so binding beyond loopback is an explicit opt-in.
+The server runs in its own session (process group) so `stop_ui` can end it together with the
+uvicorn process it spawns.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import IO
+
+from dmdopt.errors import UserError
+from dmdopt.tracking.runs import (
+    DEFAULT_ARTIFACTS,
+    local_artifact_root,
+    prepare_local_store,
+    resolve_tracking_uri,
+)
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def ui_url(host: str, port: int) -> str:
+    """Browsable URL; wildcard binds are shown as localhost."""
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::", "[::]") else host
+    if ":" in shown and not shown.startswith("["):
+        shown = f"[{shown}]"
+    return f"http://{shown}:{port}"
+
+
+def server_command(*, host: str, port: int, backend_store_uri: str, artifacts: str) -> list[str]:
+    """`python -m mlflow server` serving (proxying) artifacts so the UI can show them."""
+    return [sys.executable, "-m", "mlflow", "server",
+            "--backend-store-uri", backend_store_uri,
+            "--serve-artifacts", "--artifacts-destination", artifacts,
+            "--host", host, "--port", str(port), "--workers", "1"]
+
+
+def start_ui(*, host: str = "127.0.0.1", port: int = 5000, backend_store_uri: str | None = None,
+             artifacts: str | Path | None = None, allow_remote: bool = False,
+             log_file: str | Path | None = None) -> subprocess.Popen:
+    """Start the MLflow UI on the study store and print its URL; returns the server process.
+
+    `log_file` sends the server's output there instead of this terminal.
+    """
+    if not is_loopback(host) and not allow_remote:
+        raise UserError(f"ui.host: {host!r} is not a loopback address and the MLflow UI has no "
+                        "authentication; pass --allow-remote to expose it anyway")
+    if not 0 < int(port) < 65536:
+        raise UserError(f"ui.port: must be in 1..65535, got {port!r}")
+    uri = resolve_tracking_uri(backend_store_uri)
+    if uri.startswith(("http://", "https://")):
+        raise UserError(f"ui.backend_store_uri: {uri!r} is already a tracking server; "
+                        "open it in a browser instead")
+    prepare_local_store(uri)
+    dest = Path(artifacts) if artifacts else (local_artifact_root(uri) or Path(DEFAULT_ARTIFACTS))
+    if "://" not in str(dest):
+        dest.mkdir(parents=True, exist_ok=True)
+        dest = dest.resolve()
+    if not is_loopback(host):
+        print(f"warning: the MLflow UI on {host}:{port} is reachable from other machines and has "
+              "no authentication; MLflow only accepts Host headers of localhost/private IPs "
+              "unless MLFLOW_SERVER_ALLOWED_HOSTS names the others", file=sys.stderr)
+    out: IO | None = None
+    if log_file is not None:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        out = open(log_file, "ab")  # noqa: SIM115 - handed to the child, closed below
+    try:
+        proc = subprocess.Popen(
+            server_command(host=host, port=int(port), backend_store_uri=uri, artifacts=str(dest)),
+            stdout=out, stderr=subprocess.STDOUT if out else None, start_new_session=True)
+    finally:
+        if out is not None:
+            out.close()
+    print(f"MLflow UI: {ui_url(host, int(port))}  (store {uri}, artifacts {dest})")
+    return proc
+
+
+def wait_until_up(url: str, timeout: float = 60.0, proc: subprocess.Popen | None = None) -> bool:
+    """Poll `<url>/health` until it answers 200; False on timeout or if `proc` exited."""
+    deadline = time.monotonic() + timeout
+    health = url.rstrip("/") + "/health"
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            return False
+        try:
+            with urllib.request.urlopen(health, timeout=2) as resp:  # noqa: S310 - loopback
+                if resp.status == 200:
+                    return True
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.25)
+    return False
+
+
+def stop_ui(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    """End the server and its workers (its whole process group)."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=timeout)
+    except ProcessLookupError:
+        pass

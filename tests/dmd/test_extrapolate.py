@@ -1,0 +1,306 @@
+"""The affine-exact DMD extrapolation: exactness, PyDMD agreement, stability, safety."""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from dmdopt.dmd import dmd_flops, extrapolate, fit_dmd, horizon_gain, stabilized_gain
+
+F64 = torch.float64
+
+
+def _dynamics(eigs: list[complex], p: int = 20, seed: int = 0):
+    """A (p x p) whose nonzero spectrum is `eigs` (conjugate pairs as 2x2 blocks), non-normal,
+    living on a random len(eigs)-dimensional subspace; plus a random b and x0."""
+    gen = torch.Generator().manual_seed(seed)
+    blocks = []
+    for lam in eigs:
+        lam = complex(lam)
+        if lam.imag > 0:
+            blocks.append(torch.tensor([[lam.real, -lam.imag], [lam.imag, lam.real]], dtype=F64))
+        elif lam.imag == 0:
+            blocks.append(torch.tensor([[lam.real]], dtype=F64))
+    core = torch.block_diag(*blocks)
+    k = core.shape[0]
+    basis = torch.linalg.qr(torch.randn(p, k, dtype=F64, generator=gen))[0]
+    skew = torch.eye(k, dtype=F64) + 0.3 * torch.randn(k, k, dtype=F64, generator=gen)
+    a = basis @ (skew @ core @ torch.linalg.inv(skew)) @ basis.T
+    return a, torch.randn(p, dtype=F64, generator=gen), torch.randn(p, dtype=F64, generator=gen)
+
+
+def _trajectory(a, b, x0, steps: int) -> list[torch.Tensor]:
+    xs = [x0]
+    for _ in range(steps):
+        xs.append(a @ xs[-1] + b)
+    return xs
+
+
+def _rel(x, y) -> float:
+    return float((x - y).norm() / y.norm())
+
+
+STABLE = [0.35, 0.5, 0.65, 0.8, 0.93]
+
+
+# --------------------------------------------------------------------------- exactness
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_exact_on_linear_dynamics(seed):
+    a, _, x0 = _dynamics(STABLE, seed=seed)
+    m = 23  # >= p + 3
+    xs = _trajectory(a, 0.0, x0, m + 50)
+    snapshots = torch.stack(xs[:m], 1)
+    fit = fit_dmd(snapshots, rank=100)
+    assert fit.status == "ok"
+    for h in (1, 7, 50):
+        assert _rel(fit.predict(h), xs[m - 1 + h]) < 1e-6
+    assert _rel(extrapolate(snapshots, rank=100, horizon=7), xs[m - 1 + 7]) < 1e-6
+
+
+@pytest.mark.parametrize("eigs", [STABLE, [0.3, 0.6, 0.85 * np.exp(0.4j), 0.9, 0.5 * np.exp(2j)]])
+def test_exact_on_affine_dynamics_and_fixed_point(eigs):
+    a, b, x0 = _dynamics(eigs, seed=3)
+    m = 15
+    xs = _trajectory(a, b, x0, m + 50)
+    snapshots = torch.stack(xs[:m], 1)
+    fit = fit_dmd(snapshots, rank=1.0)
+    for h in (1, 7, 50):
+        assert _rel(fit.predict(h), xs[m - 1 + h]) < 1e-6
+    fixed_point = torch.linalg.solve(torch.eye(20, dtype=F64) - a, b)
+    for inf in (math.inf, float("inf"), "inf"):
+        assert _rel(fit.predict(inf), fixed_point) < 1e-6
+    # plain DMD of the snapshots would not be exact here: b is not a linear mode
+    assert _rel(fit.last, fixed_point) > 1e-2
+
+
+def test_non_integer_horizon_interpolates_positive_modes():
+    a = 0.8 * torch.eye(5, dtype=F64)
+    b = torch.arange(5, dtype=F64)
+    xs = _trajectory(a, b, torch.ones(5, dtype=F64), 6)
+    fixed_point = b / 0.2
+    fit = fit_dmd(torch.stack(xs, 1), rank=1)
+    expected = fixed_point + 0.8**2.5 * (xs[-1] - fixed_point)
+    assert _rel(fit.predict(2.5), expected) < 1e-10
+
+
+def test_constant_drift_is_neutral():
+    # lambda = 1: finite horizons drift linearly, horizon=inf does not extrapolate
+    v = torch.linspace(-1, 1, 30, dtype=F64)
+    snapshots = torch.ones(30, 1, dtype=F64) + v[:, None] * torch.arange(6, dtype=F64)
+    fit = fit_dmd(snapshots, rank=3)
+    assert fit.rank == 1
+    for h in (1, 10, 1000):
+        assert _rel(fit.predict(h), snapshots[:, -1] + h * v) < 1e-10
+    assert torch.equal(fit.predict("inf"), snapshots[:, -1])
+
+
+def test_rotation_on_unit_circle_is_exact():
+    a, b, x0 = _dynamics([np.exp(0.3j)], p=10, seed=4)
+    xs = _trajectory(a, b, x0, 1010)
+    snapshots = torch.stack(xs[:8], 1)
+    fit = fit_dmd(snapshots, rank=5)
+    moduli = fit.eigenvalues.abs().sort(descending=True).values
+    assert torch.allclose(moduli[:2], torch.ones(2, dtype=F64), atol=1e-12)  # + a 0 from x0
+    for h in (5, 100, 1000):
+        assert _rel(fit.predict(h), xs[7 + h]) < 1e-8
+
+
+# --------------------------------------------------------------------------- PyDMD oracle
+
+
+@pytest.mark.parametrize("r", [2, 5, 9])
+def test_eigenvalues_match_pydmd(r):
+    pydmd = pytest.importorskip("pydmd")
+    rng = np.random.default_rng(r)
+    snapshots = rng.standard_normal((60, 14))
+    oracle = pydmd.DMD(svd_rank=r)
+    oracle.fit(np.diff(snapshots, axis=1))
+    fit = fit_dmd(torch.from_numpy(snapshots), rank=r)
+    assert fit.rank == r
+    assert fit.eigenvalues.dtype == torch.complex128
+    expected = np.sort_complex(np.asarray(oracle.eigs))
+    np.testing.assert_allclose(np.sort_complex(fit.eigenvalues.numpy()), expected, atol=1e-8)
+    assert fit.modes.shape == (60, r)
+
+
+# --------------------------------------------------------------------------- stability
+
+
+def test_growing_mode_is_not_amplified():
+    a, b, x0 = _dynamics([1.2, 0.9, 0.6, -0.5], seed=5)
+    m = 12
+    xs = _trajectory(a, b, x0, m - 1)
+    snapshots = torch.stack(xs, 1)
+    scale = float(snapshots.norm(dim=0).max())
+    fit = fit_dmd(snapshots, rank=1.0)
+    assert fit.eigenvalues.abs().max() == pytest.approx(1.2, rel=1e-8)
+    for h in (1, 10, 1000, "inf"):
+        pred = fit.predict(h)
+        assert torch.isfinite(pred).all()
+        assert float(pred.norm()) < 3 * scale
+        assert float((pred - fit.last).norm()) <= fit.displacement_bound(h) * (1 + 1e-9) + 1e-12
+
+
+def test_pure_growth_stays_at_last_snapshot():
+    v = torch.randn(40, dtype=F64, generator=torch.Generator().manual_seed(6))
+    snapshots = v[:, None] * 1.1 ** torch.arange(8, dtype=F64)
+    fit = fit_dmd(snapshots, rank=2)
+    assert fit.eigenvalues.abs().item() == pytest.approx(1.1)
+    for h in (1, 1000):
+        assert torch.equal(fit.predict(h), snapshots[:, -1])
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_unstable_data_respects_documented_bound(seed):
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(15, 15, dtype=F64, generator=gen)
+    a *= 1.3 / torch.linalg.eigvals(a).abs().max()
+    xs = _trajectory(
+        a, torch.randn(15, dtype=F64, generator=gen), torch.randn(15, dtype=F64, generator=gen), 11
+    )
+    snapshots = torch.stack(xs, 1)
+    for rank in (3, 0.999, 0):
+        fit = fit_dmd(snapshots, rank=rank)
+        for h in (1, 10, 1000, math.inf):
+            delta = float((fit.predict(h) - fit.last).norm())
+            assert math.isfinite(delta)
+            assert delta <= fit.displacement_bound(h) * (1 + 1e-9) + 1e-12
+            # the bound itself: kept gains are those of |lambda| <= 1 eigenvalues
+            if math.isfinite(h):
+                assert stabilized_gain(fit.eigenvalues, h).abs().max() <= h * (1 + 1e-12)
+
+
+@pytest.mark.parametrize("h", [1, 3, 17, 2.5, 1000])
+def test_horizon_gain_is_stable(h):
+    lam = np.array([0, 0.5, -0.7, 0.9 + 0.3j, 1 - 1e-9, 1 - 1e-13, 1, np.exp(0.2j), -1])
+    got = horizon_gain(torch.from_numpy(lam.astype(complex)), h).numpy()
+    if float(h).is_integer():
+        expected = np.array([sum(x**j for j in range(1, int(h) + 1)) for x in lam.astype(complex)])
+    else:  # principal-branch closed form, with lambda -> 1 limits by series
+        with np.errstate(all="ignore"):
+            expected = lam * (1 - lam.astype(complex) ** h) / (1 - lam)
+        expected[6] = h
+        expected[4] = h * (1 - (h + 1) / 2 * 1e-9)
+        expected[5] = h * (1 - (h + 1) / 2 * 1e-13)
+    np.testing.assert_allclose(got, expected, rtol=1e-11, atol=1e-14 * h + 1e-12)
+    assert np.isfinite(got).all()
+
+
+# --------------------------------------------------------------------------- safety
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_non_finite_snapshots_return_last_snapshot(bad):
+    snapshots = torch.randn(30, 8, dtype=F64)
+    snapshots[3, 4] = bad
+    fit = fit_dmd(snapshots, rank=3)
+    assert fit.status == "non_finite"
+    out = extrapolate(snapshots, rank=3, horizon=10)
+    assert torch.equal(out, snapshots[:, -1])
+    out[0] = 123.0  # a copy, not a view
+    assert snapshots[0, -1] != 123.0
+
+
+def test_overflowing_dmd_returns_last_snapshot():
+    snapshots = 1e200 * torch.randn(30, 8, dtype=F64)  # finite, but the Gram overflows
+    assert torch.equal(extrapolate(snapshots, rank=3, horizon=5), snapshots[:, -1])
+
+
+@pytest.mark.parametrize("m", [1, 2])
+def test_too_few_snapshots_return_last(m):
+    snapshots = torch.randn(10, m)
+    assert torch.equal(extrapolate(snapshots, rank=2, horizon=5), snapshots[:, -1])
+
+
+def test_converged_returns_last():
+    snapshots = torch.ones(10, 6) * torch.arange(10.0)[:, None]
+    fit = fit_dmd(snapshots, rank=0.99)
+    assert fit.status == "converged" and fit.rank == 0
+    assert torch.equal(fit.predict("inf"), snapshots[:, -1])
+
+
+@pytest.mark.parametrize("horizon", [0, -1, math.nan, -math.inf, True, "soon", None])
+def test_bad_horizon_raises(horizon):
+    with pytest.raises(ValueError, match="horizon"):
+        extrapolate(torch.randn(5, 4), rank=1, horizon=horizon)
+
+
+def test_bad_rank_raises_even_for_trivial_data():
+    with pytest.raises(ValueError, match="rank=-2"):
+        fit_dmd(torch.randn(5, 2), rank=-2)
+
+
+# --------------------------------------------------------------------------- dtype / device / size
+
+
+def test_float32_input_keeps_dtype_and_is_accurate():
+    a, b, x0 = _dynamics(STABLE, seed=7)
+    xs = _trajectory(a, b, x0, 80)
+    snapshots = torch.stack(xs[:15], 1).float()
+    out = extrapolate(snapshots, rank=0.999999, horizon=50)
+    assert out.dtype == torch.float32 and out.device == snapshots.device
+    assert _rel(out.double(), xs[64]) < 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_snapshots_keep_dtype(dtype):
+    snapshots = torch.cumsum(torch.randn(200, 8, generator=torch.Generator().manual_seed(9)), 1)
+    fit = fit_dmd(snapshots.to(dtype), rank=3)
+    out = fit.predict(5)
+    assert fit.basis.dtype == torch.float32  # half data, float32 basis
+    assert out.dtype == dtype and torch.isfinite(out).all()
+
+
+def test_no_autograd_graph():
+    snapshots = torch.randn(10, 6, requires_grad=True)
+    out = extrapolate(snapshots, rank=2, horizon=3)
+    assert not out.requires_grad
+
+
+def test_large_p_runs_without_p_by_p():
+    # a p x p float64 matrix here would be 32 TB: this only finishes if the work is O(p m^2)
+    snapshots = torch.rand(2_000_000, 10)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    fit = fit_dmd(snapshots, rank=4)
+    outs = [fit.predict(h) for h in (1, 10, "inf")]
+    elapsed = time.perf_counter() - start
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert elapsed < 8.0
+    assert grown_mb < 1024
+    assert fit.basis.dtype == torch.float32 and fit.basis.shape == (2_000_000, 4)
+    assert all(o.shape == (2_000_000,) and o.dtype == torch.float32 for o in outs)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    a, b, x0 = _dynamics(STABLE, seed=8)
+    snapshots = torch.stack(_trajectory(a, b, x0, 14), 1)
+    for dtype in (torch.float64, torch.float32):
+        gpu = extrapolate(snapshots.to("cuda", dtype), rank=1.0, horizon=20)
+        assert gpu.device.type == "cuda" and gpu.dtype == dtype
+        cpu = extrapolate(snapshots.to(dtype), rank=1.0, horizon=20)
+        assert _rel(gpu.cpu().double(), cpu.double()) < (1e-10 if dtype == F64 else 1e-4)
+
+
+# --------------------------------------------------------------------------- cost model
+
+
+def test_dmd_flops():
+    # p=1000, m=10, r=4 (n1=9, n=8): big 244_000 + small 9_194
+    assert dmd_flops(1000, 10, 4) == 253_194
+    assert dmd_flops(1000, 2, 4) == 0
+    assert dmd_flops(1000, 10, 50) == dmd_flops(1000, 10, 8)  # r <= m - 2
+    # dominated by the O(p m^2) Gram
+    assert dmd_flops(2_000_000, 10, 4) == pytest.approx(2 * dmd_flops(1_000_000, 10, 4), rel=1e-4)
+    for bad in ((-1, 10, 4), (10, 10.0, 4), (10, 10, True)):
+        with pytest.raises(ValueError):
+            dmd_flops(*bad)

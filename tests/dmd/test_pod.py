@@ -1,0 +1,134 @@
+"""POD by the method of snapshots and the rank rule."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from dmdopt.dmd import pod, select_rank
+from dmdopt.dmd.pod import column_gram, gram_rtol, hard_threshold_omega
+
+# energies of [3, 2, 1]: 9/14 = 0.643, 13/14 = 0.929, 1
+SIGMA = torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64)
+
+
+@pytest.mark.parametrize(
+    ("rank", "expected"),
+    [
+        (1, 1),
+        (2, 2),
+        (3, 3),
+        (np.int64(2), 2),
+        (np.int32(1), 1),
+        (0.5, 1),
+        (0.9, 2),
+        (np.float64(0.93), 3),
+        (np.float64(0.99), 3),
+        (np.float32(0.9), 2),
+        (1.0, 3),
+        (10, 3),  # above the supported rank -> clipped
+        ("full", 3),
+    ],
+)
+def test_rank_rule_table(rank, expected):
+    assert select_rank(SIGMA, rank) == expected
+
+
+@pytest.mark.parametrize(
+    "rank",
+    [
+        -1,
+        np.int64(-3),
+        True,
+        False,
+        math.nan,
+        np.float64(math.nan),
+        1.5,
+        2.0,
+        -0.1,
+        np.float64(1.01),
+        math.inf,
+        "abc",
+        "",
+        None,
+        [1],
+    ],
+)
+def test_bad_rank_raises_naming_rank(rank):
+    with pytest.raises(ValueError, match="rank") as info:
+        select_rank(SIGMA, rank)
+    assert f"rank={rank!r}" in str(info.value)
+
+
+def test_rank_clipped_to_numerical_rank():
+    sigma = torch.tensor([5.0, 1e-3, 1e-20, 0.0], dtype=torch.float64)
+    assert select_rank(sigma, 4) == 2
+    assert select_rank(sigma, 1.0) == 2
+    assert select_rank(sigma, "full") == 2
+    # a looser tolerance (what the method of snapshots can resolve) clips harder
+    assert select_rank(sigma, 4, rtol=1e-2) == 1
+
+
+def test_rank_at_least_one_unless_all_zero():
+    assert select_rank(torch.tensor([2.0, 1.9, 1.8]), 0) == 1  # nothing above tau, keep 1
+    assert select_rank(torch.zeros(3), 2) == 0
+    assert select_rank(torch.zeros(0), 0.9) == 0
+
+
+def _low_rank_plus_noise(p: int, n: int, true_rank: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    signal = rng.standard_normal((p, true_rank)) @ rng.standard_normal((true_rank, n))
+    return 5.0 * signal + 0.5 * rng.standard_normal((p, n))
+
+
+@pytest.mark.parametrize("rank", [0, 0.0, "optimal"])
+def test_hard_threshold_recovers_true_rank(rank):
+    data = _low_rank_plus_noise(400, 30, 4)
+    sigma = np.linalg.svd(data, compute_uv=False)
+    assert select_rank(torch.from_numpy(sigma), rank, n_rows=400, n_cols=30) == 4
+    # the same rule through the POD (method of snapshots)
+    assert pod(torch.from_numpy(data), rank).rank == 4
+    # without the threshold the noise would be kept
+    assert select_rank(torch.from_numpy(sigma), 1.0, n_rows=400, n_cols=30) > 4
+
+
+def test_omega_matches_gavish_donoho():
+    assert hard_threshold_omega(1.0) == pytest.approx(2.86, abs=1e-12)
+    assert hard_threshold_omega(0.0) == pytest.approx(1.43)
+
+
+def test_pod_matches_svd():
+    rng = np.random.default_rng(1)
+    data = rng.standard_normal((200, 12)) @ np.diag(np.geomspace(1, 1e-3, 12))
+    u, s, _ = np.linalg.svd(data, full_matrices=False)
+    result = pod(torch.from_numpy(data), 5)
+    assert result.rank == 5
+    np.testing.assert_allclose(result.singular_values.numpy(), s[:5], rtol=1e-10)
+    modes = result.modes.numpy()
+    np.testing.assert_allclose(modes.T @ modes, np.eye(5), atol=1e-10)
+    # same subspace as the SVD's leading left vectors
+    np.testing.assert_allclose(np.abs(u[:, :5].T @ modes), np.eye(5), atol=1e-8)
+
+
+def test_pod_keeps_dtype_and_uses_float64_gram():
+    rng = np.random.default_rng(2)
+    data = torch.from_numpy(rng.standard_normal((300, 8))).float()
+    result = pod(data, 3)
+    assert result.modes.dtype == torch.float32 and result.modes.shape == (300, 3)
+    gram = column_gram(data)
+    assert gram.dtype == torch.float64
+    np.testing.assert_allclose(
+        gram.numpy(), data.double().numpy().T @ data.double().numpy(), rtol=1e-12
+    )
+
+
+def test_gram_rtol_is_method_of_snapshots_limit():
+    assert gram_rtol(16) == pytest.approx(math.sqrt(16 * np.finfo(np.float64).eps))
+
+
+def test_pod_rejects_non_matrix():
+    with pytest.raises(ValueError, match="2-D"):
+        pod(torch.zeros(5), 1)

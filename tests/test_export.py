@@ -1,0 +1,249 @@
+"""Tuned configs: export -> load round trips in every format, and every bad file is one clear line."""
+
+from __future__ import annotations
+
+import json
+import math
+import tomllib
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dmdopt.errors import UserError
+from dmdopt.export import export_tuned_config, load_tuned_config
+from dmdopt.model import ModelConfig
+from dmdopt.problem import ProblemConfig
+from dmdopt.training.config import DMDConfig, TrainConfig
+
+PROBLEM = {"grid": 16, "n_samples": 60, "seed": 3, "diffusivity": [0.02, 0.08]}
+MODEL = {"width": 16, "depth": 2, "activation": "gelu"}
+
+
+def make_trial(number: int, cost: float, err: float, *, window: int = 12, rank=5,
+               horizon=math.inf, state: str = "COMPLETE") -> dict:
+    dmd = DMDConfig(window=window, rank=rank, horizon=horizon, line_search=(1.0, 0.5),
+                    optimizer_state="reset").to_dict()
+    training = TrainConfig(lr=3e-4, max_steps=40, eval_every=10, seed=7, device="cpu").to_dict()
+    return {
+        "number": number, "state": state,
+        "params": {"window": window, "rank": rank, "horizon": dmd["horizon"]},
+        "values": [cost, err] if state == "COMPLETE" else None,
+        "user_attrs": {"cost_total": cost * 1.5, "cost_to_reference": cost, "val_error": err,
+                       "test_error": err * 1.1, "speedup": 600.0 / cost, "device": "cpu",
+                       "training": training, "dmd": dmd},
+        "datetime_start": "2024-01-01T00:00:00", "datetime_complete": "2024-01-01T00:01:00",
+    }
+
+
+@pytest.fixture
+def summary() -> dict:
+    trials = [make_trial(0, 50.0, 0.30, window=5, rank=4, horizon=50.0),
+              make_trial(1, 100.0, 0.10, window=8, rank=0.99),
+              make_trial(2, 150.0, 0.05),
+              make_trial(3, 400.0, 0.04, window=20, rank=0, horizon=10.0),
+              make_trial(4, 1.0, 1.0, state="FAIL")]
+    return {
+        "study_name": "quick", "metric_names": ["cost_bpe", "val_rel_l2"],
+        "storage": "postgresql://alice:s3cret@db.example/optuna",
+        "config": {"study": {"name": "quick"}, "problem": PROBLEM, "model": MODEL,
+                   "training": {"max_steps": 40}},
+        "reference": {"cost_bpe": 600.0, "val_rel_l2": 0.08, "test_rel_l2": 0.081,
+                      "cost_total": 600.0, "wall_time": 1.0, "curve": []},
+        "trials": trials, "pareto": [0, 1, 2, 3], "recommended": None,
+        "hypervolume_history": [], "hypervolume_reference_point": [990.0, 0.132],
+    }
+
+
+@pytest.mark.parametrize("suffix", [".toml", ".json", ".yaml", ".yml"])
+def test_round_trip_keeps_every_setting(summary, tmp_path, suffix):
+    path = tmp_path / f"tuned{suffix}"
+    tuned = export_tuned_config(summary, path)
+    loaded = load_tuned_config(path)
+    trial = summary["trials"][2]  # the knee of the front
+    assert loaded == tuned
+    assert loaded.dmd == DMDConfig.from_dict(trial["user_attrs"]["dmd"])
+    assert math.isinf(loaded.dmd.horizon) and loaded.dmd.line_search == (1.0, 0.5)
+    assert loaded.training == TrainConfig.from_dict(trial["user_attrs"]["training"])
+    assert loaded.training.batch_size is None and loaded.training.target_error is None
+    assert loaded.model == ModelConfig(width=16, depth=2, activation="gelu")
+    assert loaded.problem == ProblemConfig.from_dict(PROBLEM)
+    prov = loaded.provenance
+    assert prov["study_name"] == "quick" and prov["trial_number"] == 2 and prov["policy"] == "knee"
+    assert prov["storage"] == "postgresql://alice:***@db.example/optuna"
+    assert prov["dataset_hash"] == ProblemConfig.from_dict(PROBLEM).config_hash()
+    assert "torch" in prov["versions"] and "dmdopt" in prov["versions"]
+    assert datetime.fromisoformat(prov["created_at"]).utcoffset().total_seconds() == 0
+    assert loaded.expected == {"cost_bpe": 150.0, "cost_total": 225.0, "val_rel_l2": 0.05,
+                               "test_rel_l2": pytest.approx(0.055), "speedup": 4.0,
+                               "device": "cpu"}
+    text = path.read_text()
+    assert "s3cret" not in text
+    assert not list(tmp_path.glob(".*tmp"))  # no temp file left behind
+
+
+def test_toml_is_readable_by_tomllib_with_inf_as_a_string(summary, tmp_path):
+    path = tmp_path / "tuned.toml"
+    export_tuned_config(summary, path)
+    data = tomllib.loads(path.read_text())
+    assert data["schema_version"] == 1
+    assert data["dmd"]["horizon"] == "inf"
+    assert data["problem"]["diffusivity"] == [0.02, 0.08]
+    assert set(data) == {"schema_version", "dmd", "training", "model", "problem", "provenance",
+                         "expected"}
+
+
+def test_policies_and_an_explicit_trial_choose_the_exported_trial(summary, tmp_path):
+    path = tmp_path / "tuned.json"
+    tuned = export_tuned_config(summary, path, policy="budget", value=120)
+    assert tuned.provenance["trial_number"] == 1 and tuned.provenance["policy"] == "budget=120"
+    assert tuned.dmd.rank == 0.99  # an energy fraction survives as a float
+    tuned = export_tuned_config(summary, path, policy="max-error-ratio=0.6")  # 0.6 x 0.08
+    assert tuned.provenance["trial_number"] == 3 and tuned.dmd.rank == 0
+    tuned = export_tuned_config(summary, path, number=0)
+    assert tuned.provenance["policy"] == "manual" and tuned.dmd.horizon == 50.0
+    assert load_tuned_config(path).dmd.window == 5
+
+
+def test_export_refusals_leave_the_destination_alone(summary, tmp_path):
+    path = tmp_path / "tuned.toml"
+    export_tuned_config(summary, path)
+    before = path.read_bytes()
+    with pytest.raises(UserError, match="trial 4 is FAIL"):
+        export_tuned_config(summary, path, number=4)
+    with pytest.raises(UserError, match="no trial 99"):
+        export_tuned_config(summary, path, number=99)
+    with pytest.raises(UserError, match="budget=10"):
+        export_tuned_config(summary, path, policy="budget=10")
+    summary["trials"][2]["user_attrs"]["dmd"]["rank"] = 50  # > window - 1
+    with pytest.raises(UserError, match="dmd.rank"):
+        export_tuned_config(summary, path)
+    assert path.read_bytes() == before
+    with pytest.raises(UserError, match=r"\.ini"):
+        export_tuned_config(summary, tmp_path / "tuned.ini")
+    assert not (tmp_path / "tuned.ini").exists()
+
+
+def test_unwritable_destination_is_a_user_error_naming_the_path(summary, tmp_path):
+    blocker = tmp_path / "afile"
+    blocker.write_text("not a directory")
+    target = blocker / "sub" / "tuned.toml"
+    with pytest.raises(UserError) as info:
+        export_tuned_config(summary, target)
+    assert str(target) in str(info.value)
+    assert blocker.read_text() == "not a directory"
+
+
+# ------------------------------------------------------------------------------------------
+# reading bad files
+
+
+@pytest.fixture
+def good(summary, tmp_path) -> dict:
+    path = tmp_path / "good.json"
+    export_tuned_config(summary, path)
+    return json.loads(path.read_text())
+
+
+def _write_json(tmp_path: Path, data: dict) -> Path:
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def _set(data: dict, dotted: str, value) -> dict:
+    section, _, key = dotted.partition(".")
+    if key:
+        data[section][key] = value
+    else:
+        data[section] = value
+    return data
+
+
+def _drop(data: dict, dotted: str) -> dict:
+    section, _, key = dotted.partition(".")
+    if key:
+        del data[section][key]
+    else:
+        del data[section]
+    return data
+
+
+@pytest.mark.parametrize(("mutate", "needles"), [
+    (lambda d: _set(d, "schema_version", 2), ["schema_version", "2"]),
+    (lambda d: _drop(d, "schema_version"), ["schema_version"]),
+    (lambda d: _drop(d, "dmd"), ["[dmd]"]),
+    (lambda d: _drop(d, "problem"), ["[problem]"]),
+    (lambda d: _set(d, "extras", {}), ["extras"]),
+    (lambda d: _set(d, "dmd", [1, 2]), ["[dmd]", "[1, 2]"]),
+    (lambda d: _set(d, "dmd.foo", 1), ["dmd.foo", "1"]),
+    (lambda d: _set(d, "provenance.who", "me"), ["provenance.who", "me"]),
+    (lambda d: _drop(d, "training.lr"), ["training.lr"]),
+    (lambda d: _set(d, "dmd.rank", 12), ["dmd.rank", "12"]),
+    (lambda d: _set(d, "dmd.window", "ten"), ["dmd.window", "ten"]),
+    (lambda d: _set(d, "dmd.horizon", -5), ["dmd.horizon", "-5"]),
+    (lambda d: _set(d, "dmd.line_search", 5), ["dmd.line_search", "5"]),
+    (lambda d: _set(d, "dmd.line_search", [1, "x"]), ["dmd.line_search", "x"]),
+    (lambda d: _set(d, "training.lr", -0.1), ["training.lr", "-0.1"]),
+    (lambda d: _set(d, "training.optimizer", "lbfgs"), ["training.optimizer", "lbfgs"]),
+    (lambda d: _set(d, "model.width", 0), ["model.width", "0"]),
+    (lambda d: _set(d, "problem.grid", 2), ["problem.grid", "2"]),
+    (lambda d: _set(d, "problem.diffusivity", [0.1]), ["problem.diffusivity", "0.1"]),
+    (lambda d: _set(d, "expected.val_rel_l2", "low"), ["expected.val_rel_l2", "low"]),
+    (lambda d: _set(d, "provenance.trial_number", -1), ["provenance.trial_number", "-1"]),
+])
+def test_bad_values_are_one_line_naming_file_field_and_value(good, tmp_path, mutate, needles):
+    path = _write_json(tmp_path, mutate(good))
+    with pytest.raises(UserError) as info:
+        load_tuned_config(path)
+    message = str(info.value)
+    assert "\n" not in message
+    assert str(path) in message
+    for needle in needles:
+        assert needle in message
+
+
+@pytest.mark.parametrize(("name", "text", "needle"), [
+    ("bad.toml", "schema_version = 1\n[dmd\n", "not valid TOML"),
+    ("bad.json", '{"schema_version": 1,', "not valid JSON"),
+    ("bad.yaml", "schema_version: 1\ndmd: [unclosed\n", "not valid YAML"),
+    ("bad.yaml", "just a string\n", "expected a table"),
+    ("bad.toml", "", "missing key schema_version"),
+    ("bad.toml", 'schema_version = "1"\n', "unsupported schema_version '1'"),
+    ("bad.toml", "schema_version = true\n", "unsupported schema_version True"),
+])
+def test_unparsable_files_are_one_line_errors(tmp_path, name, text, needle):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(UserError) as info:
+        load_tuned_config(path)
+    assert needle in str(info.value) and str(path) in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_file_and_unknown_extension(tmp_path):
+    with pytest.raises(UserError, match="not found.*nope.toml"):
+        load_tuned_config(tmp_path / "nope.toml")
+    (tmp_path / "cfg.ini").write_text("[dmd]\n")
+    with pytest.raises(UserError, match=r"cfg\.ini.*'\.ini'"):
+        load_tuned_config(tmp_path / "cfg.ini")
+
+
+def test_hand_written_yaml_reads_exponents_and_needs_no_provenance(good, tmp_path):
+    del good["provenance"], good["expected"]
+    good["training"]["lr"] = "1e-3"  # what YAML 1.1 makes of an unquoted 1e-3
+    good["training"]["batch_size"] = None
+    path = tmp_path / "hand.yaml"
+    path.write_text(yaml.safe_dump(good).replace("'1e-3'", "1e-3"))
+    assert "lr: 1e-3" in path.read_text()
+    tuned = load_tuned_config(path)
+    assert tuned.training.lr == 0.001 and tuned.provenance == {} and tuned.expected == {}
+
+
+def test_toml_writer_escapes_awkward_strings(summary, tmp_path):
+    summary["study_name"] = 'we"ird\\na\tme\x7fé'
+    path = tmp_path / "tuned.toml"
+    tuned = export_tuned_config(summary, path)
+    assert load_tuned_config(path).provenance["study_name"] == summary["study_name"]
+    assert tuned.provenance["study_name"] == summary["study_name"]

@@ -1,0 +1,217 @@
+"""Production training: replays train() exactly, resumes bit-exactly, checks against the trial."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from dmdopt.errors import UserError
+from dmdopt.export import TunedConfig, write_tuned_config
+from dmdopt.model import ModelConfig
+from dmdopt.problem import ProblemConfig, load_dataset
+from dmdopt.production import checkpoint_cadence, run_production, tolerance_for
+from dmdopt.training import DMDConfig, TrainConfig, train
+
+PROBLEM = ProblemConfig(grid=16, n_samples=60)
+MODEL = ModelConfig(width=16, depth=2)
+TRAINING = TrainConfig(max_steps=40, eval_every=10, batch_size=16, lr=3e-3, device="cpu", seed=1)
+DMD = DMDConfig(window=5, rank=3, horizon=20.0)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    """The tiny dataset, built once in-process (no worker processes) for every test here."""
+    path = tmp_path_factory.mktemp("data")
+    load_dataset(PROBLEM, cache_dir=path, workers=1, progress=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(cache_dir):
+    """train() itself, straight through: what every production run must reproduce."""
+    dataset = load_dataset(PROBLEM, cache_dir=cache_dir, progress=False)
+    return train(dataset=dataset, model=MODEL, training=TRAINING, dmd=DMD)
+
+
+def write_config(path: Path, result, **expected) -> Path:
+    exp = {"val_rel_l2": result.val_error, "test_rel_l2": result.metrics["test_rel_l2"],
+           "cost_total": result.backprop_equivalent, "device": result.device} | expected
+    tuned = TunedConfig(dmd=DMD, training=TRAINING, model=MODEL, problem=PROBLEM,
+                        provenance={"study_name": "tiny", "trial_number": 3, "policy": "knee"},
+                        expected=exp)
+    write_tuned_config(tuned, path)
+    return path
+
+
+def produce(config: Path, ckpt_dir: Path, cache_dir: Path, **kwargs) -> dict:
+    return run_production(config, checkpoint_dir=ckpt_dir, cache_dir=cache_dir, progress=False,
+                          log_mlflow=False, **kwargs)
+
+
+def same_weights(checkpoint: str, model: torch.nn.Module) -> bool:
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)["model"]
+    return all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
+
+
+def test_production_replays_train_exactly_and_a_rerun_is_a_no_op(tmp_path, cache_dir, uninterrupted,
+                                                                  caplog):
+    assert uninterrupted.jumps_accepted + uninterrupted.jumps_rejected == 8  # DMD really ran
+    config = write_config(tmp_path / "tuned.toml", uninterrupted)
+    out = produce(config, tmp_path / "ck", cache_dir)
+    assert abs(out["val_rel_l2"] - uninterrupted.val_error) <= 1e-6 * uninterrupted.val_error
+    assert {k: out[k] for k in uninterrupted.metrics} == uninterrupted.metrics  # in fact exact
+    assert out["cost_bpe"] == uninterrupted.backprop_equivalent and out["steps"] == 40
+    assert out["reproduced"] is True and out["tolerance"] == 1e-6 and out["val_rel_diff"] == 0.0
+    assert out["run_id"] is None and Path(out["checkpoint"]).parent == tmp_path / "ck"
+    assert same_weights(out["checkpoint"], uninterrupted.model)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    # the same command again finds the finished checkpoint: same answer, nothing retrained
+    again = produce(config, tmp_path / "ck", cache_dir)
+    assert again["resumed_from_step"] == 40
+    assert {k: again[k] for k in uninterrupted.metrics} == uninterrupted.metrics
+    # and a shorter run than the checkpoint holds is refused, not silently answered
+    with pytest.raises(UserError, match="at step 40.*20"):
+        produce(config, tmp_path / "ck", cache_dir, steps=20)
+
+
+def test_an_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, cache_dir, uninterrupted):
+    config = write_config(tmp_path / "tuned.yaml", uninterrupted)
+    half = produce(config, tmp_path / "ck", cache_dir, steps=20)  # "killed" after step 20
+    assert half["steps"] == 20 and half["reproduced"] is None  # other budget: not compared
+    out = produce(config, tmp_path / "ck", cache_dir)
+    assert out["resumed_from_step"] == 20
+    assert {k: out[k] for k in uninterrupted.metrics} == uninterrupted.metrics
+    assert out["cost_bpe"] == uninterrupted.backprop_equivalent
+    assert out["jumps_accepted"] == uninterrupted.jumps_accepted
+    assert same_weights(out["checkpoint"], uninterrupted.model)
+
+
+def test_a_result_far_from_the_trial_gives_one_warning_line(tmp_path, cache_dir, uninterrupted,
+                                                            caplog):
+    config = write_config(tmp_path / "tuned.json", uninterrupted,
+                          val_rel_l2=uninterrupted.val_error * 1.01)
+    with caplog.at_level(logging.WARNING):
+        out = produce(config, tmp_path / "ck", cache_dir)
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "\n" not in warnings[0].getMessage()
+    assert "differs from the trial" in warnings[0].getMessage()
+    assert out["reproduced"] is False and out["val_rel_diff"] == pytest.approx(1 / 101)
+    # the same 1% gap from a trial on another device type is within the 5% tolerance
+    caplog.clear()
+    config = write_config(tmp_path / "tuned.json", uninterrupted,
+                          val_rel_l2=uninterrupted.val_error * 1.01, device="cuda:0")
+    out = produce(config, tmp_path / "ck", cache_dir)
+    assert out["reproduced"] is True and out["tolerance"] == 0.05
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_a_run_stopped_at_its_target_is_not_trained_further_when_rerun(tmp_path, cache_dir,
+                                                                       uninterrupted):
+    target = uninterrupted.curve[2]["val_error"] * 1.0001  # first reached at step 20
+    training = replace(TRAINING, target_error=target)
+    tuned = TunedConfig(dmd=DMD, training=training, model=MODEL, problem=PROBLEM)
+    write_tuned_config(tuned, tmp_path / "tuned.toml")
+    first = produce(tmp_path / "tuned.toml", tmp_path / "ck", cache_dir)
+    assert first["stopped_by"] == "target" and first["steps"] == 20
+    again = produce(tmp_path / "tuned.toml", tmp_path / "ck", cache_dir)
+    assert again["stopped_by"] == "target" and again["steps"] == 20
+    assert again["val_rel_l2"] == first["val_rel_l2"]
+
+
+def test_cadence_and_tolerance_rules():
+    assert checkpoint_cadence(40, 5) == 50
+    assert checkpoint_cadence(2000, 20) == 100
+    assert checkpoint_cadence(100_000, 30) == 5010
+    assert tolerance_for("cuda:0", "cuda:1") == 1e-6
+    assert tolerance_for("cpu", "cuda:0") == 0.05
+    assert tolerance_for(None, "cpu") == 0.05
+
+
+def test_bad_arguments_and_checkpoints_are_user_errors(tmp_path, cache_dir, uninterrupted):
+    config = write_config(tmp_path / "tuned.toml", uninterrupted)
+    with pytest.raises(UserError, match="training.device.*tpu"):
+        produce(config, tmp_path / "ck", cache_dir, device="tpu")
+    with pytest.raises(UserError, match="steps.*-3"):
+        produce(config, tmp_path / "ck", cache_dir, steps=-3)
+    blocker = tmp_path / "afile"
+    blocker.write_text("")
+    with pytest.raises(UserError, match="afile"):
+        produce(config, blocker / "ck", cache_dir)
+    ck = tmp_path / "ck2"
+    out_dir = ck
+    out_dir.mkdir()
+    from dmdopt.export import load_tuned_config
+
+    (out_dir / f"{load_tuned_config(config).settings_hash()}.pt").write_bytes(b"garbage")
+    with pytest.raises(UserError, match="cannot be read.*delete it"):
+        produce(config, out_dir, cache_dir)
+
+
+@pytest.mark.slow
+def test_mlflow_run_carries_the_source_study_and_trial(tmp_path, cache_dir, uninterrupted):
+    pytest.importorskip("dmdopt.tracking.models")
+    from mlflow.tracking import MlflowClient
+
+    config = write_config(tmp_path / "tuned.toml", uninterrupted)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = run_production(config, checkpoint_dir=tmp_path / "ck", cache_dir=cache_dir,
+                         progress=False, tracking_uri=uri, experiment="prod-test")
+    assert out["run_id"]
+    run = MlflowClient(tracking_uri=uri).get_run(out["run_id"])
+    assert run.data.tags["dmdopt.source_study"] == "tiny"
+    assert run.data.tags["dmdopt.source_trial"] == "3"
+    assert run.data.metrics["val_rel_l2"] == pytest.approx(uninterrupted.val_error)
+    assert run.data.params["dmd.window"] == "5"
+
+
+KILLED_RUN = textwrap.dedent("""
+    import sys
+    from dmdopt.production import run_production
+    if __name__ == "__main__":
+        run_production(sys.argv[1], checkpoint_dir=sys.argv[2], cache_dir=sys.argv[3],
+                       progress=False, log_mlflow=False, checkpoint_every=10)
+""")
+
+
+@pytest.mark.slow
+def test_a_sigkilled_run_resumes_to_the_uninterrupted_result(tmp_path, cache_dir):
+    training = TrainConfig(max_steps=300, eval_every=50, batch_size=16, lr=3e-3, device="cpu",
+                           seed=1)
+    dataset = load_dataset(PROBLEM, cache_dir=cache_dir, progress=False)
+    straight = train(dataset=dataset, model=MODEL, training=training, dmd=DMD)
+    tuned = TunedConfig(dmd=DMD, training=training, model=MODEL, problem=PROBLEM,
+                        expected={"val_rel_l2": straight.val_error, "device": "cpu"})
+    config = tmp_path / "tuned.toml"
+    write_tuned_config(tuned, config)
+    ckpt = tmp_path / "ck" / f"{tuned.settings_hash()}.pt"
+    script = tmp_path / "run.py"
+    script.write_text(KILLED_RUN)
+    proc = subprocess.Popen([sys.executable, str(script), str(config), str(tmp_path / "ck"),
+                             str(cache_dir)])
+    try:
+        deadline = time.monotonic() + 120
+        while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # into the run, between checkpoints
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    killed_at = torch.load(ckpt, weights_only=True)["state"]["step"]
+    assert 0 < killed_at < 300
+    out = run_production(config, checkpoint_dir=tmp_path / "ck", cache_dir=cache_dir,
+                         progress=False, log_mlflow=False, checkpoint_every=10)
+    print("killed at step", killed_at)
+    assert out["resumed_from_step"] == killed_at
+    assert {k: out[k] for k in straight.metrics} == straight.metrics
+    assert out["reproduced"] is True
+    assert same_weights(out["checkpoint"], straight.model)

@@ -1,0 +1,207 @@
+"""MLflow runs of a study: parent/children, idempotent sync, races, masking, dead servers."""
+
+from __future__ import annotations
+
+import csv
+import io
+import multiprocessing
+import os
+import socket
+import time
+import warnings
+from importlib.metadata import version
+from pathlib import Path
+from unittest import mock
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from dmdopt.tracking import StudyTracker, load_logged_model, log_model_run
+
+FINISHED = (0, 1, 2, 3)  # trial 4 is RUNNING
+
+
+def _runs(uri: str, study: str, role: str | None = None):
+    """Active runs of a study via the fluent search API (a DataFrame)."""
+    with mock.patch.dict(os.environ, {"MLFLOW_TRACKING_URI": uri}):
+        df = mlflow.search_runs(experiment_names=[study])
+    return df if role is None else df[df["tags.dmdopt.role"] == role]
+
+
+def test_parent_children_metrics_and_artifacts(mlflow_store, make_summary, study_name,
+                                               find_external_refs):
+    summary = make_summary(study_name)
+    tracker = StudyTracker(mlflow_store, study_name)
+    parent = tracker.ensure_parent(summary)
+    ids = {n: tracker.log_trial(summary, n) for n in (0, 1, 2, 3, 4)}
+    assert ids[4] is None and all(ids[n] for n in FINISHED)
+    assert tracker.refresh_parent(summary) == parent
+    assert tracker.log_trial(summary, 0) is None  # already logged: nothing new
+
+    parents, children = _runs(mlflow_store, study_name, "parent"), _runs(mlflow_store, study_name, "child")
+    assert list(parents["run_id"]) == [parent]
+    assert sorted(children["tags.dmdopt.trial_number"].astype(int)) == list(FINISHED)
+    assert set(children["tags.mlflow.parentRunId"]) == {parent}
+    assert set(children["tags.dmdopt.study"]) == {study_name}
+    by_no = {int(r["tags.dmdopt.trial_number"]): r for _, r in children.iterrows()}
+    assert by_no[2]["tags.dmdopt.trial_state"] == "FAIL"
+    assert by_no[2]["status"] == "FAILED"
+    assert by_no[2]["tags.dmdopt.fail_reason"] == "loss became NaN at step 12"
+    assert by_no[0]["status"] == "FINISHED"
+    assert by_no[1]["params.horizon"] == "inf"
+    assert by_no[0]["params.training.lr"] == "0.001" and by_no[0]["params.dmd.grouping"] == "layer"
+    assert by_no[0]["metrics.cost_bpe"] == 300.0 and by_no[0]["metrics.speedup"] == 2.0
+    assert by_no[3]["metrics.jumps_accepted"] == 8.0
+    for key in ("cost_total", "test_error", "wall_time", "jumps_rejected", "val_error"):
+        assert by_no[0][f"metrics.{key}"] > 0, key
+
+    client = MlflowClient(mlflow_store)
+    curve = summary["trials"][0]["user_attrs"]["curve"]
+    history = sorted(client.get_metric_history(ids[0], "val_error"), key=lambda m: m.step)
+    assert [m.step for m in history] == [int(round(c)) for c, _ in curve]
+    assert history[-1].value == pytest.approx(0.07)
+
+    ptags = parents.iloc[0]
+    assert ptags["tags.dmdopt.sampler"] == "nsga2"
+    assert ptags["params.study.n_trials"] == "5"
+    assert ptags["tags.dmdopt.version.torch"] == version("torch")
+    assert ptags["tags.dmdopt.recommended_trial"] == "0"
+    assert {a.path for a in client.list_artifacts(parent)} >= {
+        "pareto.html", "pareto.png", "pareto.csv", "dashboard.html"}
+
+    local = Path(client.download_artifacts(parent, "pareto.csv"))
+    rows = list(csv.DictReader(io.StringIO(local.read_text())))
+    assert [r["trial"] for r in rows] == ["reference", "1", "0", "3"]
+    assert [r["is_reference"] for r in rows] == ["True", "False", "False", "False"]
+    assert [r["is_recommended"] for r in rows] == ["False", "False", "True", "False"]
+    assert rows[1]["horizon"] == "inf"
+    html = Path(client.download_artifacts(parent, "pareto.html")).read_text()
+    assert find_external_refs(html) == [] and len(html) > 1_000_000  # plotly.js inlined
+
+    tracker.refresh_parent(summary)  # refreshing again overwrites, never duplicates history
+    hv = client.get_metric_history(parent, "hypervolume")
+    assert sorted((m.step, m.value) for m in hv) == [(1, 100.0), (2, 150.0), (3, 170.0)]
+
+
+def test_sync_is_idempotent(mlflow_store, make_summary, study_name):
+    summary = make_summary(study_name)
+    tracker = StudyTracker(mlflow_store, study_name)
+    assert tracker.sync(summary) == len(FINISHED)
+    n_runs = len(_runs(mlflow_store, study_name))
+    assert n_runs == len(FINISHED) + 1
+    assert StudyTracker(mlflow_store, study_name).sync(summary) == 0  # a fresh tracker too
+    assert tracker.sync(summary) == 0
+    assert len(_runs(mlflow_store, study_name)) == n_runs
+
+
+def test_racing_parents_resolve_to_the_earliest(mlflow_store, make_summary, study_name,
+                                                monkeypatch):
+    summary = make_summary(study_name)
+    first, second = StudyTracker(mlflow_store, study_name), StudyTracker(mlflow_store, study_name)
+    client = MlflowClient(mlflow_store)
+    tags = {"dmdopt.study": study_name, "dmdopt.role": "parent"}
+    now = int(time.time() * 1000)
+    late = client.create_run(first.experiment_id, start_time=now, tags=tags).info.run_id
+    early = client.create_run(first.experiment_id, start_time=now - 5, tags=tags).info.run_id
+    assert first.ensure_parent(summary) == early
+    assert second.ensure_parent(summary) == early
+
+    # a tracker whose search raced past both creations makes a third parent, then yields
+    third = StudyTracker(mlflow_store, study_name)
+    real, calls = third._parents, []
+
+    def blind_first_search() -> list:
+        calls.append(1)
+        return real() if len(calls) > 1 else []
+
+    monkeypatch.setattr(third, "_parents", blind_first_search)
+    assert third.ensure_parent(summary) == early
+    assert len(calls) == 2
+    active = set(_runs(mlflow_store, study_name, "parent")["run_id"])
+    assert active == {early, late}  # its own losing duplicate was deleted
+
+
+def test_storage_password_is_masked(mlflow_store, make_summary, study_name):
+    summary = make_summary(study_name, storage="postgresql://u:secret@h/db")
+    tracker = StudyTracker(mlflow_store, study_name)
+    tracker.sync(summary)
+    run = MlflowClient(mlflow_store).get_run(tracker.ensure_parent(summary))
+    assert run.data.tags["dmdopt.storage"] == "postgresql://u:***@h/db"
+    assert run.data.params["study.storage"] == "postgresql://u:***@h/db"
+    everything = [*run.data.tags.values(), *run.data.params.values()]
+    assert not any("secret" in value for value in everything)
+    dash = Path(MlflowClient(mlflow_store).download_artifacts(run.info.run_id, "dashboard.html"))
+    assert "secret" not in dash.read_text()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_dead_server_warns_once_and_returns_none(make_summary, monkeypatch):
+    for key in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
+        monkeypatch.setenv(key, "x")  # so teardown restores "unset" after the tracker sets it
+        monkeypatch.delenv(key)
+    summary = make_summary("dead")
+    start = time.monotonic()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tracker = StudyTracker(f"http://127.0.0.1:{_free_port()}", "dead")
+        results = [tracker.ensure_parent(summary), tracker.log_trial(summary, 0),
+                   tracker.refresh_parent(summary), tracker.sync(summary),
+                   tracker.log_trial(summary, 1)]
+    elapsed = time.monotonic() - start
+    assert results == [None] * 5
+    ours = [w for w in caught if "MLflow tracking" in str(w.message)]
+    assert len(ours) == 1, [str(w.message) for w in caught]
+    assert "127.0.0.1" in str(ours[0].message)
+    assert elapsed < 15, elapsed
+
+
+def _log_from_process(uri: str, study: str, summary: dict, numbers: list[int]) -> None:
+    tracker = StudyTracker(uri, study)
+    for n in numbers:
+        if tracker.log_trial(summary, n) is None:
+            raise SystemExit(f"trial {n} was not logged")
+
+
+@pytest.mark.slow  # two spawned interpreters each import mlflow: ~10 s on a small machine
+def test_children_from_two_processes_share_one_parent(mlflow_store, make_summary, study_name):
+    summary = make_summary(study_name)
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_log_from_process, args=(mlflow_store, study_name, summary, nums))
+             for nums in ([0, 2], [1, 3])]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    parents = _runs(mlflow_store, study_name, "parent")
+    children = _runs(mlflow_store, study_name, "child")
+    assert len(parents) == 1
+    assert sorted(children["tags.dmdopt.trial_number"].astype(int)) == list(FINISHED)
+    assert set(children["tags.mlflow.parentRunId"]) == set(parents["run_id"])
+
+
+def test_model_round_trip(mlflow_store):
+    import torch  # here, not at the top: spawned workers re-import this module
+
+    from dmdopt.model import ModelConfig, Regressor
+
+    torch.manual_seed(0)
+    model = Regressor(n_inputs=3, n_outputs=5, config=ModelConfig(width=8, depth=2))
+    run_id = log_model_run(tracking_uri=mlflow_store, experiment="production", run_name="prod-1",
+                           model=model, params={"training": {"lr": 1e-3}},
+                           metrics={"test_error": 0.05}, tags={"dmdopt.config": "tuned.toml"})
+    run = MlflowClient(mlflow_store).get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["training.lr"] == "0.001" and run.data.metrics["test_error"] == 0.05
+    loaded = load_logged_model(mlflow_store, run_id)
+    assert type(loaded) is Regressor
+    x = torch.randn(4, 3)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    assert mlflow.active_run() is None
