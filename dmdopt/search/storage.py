@@ -1,11 +1,14 @@
 """Optuna storages: the default SQLite file, or any RDB URL (PostgreSQL for many machines).
 
 Heartbeats are on for every RDB storage so that a trial whose worker died (SIGKILL, lost node)
-is marked failed after `grace_period` and re-queued once by `RetryHeartbeatStaleTrialCallback`.
+is marked failed after `grace_period` and re-queued (at most MAX_RETRY times) by
+`RetryHeartbeatStaleTrialCallback`.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from pathlib import Path
 
 import optuna
@@ -17,11 +20,50 @@ from dmdopt.errors import UserError
 HEARTBEAT_INTERVAL = 10  # seconds between a running trial's heartbeats
 GRACE_PERIOD = 30  # seconds without a heartbeat before a trial counts as dead
 MAX_RETRY = 2
+# Environment overrides (tests, clusters with slow networks): whole seconds.
+ENV_HEARTBEAT_INTERVAL, ENV_GRACE_PERIOD = "DMDOPT_HEARTBEAT_INTERVAL", "DMDOPT_GRACE_PERIOD"
 
 
-def open_storage(url: str, *, heartbeat_interval: int = HEARTBEAT_INTERVAL,
-                 grace_period: int = GRACE_PERIOD) -> RDBStorage:
+def _env_seconds(name: str, default: int) -> int:
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise UserError(f"{name} must be a positive whole number of seconds, got {text!r}")
+    return value
+
+
+def heartbeat_settings(heartbeat_interval: int | None = None,
+                       grace_period: int | None = None) -> tuple[int, int]:
+    """(interval, grace): explicit values, else $DMDOPT_HEARTBEAT_INTERVAL / $DMDOPT_GRACE_PERIOD,
+    else the defaults. The grace period must exceed the interval (or live trials look dead)."""
+    interval = heartbeat_interval or _env_seconds(ENV_HEARTBEAT_INTERVAL, HEARTBEAT_INTERVAL)
+    grace = grace_period or _env_seconds(ENV_GRACE_PERIOD, GRACE_PERIOD)
+    if grace <= interval:
+        raise UserError(f"storage: grace period ({grace} s, ${ENV_GRACE_PERIOD}) must exceed the "
+                        f"heartbeat interval ({interval} s, ${ENV_HEARTBEAT_INTERVAL})")
+    return interval, grace
+
+
+def _with_driver(url: str) -> str:
+    """`postgresql://` names SQLAlchemy's default driver, which is psycopg 3 since SQLAlchemy 2.1;
+    dmdopt's `postgres` extra installs psycopg2. Use whichever of the two is installed."""
+    scheme, sep, rest = url.partition("://")
+    if sep and scheme in ("postgresql", "postgres"):
+        if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2"):
+            return f"postgresql+psycopg2://{rest}"
+        return f"postgresql://{rest}"
+    return url
+
+
+def open_storage(url: str, *, heartbeat_interval: int | None = None,
+                 grace_period: int | None = None) -> RDBStorage:
     """An RDB storage for `url`; SQLite directories are created; failures are one clear line."""
+    heartbeat_interval, grace_period = heartbeat_settings(heartbeat_interval, grace_period)
     if url.startswith("sqlite:///"):
         path = Path(url[len("sqlite:///"):])
         if str(path) not in ("", ":memory:"):
@@ -32,11 +74,11 @@ def open_storage(url: str, *, heartbeat_interval: int = HEARTBEAT_INTERVAL,
     elif "://" not in url:
         raise UserError(f"storage: not a database URL: {mask_url(url)!r} (e.g. sqlite:///file.db)")
     engine_kwargs = {"pool_pre_ping": True}
-    if url.startswith("postgresql"):
+    if url.startswith(("postgresql", "postgres://")):
         engine_kwargs["connect_args"] = {"connect_timeout": 10}
     try:
         return RDBStorage(
-            url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
+            _with_driver(url), engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
             grace_period=grace_period,
             heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY),
         )

@@ -12,6 +12,7 @@ import logging
 import math
 import multiprocessing as mp
 import os
+import socket
 import sys
 import time
 from dataclasses import replace
@@ -99,6 +100,14 @@ def _count(study: optuna.Study, states: tuple[TrialState, ...]) -> int:
     return len(study.get_trials(deepcopy=False, states=states))
 
 
+def _fail_stale_trials(study: optuna.Study) -> None:
+    """Fail RUNNING trials whose worker stopped heart-beating (and re-queue them, see storage)."""
+    try:
+        optuna.storages.fail_stale_trials(study)
+    except Exception as exc:  # noqa: BLE001 - a storage hiccup: the next poll tries again
+        log.warning("checking for dead workers' trials failed: %s", exc)
+
+
 class _Tracking:
     """Logs finished trials to MLflow; never lets a tracking problem fail a trial."""
 
@@ -156,7 +165,11 @@ def worker_loop(config: StudyConfig, *, storage_url: str, n_trials: int | None,
     objective = Objective(config, dataset, study.user_attrs["reference"])
     tracker = _Tracking(config.name, storage_url, tracking_uri, tracking)
 
+    worker_id = f"{socket.gethostname()}:{os.getpid()}"
+
     def guarded(trial: optuna.Trial):
+        # Which machine/process ran (or lost) the trial: the only trace a dead worker leaves.
+        trial.set_user_attr("worker", worker_id)
         # Another worker may have filled the quota while we were asking: don't overshoot.
         if n_trials is not None:
             ahead = [t for t in study.get_trials(deepcopy=False,
@@ -173,13 +186,23 @@ def worker_loop(config: StudyConfig, *, storage_url: str, n_trials: int | None,
 
     ran = 0
     started = time.monotonic()
+    poll = max(1.0, min(float(storage.get_heartbeat_interval() or 5), 5.0))
     while True:
-        if n_trials is not None and _count(study, (TrialState.COMPLETE,)) + _count(
-                study, (TrialState.RUNNING,)) >= n_trials and not _count(study, (TrialState.WAITING,)):
-            break
         left = None if timeout is None else timeout - (time.monotonic() - started)
         if left is not None and left <= 0:
             break
+        if n_trials is not None:
+            complete = _count(study, (TrialState.COMPLETE,))
+            if complete >= n_trials:
+                break
+            if complete + _count(study, (TrialState.RUNNING,)) >= n_trials and not _count(
+                    study, (TrialState.WAITING,)):
+                # The quota is in flight on other workers. Don't leave: one of them may be
+                # dead, and its trial is only failed and re-queued (heartbeat) by a live
+                # worker once `grace_period` has passed. Wait for that, or for completion.
+                time.sleep(poll if left is None else min(poll, left))
+                _fail_stale_trials(study)
+                continue
         study.optimize(guarded, n_trials=1, catch=(Exception,), callbacks=[after])
         ran += 1
         if n_trials is not None and ran >= 3 * n_trials:

@@ -193,8 +193,7 @@ def knob_figure(summary: dict, knob: str) -> go.Figure:
     """Cost (left) and validation error (right) against one DMD knob."""
     fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.12,
                         subplot_titles=(f"cost vs {knob}", f"validation error vs {knob}"))
-    fig.update_layout(**_LAYOUT, title=f"DMD knob: {knob}", showlegend=True,
-                      legend={"orientation": "h", "y": -0.22})
+    fig.update_layout(**_LAYOUT, showlegend=True, legend={"orientation": "h", "y": -0.22})
     done = [t for t in complete_trials(summary) if knob in (t.get("params") or {})]
     fig.update_yaxes(title_text="cost (backprop-eq. steps)", row=1, col=1)
     fig.update_yaxes(title_text="val rel. L2", type="log", row=1, col=2)
@@ -217,9 +216,11 @@ def knob_figure(summary: dict, knob: str) -> go.Figure:
                 hovertext=[_hover(done[i]) for i in idx], hoverinfo="text"), row=1, col=col)
     ref = reference_point(summary)
     if ref is not None:
-        for col, k in ((1, 0), (2, 1)):
-            fig.add_hline(y=ref[k], line={"color": _REF_COLOR, "dash": "dash"}, row=1, col=col,
-                          annotation_text="reference" if col == 1 else None)
+        line = {"color": _REF_COLOR, "dash": "dash"}
+        fig.add_hline(y=ref[0], line=line, row=1, col=1, annotation_text="reference",
+                      annotation_font_color=_REF_COLOR)
+        # no annotation on the log axis: plotly places it in log10 units, stretching the range
+        fig.add_hline(y=ref[1], line=line, row=1, col=2)
     fig.update_xaxes(title_text=title, **axis)
     return fig
 
@@ -234,6 +235,7 @@ def hypervolume_figure(summary: dict) -> go.Figure:
     fig.add_trace(go.Scatter(x=[h[0] for h in hist], y=[h[1] for h in hist],
                              mode="lines+markers", name="hypervolume",
                              line={"color": _FRONT_COLOR}))
+    fig.update_xaxes(tick0=1, dtick=max(1, math.ceil(len(hist) / 10)))  # whole trial counts
     return fig
 
 

@@ -16,14 +16,14 @@ import mlflow.pytorch
 import numpy as np
 import torch
 from mlflow.models.signature import ModelSignature
-from mlflow.types.schema import Schema, TensorSpec
 from mlflow.tracking import MlflowClient
+from mlflow.types.schema import Schema, TensorSpec
 from torch import nn
 
 from dmdopt.tracking.runs import (
-    log_batch,
     flatten,
     get_or_create_experiment,
+    log_batch,
     prepare_local_store,
     resolve_tracking_uri,
 )

@@ -70,6 +70,7 @@ class DMDAccelerator:
         self.buffers = [torch.empty(n, config.window, dtype=dtype, device=device) for n in self.sizes]
         self.filled = 0
         self.steps_seen = 0
+        self.early_stop = True
         self.stats = {"jumps_accepted": 0, "jumps_rejected": 0, "forward_passes": 0,
                       "dmd_flops": 0.0, "dmd_seconds": 0.0, "forward_seconds": 0.0,
                       "chosen_horizons": []}
@@ -126,36 +127,55 @@ class DMDAccelerator:
         self.filled = 0
         return self._jump(closure)
 
+    def _candidates(self, fits, current) -> list[tuple[float, float, list[float]]]:
+        """(step size key, reported horizon, factor) of each line-search candidate, smallest
+        step first. Finite horizon: h = horizon * factor. inf: factor 1 is the converged state,
+        factor f < 1 the damped step now + f (inf-state - now)."""
+        cfg = self.config
+        out = []
+        for factor in cfg.line_search or (1.0,):
+            if math.isinf(cfg.horizon):
+                out.append((factor, math.inf if factor == 1.0 else factor, factor))
+            else:
+                out.append((cfg.horizon * factor, cfg.horizon * factor, factor))
+        return sorted(out)
+
     def _jump(self, closure: Callable[[], torch.Tensor]) -> bool:
         from dmdopt.dmd import dmd_flops, fit_dmd
 
         cfg = self.config
-        current = [self._flat(g).clone() for g in self.groups]  # exact rollback point
-        base_loss = self._loss(closure)
-
         t0 = time.perf_counter()
+        if not all(bool(torch.isfinite(b).all()) for b in self.buffers):
+            self.stats["jumps_rejected"] += 1
+            self.stats["dmd_seconds"] += time.perf_counter() - t0
+            return False
+        current = [self._flat(g).clone() for g in self.groups]  # exact rollback point
         fits = []
         for buf in self.buffers:
             fit = fit_dmd(buf, rank=cfg.rank)
             fits.append(fit)
-            flops = dmd_flops(buf.shape[0], buf.shape[1], fit.rank)
-            self.stats["dmd_flops"] += flops
-            if self.cost is not None:
-                self.cost.dmd_flops += flops
+            self._charge(dmd_flops(buf.shape[0], buf.shape[1], fit.rank))
+        targets = None
+        if math.isinf(cfg.horizon):
+            targets = [f.predict(math.inf).to(now.device, now.dtype) for f, now in zip(fits, current)]
         self.stats["dmd_seconds"] += time.perf_counter() - t0
+        base_loss = self._loss(closure)
 
         best_loss, best_h, best_params = base_loss, None, None
-        for factor in cfg.line_search or (1.0,):
+        prev_loss = base_loss
+        for n_cand, (_, horizon, factor) in enumerate(self._candidates(fits, current)):
             t0 = time.perf_counter()
             candidate = []
-            for fit, group, now in zip(fits, self.groups, current, strict=True):
-                if math.isinf(cfg.horizon):
-                    target = fit.predict(math.inf).to(now.device, now.dtype)
-                    flat = now + factor * (target - now) if factor != 1.0 else target
-                    horizon = math.inf if factor == 1.0 else factor
+            for i, (fit, group, now) in enumerate(zip(fits, self.groups, current, strict=True)):
+                p, r = now.numel(), fit.rank
+                if targets is not None:
+                    flat = targets[i] if factor == 1.0 else torch.lerp(now, targets[i], factor)
+                    if factor != 1.0:
+                        self._charge(3 * p)
                 else:
-                    horizon = cfg.horizon * factor
                     flat = fit.predict(horizon).to(now.device, now.dtype)
+                    if n_cand:  # the first predict is in dmd_flops already
+                        self._charge(2 * p * r + p)
                 if not torch.isfinite(flat).all():
                     flat = now
                 candidate.append(flat)
@@ -164,11 +184,16 @@ class DMDAccelerator:
             loss = self._loss(closure)
             if loss < best_loss:
                 best_loss, best_h, best_params = loss, horizon, candidate
+            elif self.early_stop and best_params is not None and loss > prev_loss:
+                break  # past the minimum along the (unimodal) ladder
+            prev_loss = loss
 
+        t0 = time.perf_counter()
         if best_params is None:  # no candidate improved the loss: roll back exactly
             for group, now in zip(self.groups, current, strict=True):
                 self._assign(group, now)
             self.stats["jumps_rejected"] += 1
+            self.stats["dmd_seconds"] += time.perf_counter() - t0
             return False
         for group, flat in zip(self.groups, best_params, strict=True):
             self._assign(group, flat)
@@ -176,7 +201,13 @@ class DMDAccelerator:
             self.optimizer.state.clear()
         self.stats["jumps_accepted"] += 1
         self.stats["chosen_horizons"].append(best_h)
+        self.stats["dmd_seconds"] += time.perf_counter() - t0
         return True
+
+    def _charge(self, flops: float) -> None:
+        self.stats["dmd_flops"] += flops
+        if self.cost is not None:
+            self.cost.dmd_flops += flops
 
     # -------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:

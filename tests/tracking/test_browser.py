@@ -97,11 +97,20 @@ def test_mlflow_ui_lists_study_runs_and_artifacts(chromium, ui, populated, shots
     for name in ("dashboard.html", "pareto.csv", "pareto.html", "pareto.png"):
         page.get_by_text(name, exact=True).first.wait_for(timeout=60_000)
     page.get_by_text("pareto.png", exact=True).first.click()
-    page.locator("img[src*='pareto.png']").first.wait_for(timeout=60_000)
-    artifacts_png = shots / "mlflow-artifacts.png"
+    page.locator("img[src^='blob:']").first.wait_for(timeout=60_000)  # the PNG preview
+    artifacts_png = shots / "mlflow-artifact-png.png"
     page.screenshot(path=str(artifacts_png))
+
+    # the UI previews HTML artifacts in a sandboxed iframe that may run scripts: plots render
+    page.get_by_text("dashboard.html", exact=True).first.click()
+    frame = page.frame_locator("iframe").first
+    for pid in PLOT_IDS:
+        frame.locator(f".plot#{pid} .main-svg").first.wait_for(state="attached", timeout=60_000)
+    dashboard_png = shots / "mlflow-artifact-dashboard.png"
+    page.screenshot(path=str(dashboard_png))
     page.close()
-    print(f"\nscreenshots: {runs_png}\n             {artifacts_png}")
+    print(f"\nscreenshots: {runs_png}\n             {artifacts_png}\n             {dashboard_png}")
+    # MLflow's own UI logs errors we don't own (e.g. 404 on /users/current without auth)
     print(f"MLflow UI console errors (not asserted): {errors}")
 
 

@@ -205,3 +205,20 @@ def test_model_round_trip(mlflow_store):
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
     assert mlflow.active_run() is None
+
+
+def test_ui_refuses_remote_hosts_without_opt_in(tmp_path):
+    from dmdopt.errors import UserError
+    from dmdopt.tracking import start_ui
+    from dmdopt.tracking.ui import is_loopback, server_command
+
+    with pytest.raises(UserError, match="0.0.0.0.*--allow-remote"):
+        start_ui(host="0.0.0.0", backend_store_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    with pytest.raises(UserError, match="already a tracking server"):
+        start_ui(backend_store_uri="http://127.0.0.1:5000")
+    assert is_loopback("localhost") and is_loopback("::1") and not is_loopback("10.0.0.5")
+    cmd = server_command(host="127.0.0.1", port=5001, backend_store_uri="sqlite:///x.db",
+                         artifacts="/tmp/art")
+    assert cmd[1:4] == ["-m", "mlflow", "server"]
+    assert "--serve-artifacts" in cmd and cmd[cmd.index("--artifacts-destination") + 1] == "/tmp/art"
+    assert not list(tmp_path.iterdir())  # refused before touching the store

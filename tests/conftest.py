@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny problems so the default test run stays fast."""
+
+from __future__ import annotations
+
+import pytest
+
+TINY_PROBLEM = {"grid": 16, "n_samples": 60}
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory):
+    from dmdopt.problem import ProblemConfig, load_dataset
+
+    cache = tmp_path_factory.mktemp("data")
+    return load_dataset(ProblemConfig(**TINY_PROBLEM), cache_dir=cache, workers=1, progress=False)
+
+
+def tiny_study_toml(name: str = "tiny", *, n_trials: int = 3, extra: str = "",
+                    training: str = 'optimizer = "adam"\nlr = 0.01\nmax_steps = 60\neval_every = 10',
+                    search: str = "") -> str:
+    return f"""
+[study]
+name = "{name}"
+n_trials = {n_trials}
+sampler = "random"
+seed = 0
+{extra}
+
+[problem]
+grid = 16
+n_samples = 60
+
+[model]
+width = 16
+depth = 2
+
+[training]
+{training}
+
+[search.window]
+low = 5
+high = 12
+
+[search.rank]
+low = 1
+high = 6
+
+[search.horizon]
+low = 5.0
+high = 200.0
+include_inf = true
+{search}
+"""

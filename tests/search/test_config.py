@@ -1,0 +1,71 @@
+"""Study-file validation: each bad-input class is one line naming the key, exit 2, nothing created."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import tiny_study_toml
+
+from dmdopt.cli import main
+from dmdopt.errors import UserError
+from dmdopt.search.config import load_study_file
+
+
+def write(tmp_path, text):
+    path = tmp_path / "study.toml"
+    path.write_text(text)
+    return path
+
+
+def test_valid_file_loads(tmp_path):
+    config = load_study_file(write(tmp_path, tiny_study_toml()))
+    assert config.name == "tiny" and config.space.window.high == 12
+    assert config.space.horizon.include_inf and config.training.lr == 0.01
+
+
+def test_shipped_studies_are_valid():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "studies"
+    names = sorted(p.stem for p in root.glob("*.toml"))
+    assert {"quick", "default", "gpu"} <= set(names)
+    for name in names:
+        assert load_study_file(root / f"{name}.toml").name == name
+
+
+BAD = [
+    ("unknown top-level key", tiny_study_toml(extra="colour = 'red'"), "colour"),
+    ("unknown section", tiny_study_toml() + "\n[extras]\nx = 1\n", "extras"),
+    ("wrong type", tiny_study_toml().replace("n_trials = 3", 'n_trials = "three"'), "n_trials"),
+    ("inverted range", tiny_study_toml().replace("low = 5\nhigh = 12", "low = 12\nhigh = 5"), "inverted"),
+    ("empty horizon (non-positive)", tiny_study_toml().replace("low = 5.0", "low = 0.0"), "horizon.low"),
+    ("rank above window-1", tiny_study_toml().replace("low = 1\nhigh = 6", "low = 20\nhigh = 30"), "rank"),
+    ("unknown sampler", tiny_study_toml().replace('sampler = "random"', 'sampler = "grid"'), "sampler"),
+    ("bad training value", tiny_study_toml(training="lr = -1.0"), "training.lr"),
+    ("unknown training key", tiny_study_toml(training="learning_rate = 0.1"), "learning_rate"),
+    ("bad problem value", tiny_study_toml().replace("grid = 16", "grid = 2"), "grid"),
+    ("searched knob fixed", tiny_study_toml() + "\n[dmd]\nwindow = 4\n", "dmd.window"),
+    ("not TOML", "[study\nname=", "not valid TOML"),
+    ("missing window", tiny_study_toml().replace("[search.window]\nlow = 5\nhigh = 12", ""), "window"),
+]
+
+
+@pytest.mark.parametrize(("label", "text", "needle"), BAD, ids=[b[0] for b in BAD])
+def test_bad_file_is_one_clear_error(tmp_path, label, text, needle):
+    with pytest.raises(UserError) as info:
+        load_study_file(write(tmp_path, text))
+    message = str(info.value)
+    assert needle in message and "\n" not in message
+
+
+def test_cli_bad_file_exit_2_and_nothing_created(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    path = write(tmp_path, tiny_study_toml().replace("low = 5\nhigh = 12", "low = 12\nhigh = 5"))
+    assert main(["study", "run", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "window" in err
+    assert not (tmp_path / "dmdopt-runs").exists()
+
+
+def test_cli_missing_file_exit_2(tmp_path, capsys):
+    assert main(["study", "run", str(tmp_path / "nope.toml")]) == 2
+    assert "not found" in capsys.readouterr().err

@@ -1,0 +1,124 @@
+"""The study engine on a real SQLite storage: resume, interrupt, divergence, workers, constraint."""
+
+from __future__ import annotations
+
+import math
+
+import optuna
+import pytest
+from conftest import tiny_study_toml
+from optuna.trial import TrialState
+
+from dmdopt.search import load_study_file, run_study
+from dmdopt.search import objective as objective_module
+from dmdopt.search.storage import load_study
+
+
+@pytest.fixture
+def study_dir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def config_for(tmp_path, **kwargs):
+    path = tmp_path / "s.toml"
+    path.write_text(tiny_study_toml(**kwargs))
+    return load_study_file(path)
+
+
+def complete(study):
+    return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+
+
+def run(config, **kwargs):
+    kwargs.setdefault("tracking", False)
+    kwargs.setdefault("progress", False)
+    return run_study(config, echo=lambda *_: None, **kwargs)
+
+
+def test_study_runs_and_records_reference_and_objectives(study_dir):
+    config = config_for(study_dir, n_trials=3)
+    study = run(config)
+    trials = complete(study)
+    assert len(trials) == 3
+    assert study.metric_names == ["cost_bpe", "val_rel_l2"]
+    ref = study.user_attrs["reference"]
+    assert ref["cost_bpe"] == 60 and 0 < ref["val_rel_l2"] < 1
+    for t in trials:
+        cost, err = t.values
+        assert cost > 0 and 0 < err < 1
+        assert t.user_attrs["rank_effective"] <= t.params["window"] - 1
+        assert math.isclose(t.user_attrs["speedup"], ref["cost_bpe"] / cost)
+        assert t.user_attrs["curve"][0][0] == 0.0
+    assert (study_dir / "dmdopt-runs" / "optuna.db").exists()
+
+
+def test_rerun_resumes_and_keeps_finished_trials(study_dir):
+    config = config_for(study_dir, n_trials=2)
+    first = {t.number: t.values for t in complete(run(config))}
+    study = run(config, n_trials=3)
+    after = {t.number: t.values for t in complete(study)}
+    assert len(after) == 3
+    assert all(after[n] == v for n, v in first.items())
+    # re-running a finished study runs nothing more
+    assert len(complete(run(config, n_trials=3))) == 3
+
+
+def test_interrupt_keeps_finished_trials_then_resumes(study_dir, monkeypatch):
+    config = config_for(study_dir, n_trials=3)
+    real_train = objective_module.train
+    calls = {"n": 0}
+
+    def flaky_train(**kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:  # call 1 is the reference run, call 2 trial 0
+            raise KeyboardInterrupt
+        return real_train(**kwargs)
+
+    monkeypatch.setattr(objective_module, "train", flaky_train)
+    with pytest.raises(KeyboardInterrupt):
+        run(config)
+    study = load_study("tiny", config.storage)
+    assert len(complete(study)) == 1
+    monkeypatch.setattr(objective_module, "train", real_train)
+    assert len(complete(run(config))) == 3
+
+
+def test_diverging_trials_fail_with_reason_and_study_goes_on(study_dir):
+    config = config_for(study_dir, n_trials=1,
+                        training='optimizer = "sgd"\nlr = 0.01\nmax_steps = 30\neval_every = 10',
+                        search="[search.lr]\nlow = 1e4\nhigh = 1e5\nlog = true\n")
+    study = run(config)
+    failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+    assert len(failed) == 3 and not complete(study)  # the worker gives up after 3 x n_trials
+    assert all("diverged" in t.user_attrs["fail_reason"] for t in failed)
+
+
+@pytest.mark.slow
+def test_two_worker_processes_no_duplicate_or_lost_trials(study_dir):
+    config = config_for(study_dir, n_trials=4)
+    run(config, workers=2)
+    study = load_study("tiny", config.storage)
+    trials = study.get_trials(deepcopy=False)
+    numbers = [t.number for t in trials]
+    assert len(numbers) == len(set(numbers)) and sorted(numbers) == list(range(len(numbers)))
+    assert len(complete(study)) == 4
+    assert all(t.values is not None for t in complete(study))
+
+
+def test_constraint_marks_infeasible_trials(study_dir):
+    config = config_for(study_dir, n_trials=2, extra="max_error_ratio = 0.001")
+    study = run(config)
+    for t in complete(study):
+        constraint = t.system_attrs["constraints:max_error_ratio"]
+        assert constraint > 0  # error far above 0.001 x reference: infeasible
+    assert study.best_trials == []  # Optuna ignores infeasible trials on the front
+
+
+def test_single_objective_mode_prunes_or_reaches_target(study_dir):
+    config = config_for(study_dir, n_trials=3, extra='mode = "cost_to_target"\ntarget_error = 0.9')
+    study = run(config)
+    assert len(study.directions) == 1
+    done = complete(study)
+    assert done and all(t.value <= 2 * 60 * 2 for t in done)
+    assert isinstance(study.sampler, optuna.samplers.RandomSampler)
