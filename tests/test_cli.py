@@ -1,0 +1,60 @@
+"""The command line: help works, user mistakes are one line with exit code 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from dmdopt.cli import main
+
+
+def test_help_lists_commands():
+    out = subprocess.run([sys.executable, "-m", "dmdopt", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0
+    for cmd in ("study", "export", "train", "dashboard", "ui", "bench", "data"):
+        assert cmd in out.stdout
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "--steps", "0"],
+    ["train", "--optimizer", "lbfgs"],
+    ["study", "run"],
+    ["nonsense"],
+    ["study", "run", "x.toml", "--workers", "-3"],
+])
+def test_bad_arguments_one_line_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("dmdopt")
+
+
+def test_unknown_study_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["study", "status", "nosuch"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "nosuch" in err and err.count("\n") == 0
+
+
+def test_unreachable_storage_is_one_line(capsys):
+    code = main(["study", "status", "x", "--storage", "postgresql://u:pw@127.0.0.1:1/db"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0 and "pw" not in err
+
+
+def test_train_bad_value_is_one_line(capsys):
+    assert main(["train", "--lr", "-1", "--quiet"]) == 2
+    assert "lr" in capsys.readouterr().err
+
+
+def test_data_and_train_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["data", "--grid", "16", "--samples", "40", "--workers", "1", "--quiet"]) == 0
+    assert "config_hash" in capsys.readouterr().out
+    assert main(["train", "--grid", "16", "--samples", "40", "--steps", "20", "--width", "16",
+                 "--quiet", "--eval-every", "10"]) == 0
+    out = capsys.readouterr().out
+    assert "val_rel_l2" in out and "cost_bpe" in out

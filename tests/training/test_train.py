@@ -1,0 +1,107 @@
+"""Plain training: scaling on the training split only, metrics, cost accounting, determinism."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from dmdopt import DMDConfig, ModelConfig, TrainConfig, train
+from dmdopt.model import Scaling
+
+SMALL = ModelConfig(width=16, depth=2)
+
+
+def test_scaling_is_fitted_on_training_split_only(tiny_dataset):
+    x_tr, y_tr = tiny_dataset.split("train")
+    x_all = tiny_dataset.params
+    result = train(dataset=tiny_dataset, model=SMALL, training=TrainConfig(max_steps=5, eval_every=5))
+    net = result.model
+    assert np.allclose(net.x_mean.numpy(), x_tr.mean(axis=0), atol=1e-6)
+    assert not np.allclose(net.x_mean.numpy(), x_all.mean(axis=0), atol=1e-6)
+    assert math.isclose(float(net.y_std), float(y_tr.std()), rel_tol=1e-5)
+    # the module maps raw inputs to raw outputs: scaled prediction undone exactly
+    x = torch.as_tensor(x_tr[:3])
+    assert torch.allclose(net(x), net.forward_scaled(x) * net.y_std + net.y_mean)
+
+
+def test_scaling_guards_constant_columns():
+    x = np.ones((10, 2), np.float32)
+    y = np.zeros((10, 4), np.float32)
+    s = Scaling.fit(x, y)
+    assert np.all(s.x_std == 1.0) and s.y_std == 1.0
+
+
+def test_plain_cost_is_backprop_steps_and_metrics_are_sane(tiny_dataset):
+    cfg = TrainConfig(optimizer="adam", lr=0.01, max_steps=40, eval_every=10)
+    result = train(dataset=tiny_dataset, model=SMALL, training=cfg)
+    assert result.cost["backprop_steps"] == 40
+    assert result.cost["forward_passes"] == 0 and result.cost["dmd_flops"] == 0
+    assert result.backprop_equivalent == 40
+    assert [p["step"] for p in result.curve] == [0, 10, 20, 30, 40]
+    assert [p["cost"] for p in result.curve] == [0, 10, 20, 30, 40]
+    assert result.curve[-1]["val_error"] < result.curve[0]["val_error"]
+    m = result.metrics
+    assert set(m) >= {"val_mse", "val_rel_l2", "val_r2", "test_mse", "test_rel_l2", "test_r2"}
+    assert 0 < m["val_rel_l2"] < 1 and m["val_r2"] <= 1
+    assert result.wall_time > 0 and result.stopped_by == "budget"
+
+
+def test_dmd_cost_adds_forward_passes_and_flops(tiny_dataset):
+    cfg = TrainConfig(optimizer="sgd", lr=0.05, max_steps=40, eval_every=10)
+    dmd = DMDConfig(window=5, rank=3, horizon=20)
+    result = train(dataset=tiny_dataset, model=SMALL, training=cfg, dmd=dmd)
+    c = result.cost
+    jumps = result.jumps_accepted + result.jumps_rejected
+    assert jumps == 40 // 5
+    assert c["forward_passes"] > 0 and c["dmd_flops"] > 0
+    expected = c["backprop_steps"] + c["forward_passes"] / 3 + c["dmd_flops"] / c["flops_per_backprop"]
+    assert math.isclose(result.backprop_equivalent, expected)
+    assert result.backprop_equivalent > 40
+
+
+def test_same_seed_same_metrics_and_other_seed_differs(tiny_dataset):
+    cfg = TrainConfig(max_steps=20, eval_every=10, seed=3)
+    a = train(dataset=tiny_dataset, model=SMALL, training=cfg)
+    b = train(dataset=tiny_dataset, model=SMALL, training=cfg)
+    c = train(dataset=tiny_dataset, model=SMALL, training=TrainConfig(max_steps=20, eval_every=10, seed=4))
+    assert a.metrics == b.metrics
+    assert a.metrics != c.metrics
+
+
+def test_minibatch_and_target_error_stop(tiny_dataset):
+    cfg = TrainConfig(max_steps=500, eval_every=5, batch_size=8, lr=0.01, target_error=0.9)
+    result = train(dataset=tiny_dataset, model=SMALL, training=cfg)
+    assert result.stopped_by == "target" and result.cost["backprop_steps"] < 500
+    assert result.curve[-1]["val_error"] <= 0.9
+
+
+def test_divergence_raises(tiny_dataset):
+    from dmdopt.training import Diverged
+
+    with pytest.raises(Diverged):
+        train(dataset=tiny_dataset, model=SMALL,
+              training=TrainConfig(optimizer="sgd", lr=1e5, max_steps=50, eval_every=10))
+
+
+@pytest.mark.parametrize(("field", "value"), [("lr", -1.0), ("optimizer", "lbfgs"), ("max_steps", 0),
+                                              ("batch_size", 0), ("momentum", 1.5), ("device", "tpu")])
+def test_train_config_rejects_bad_values(field, value):
+    with pytest.raises(ValueError, match=field):
+        TrainConfig(**{field: value})
+
+
+@pytest.mark.parametrize(("kwargs", "needle"), [({"window": 2}, "window"), ({"window": 5, "rank": 5}, "rank"),
+                                                ({"rank": -1}, "rank"), ({"rank": 1.5}, "rank"),
+                                                ({"horizon": 0}, "horizon"), ({"horizon": "soon"}, "horizon"),
+                                                ({"grouping": "row"}, "grouping")])
+def test_dmd_config_rejects_bad_values(kwargs, needle):
+    with pytest.raises(ValueError, match=needle):
+        DMDConfig(**kwargs)
+
+
+def test_dmd_config_accepts_inf_and_numpy_numbers():
+    assert math.isinf(DMDConfig(horizon="inf").horizon)
+    assert DMDConfig.from_dict(DMDConfig(horizon=math.inf).to_dict()).horizon == math.inf
