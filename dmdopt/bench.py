@@ -1,0 +1,200 @@
+"""Benchmark: plain training vs the same optimiser + DMD jumps, side by side.
+
+For each base optimiser (Adam; SGD without momentum, i.e. GD since the benchmark trains full
+batch; SGD with momentum 0.9) and each seed: a plain run at the budget, then a run with the
+default `DMDConfig` at the same budget and the same learning rate. The DMD run's *cost to
+target* is the backprop-equivalent cost (`dmdopt.training.cost`) at which its validation error
+first reaches the plain run's final validation error; speedup = plain cost / cost to target.
+
+Learning rates are the plain optimiser's, tuned first on the benchmark problem (the best final
+validation error on a small grid; see `LEARNING_RATES`), so the reference is not handicapped;
+the DMD run reuses them unchanged.
+
+Problem and model: `ProblemConfig()` (64^2 fields, 2048 samples) with `ModelConfig()`
+(tanh MLP 128 x 3), or with ``quick=True`` 32^2 / 512 samples and a 64 x 2 MLP. Full batch.
+The learning curve is evaluated every `EVAL_EVERY` steps (monitoring, not counted as cost), so
+costs to target are resolved to that many steps.
+
+DMD share of wall time = accelerator time (snapshots + POD/DMD linear algebra + forming the
+candidate weights) / the DMD run's training wall time. Forward-only closure evaluations (the
+accept/reject and line-search losses) are counted in the bpe cost and reported separately
+(`fwd_share`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+METHODS = ("adam", "gd", "sgd_momentum")
+"""Benchmark method names: Adam; SGD without momentum (GD); SGD with momentum 0.9."""
+
+LEARNING_RATES = {
+    # method: (full problem lr, quick problem lr) -- the plain optimiser's best on a small grid
+    "adam": (3e-3, 1e-2),
+    "gd": (4.0, 8.0),
+    "sgd_momentum": (0.5, 1.0),
+}
+STEPS = {False: 600, True: 600}
+EVAL_EVERY = 10
+
+
+def _configs(method: str, *, quick: bool, steps: int, seed: int):
+    from dmdopt.training.config import TrainConfig
+
+    lr = LEARNING_RATES[method][1 if quick else 0]
+    optimizer = "adam" if method == "adam" else "sgd"
+    momentum = 0.9 if method == "sgd_momentum" else 0.0
+    return TrainConfig(optimizer=optimizer, lr=lr, momentum=momentum, max_steps=steps,
+                       eval_every=EVAL_EVERY, seed=seed, device="cpu")
+
+
+def _problem(quick: bool):
+    from dmdopt.model import ModelConfig
+    from dmdopt.problem import ProblemConfig
+
+    if quick:
+        return ProblemConfig(grid=32, n_samples=512), ModelConfig(width=64, depth=2)
+    return ProblemConfig(), ModelConfig()
+
+
+def _median(values):
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    return statistics.median(values) if values else None
+
+
+def _fmt(value, spec: str = ".4g") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def run_benchmark(*, seeds: int = 3, steps: int | None = None, json_path=None,
+                  quick: bool = False, echo: Callable[[str], None] = print,
+                  methods: tuple[str, ...] = METHODS, dmd=None,
+                  cache_dir: str = "dmdopt-runs/data") -> list[dict]:
+    """Run plain vs DMD for each method and seed; print a table; return (and write) rows.
+
+    Each row: method, seed, variant ('plain' | 'dmd'), final_val_error, cost (bpe spent),
+    wall_time, and for DMD rows cost_to_target, wall_to_target, speedup (None if the plain
+    error was never reached), dmd_share, fwd_share, jumps_accepted, jumps_rejected.
+    """
+    from dmdopt.problem import load_dataset
+    from dmdopt.training.config import DMDConfig
+    from dmdopt.training.loop import Diverged, train
+
+    steps = steps or STEPS[quick]
+    dmd = dmd or DMDConfig()
+    problem, model = _problem(quick)
+    dataset = load_dataset(problem, cache_dir=cache_dir, progress=False)
+    echo(f"dmdopt bench: {'quick' if quick else 'default'} problem (grid {problem.grid}, "
+         f"{problem.n_samples} samples), MLP {model.width}x{model.depth}, full batch, "
+         f"{steps} steps, {seeds} seed(s)")
+    echo(f"DMD: {dmd.to_dict()}")
+    rows: list[dict] = []
+    for method in methods:
+        for seed in range(seeds):
+            training = _configs(method, quick=quick, steps=steps, seed=seed)
+            try:
+                plain = train(dataset=dataset, model=model, training=training)
+            except Diverged as exc:
+                echo(f"{method} seed {seed}: plain run diverged ({exc}); skipped")
+                continue
+            target = plain.val_error
+            rows.append({"method": method, "variant": "plain", "seed": seed, "lr": training.lr,
+                         "final_val_error": target, "cost": plain.backprop_equivalent,
+                         "wall_time": plain.wall_time, "cost_to_target": plain.backprop_equivalent,
+                         "wall_to_target": plain.wall_time, "speedup": 1.0})
+            row = {"method": f"{method}+dmd", "variant": "dmd", "seed": seed, "lr": training.lr}
+            try:
+                result = train(dataset=dataset, model=model, training=training, dmd=dmd)
+            except Diverged as exc:
+                row.update(final_val_error=math.inf, cost_to_target=None, wall_to_target=None,
+                           speedup=None, error=str(exc))
+                rows.append(row)
+                echo(f"{method} seed {seed}: DMD run diverged ({exc})")
+                continue
+            reached = result.cost_to_reach(target)
+            fwd_seconds = result.dmd_forward_time if hasattr(result, "dmd_forward_time") else None
+            row.update(
+                final_val_error=result.val_error, cost=result.backprop_equivalent,
+                wall_time=result.wall_time,
+                cost_to_target=reached[0] if reached else None,
+                wall_to_target=reached[1] if reached else None,
+                speedup=(plain.backprop_equivalent / reached[0]) if reached and reached[0] > 0 else None,
+                wall_speedup=(plain.wall_time / reached[1]) if reached and reached[1] > 0 else None,
+                dmd_share=result.dmd_time / result.wall_time if result.wall_time > 0 else None,
+                fwd_share=(result.cost["forward_passes"] / 3.0) / result.backprop_equivalent,
+                jumps_accepted=result.jumps_accepted, jumps_rejected=result.jumps_rejected,
+            )
+            if fwd_seconds is not None:
+                row["fwd_seconds"] = fwd_seconds
+            rows.append(row)
+            echo(f"{method:13s} seed {seed}: plain {target:.4f} @ {plain.backprop_equivalent:.0f} bpe"
+                 f" | dmd {result.val_error:.4f}, target at {_fmt(row['cost_to_target'], '.0f')} bpe"
+                 f" (x{_fmt(row['speedup'], '.2f')}), jumps {result.jumps_accepted}/"
+                 f"{result.jumps_accepted + result.jumps_rejected}, dmd share "
+                 f"{row['dmd_share']:.1%}")
+    _table(rows, methods, echo)
+    if json_path is not None:
+        path = Path(json_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(rows, indent=2, default=_json_default))
+        tmp.replace(path)
+        echo(f"wrote {path}")
+    return rows
+
+
+def _json_default(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {value!r}")
+
+
+def _table(rows: list[dict], methods, echo) -> None:
+    head = (f"{'method':13s} {'lr':>7s} | {'plain err':>9s} {'plain bpe':>9s} {'plain s':>7s} | "
+            f"{'dmd err':>8s} {'bpe->tgt':>8s} {'s->tgt':>7s} {'reached':>7s} | "
+            f"{'cost x':>6s} {'wall x':>6s} {'dmd%':>5s} {'fwd%':>5s}")
+    echo("")
+    echo("medians over seeds; cost x = plain bpe / DMD bpe to reach the plain final error "
+         "(higher is better)")
+    echo(head)
+    echo("-" * len(head))
+    for method in methods:
+        plain = [r for r in rows if r["method"] == method]
+        dmd = [r for r in rows if r["method"] == f"{method}+dmd"]
+        if not plain:
+            continue
+        reached = [r for r in dmd if r.get("cost_to_target") is not None]
+        pcost = _median([r["cost"] for r in plain])
+        pwall = _median([r["wall_time"] for r in plain])
+        ctt = _median([r["cost_to_target"] for r in dmd]) if len(reached) * 2 > len(dmd) else None
+        wtt = _median([r["wall_to_target"] for r in dmd]) if ctt is not None else None
+        share = _median([r.get("dmd_share") for r in dmd])
+        fwd = _median([r.get("fwd_share") for r in dmd])
+        echo(f"{method:13s} {plain[0]['lr']:>7.3g} | {_fmt(_median([r['final_val_error'] for r in plain]), '9.4f')} "
+             f"{_fmt(pcost, '9.0f')} {_fmt(pwall, '7.1f')} | "
+             f"{_fmt(_median([r['final_val_error'] for r in dmd]), '8.4f')} {_fmt(ctt, '8.0f')} "
+             f"{_fmt(wtt, '7.1f')} {f'{len(reached)}/{len(dmd)}':>7s} | "
+             f"{_fmt(_median([r.get('speedup') for r in dmd]) if ctt else None, '6.2f')} "
+             f"{_fmt(pwall / wtt if wtt else None, '6.2f')} "
+             f"{_fmt(100 * share if share is not None else None, '5.1f')} "
+             f"{_fmt(100 * fwd if fwd is not None else None, '5.1f')}")
+    echo("")
+
+
+def main(argv=None) -> None:  # pragma: no cover - thin wrapper for benchmarks/bench_dmd.py
+    import argparse
+
+    parser = argparse.ArgumentParser(description="plain vs DMD-accelerated training")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    t0 = time.perf_counter()
+    run_benchmark(seeds=args.seeds, steps=args.steps, json_path=args.json, quick=args.quick)
+    print(f"total {time.perf_counter() - t0:.0f} s")
