@@ -258,13 +258,13 @@ def cmd_dashboard(args) -> int:
 
 
 def cmd_ui(args) -> int:
-    from dmdopt.tracking.ui import start_ui
+    from dmdopt.tracking.ui import start_ui, stop_ui
 
     proc = start_ui(host=args.host, port=args.port, allow_remote=args.allow_remote)
     try:
         return proc.wait()
     except KeyboardInterrupt:
-        proc.terminate()
+        stop_ui(proc)  # the server runs in its own process group: end it and its workers
         return 0
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import random
+import time
 from pathlib import Path
 
 import optuna
@@ -76,17 +78,36 @@ def open_storage(url: str, *, heartbeat_interval: int | None = None,
     engine_kwargs = {"pool_pre_ping": True}
     if url.startswith(("postgresql", "postgres://")):
         engine_kwargs["connect_args"] = {"connect_timeout": 10}
-    try:
-        return RDBStorage(
-            _with_driver(url), engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
-            grace_period=grace_period,
-            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY),
-        )
-    except ImportError as exc:
-        raise UserError(f"storage: driver missing for {mask_url(url)!r}: {exc}") from None
-    except Exception as exc:  # sqlalchemy OperationalError & co: unreachable / bad credentials
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"storage: cannot open {mask_url(url)!r}: {reason}") from None
+    for attempt in range(_SCHEMA_RACE_ATTEMPTS):
+        try:
+            return RDBStorage(
+                _with_driver(url), engine_kwargs=engine_kwargs,
+                heartbeat_interval=heartbeat_interval, grace_period=grace_period,
+                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY),
+            )
+        except ImportError as exc:
+            raise UserError(f"storage: driver missing for {mask_url(url)!r}: {exc}") from None
+        except Exception as exc:  # sqlalchemy OperationalError & co: unreachable / bad credentials
+            if _schema_race(exc) and attempt + 1 < _SCHEMA_RACE_ATTEMPTS:
+                # Workers started together on an empty database all create Optuna's tables;
+                # the losers hit duplicate-key errors. The winner's schema is there next time.
+                time.sleep(0.2 * 2**attempt + random.uniform(0, 0.3))
+                continue
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"storage: cannot open {mask_url(url)!r}: {reason}") from None
+    raise AssertionError("unreachable")
+
+
+_SCHEMA_RACE_ATTEMPTS = 6
+
+
+def _schema_race(exc: Exception) -> bool:
+    """A concurrent schema creation (another worker won), not a connection/credential error."""
+    from sqlalchemy import exc as sa_exc
+
+    text = str(exc).lower()
+    return isinstance(exc, (sa_exc.IntegrityError, sa_exc.ProgrammingError)) or any(
+        marker in text for marker in ("already exists", "duplicate key", "deadlock"))
 
 
 def load_study(name: str, url: str) -> optuna.Study:

@@ -128,6 +128,12 @@ def _number(value: Any) -> float | None:
     return None if math.isnan(num) else num
 
 
+def _step(cost: Any) -> int | None:
+    """A cost as an MLflow metric step (int); None when missing or infinite."""
+    num = _number(cost)
+    return int(round(num)) if num is not None and math.isfinite(num) else None
+
+
 def _chunks(items: list[T], size: int) -> Iterator[list[T]]:
     for i in range(0, len(items), size):
         yield items[i:i + size]
@@ -309,12 +315,12 @@ class StudyTracker:
                     "reached_reference"):
             if key not in final and (num := _number(attrs.get(key))) is not None:
                 final[key] = num
-        curve = [(int(round(c)), v) for c, e in attrs.get("curve") or []
-                 if _number(c) is not None and (v := _number(e)) is not None]
+        curve = [(step, v) for c, e in attrs.get("curve") or []
+                 if (step := _step(c)) is not None and (v := _number(e)) is not None]
         metrics = [Metric("val_error", v, now, step) for step, v in curve]
         last_step = max((s for s, _ in curve), default=0)
         if "val_error" in final and (not curve or curve[-1][1] != final["val_error"]):
-            step = max(last_step, int(round(final.get("cost_total", 0))))
+            step = max(last_step, _step(final.get("cost_total")) or 0)
             metrics.append(Metric("val_error", final.pop("val_error"), now + 1, step))
         else:
             final.pop("val_error", None)  # the curve's last point is the final value

@@ -89,6 +89,8 @@ def start_ui(*, host: str = "127.0.0.1", port: int = 5000, backend_store_uri: st
         if out is not None:
             out.close()
     print(f"MLflow UI: {ui_url(host, int(port))}  (store {uri}, artifacts {dest})")
+    # MLflow 3 opens on its GenAI pages; the runs live under the "Model training" toggle
+    print("  study runs: pick 'Model training' at the top left, then the study's experiment")
     return proc
 
 

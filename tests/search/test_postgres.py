@@ -1,0 +1,207 @@
+"""Multi-machine path: several `dmdopt study run` processes on one PostgreSQL study, one of
+them SIGKILLed in the middle of a trial.
+
+Needs a PostgreSQL server ($DMDOPT_TEST_POSTGRES_URL) and, for the MLflow checks, a tracking
+server ($DMDOPT_TEST_MLFLOW_URI); `.ci/services.sh ENV_FILE` starts both and writes the
+variables. Short heartbeats (1 s, grace 4 s) make the dead worker's trial stale quickly.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+POSTGRES_URL = os.environ.get("DMDOPT_TEST_POSTGRES_URL")
+MLFLOW_URI = os.environ.get("DMDOPT_TEST_MLFLOW_URI")
+
+pytestmark = [
+    pytest.mark.postgres,
+    pytest.mark.skipif(not POSTGRES_URL, reason="DMDOPT_TEST_POSTGRES_URL is not set"),
+]
+
+N_TRIALS = 6
+N_WORKERS = 3
+HEARTBEAT = {"DMDOPT_HEARTBEAT_INTERVAL": "1", "DMDOPT_GRACE_PERIOD": "4"}
+DEADLINE_S = 170  # the whole scenario; a trial takes a few seconds on 2 busy cores
+
+STUDY_TOML = """
+[study]
+name = "{name}"
+n_trials = {n_trials}
+sampler = "nsga2"
+seed = 0
+
+[problem]
+grid = 16
+n_samples = 80
+
+[model]
+width = 16
+depth = 2
+activation = "tanh"
+
+[training]
+optimizer = "adam"
+lr = 0.003
+max_steps = 250
+eval_every = 25
+seed = 0
+
+[search.window]
+low = 5
+high = 40
+
+[search.rank]
+low = 1
+high = 12
+
+[search.horizon]
+low = 10.0
+high = 2000.0
+include_inf = true
+"""
+
+
+def _load(name: str):
+    import optuna
+
+    from dmdopt.search.storage import open_storage
+
+    try:
+        return optuna.load_study(study_name=name, storage=open_storage(POSTGRES_URL))
+    except KeyError:  # not created yet
+        return None
+
+
+def _tail(path: Path, lines: int = 25) -> str:
+    text = path.read_text(errors="replace") if path.exists() else ""
+    return f"--- {path.name}\n" + "\n".join(text.splitlines()[-lines:])
+
+
+def test_workers_on_postgres_survive_a_killed_worker(tmp_path, monkeypatch):
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+    from optuna.trial import TrialState
+
+    for key, value in HEARTBEAT.items():  # also for this process's own storage handle
+        monkeypatch.setenv(key, value)
+    name = f"pgtest-{uuid.uuid4().hex[:10]}"
+    study_file = tmp_path / "tiny.toml"
+    study_file.write_text(STUDY_TOML.format(name=name, n_trials=N_TRIALS))
+    cmd = [sys.executable, "-m", "dmdopt", "study", "run", str(study_file),
+           "--storage", POSTGRES_URL, "--n-trials", str(N_TRIALS),
+           "--cache-dir", str(tmp_path / "data"), "--quiet"]
+    cmd += ["--tracking-uri", MLFLOW_URI] if MLFLOW_URI else ["--no-mlflow"]
+    env = {**os.environ, **HEARTBEAT, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+
+    logs = [tmp_path / f"worker-{i}.log" for i in range(N_WORKERS)]
+    procs = []
+    for log in logs:  # all at once, like the tasks of a Slurm array on a fresh study
+        with log.open("w") as out:
+            procs.append(subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=out,
+                                          stderr=subprocess.STDOUT))
+    by_worker = {f"{socket.gethostname()}:{p.pid}": p for p in procs}
+    started = time.monotonic()
+
+    def all_logs() -> str:
+        return "\n".join(_tail(log) for log in logs)
+
+    try:
+        # 1. Wait until half the quota is COMPLETE and a worker is in the middle of a trial
+        #    (each trial records its worker as `host:pid`; it has its parameters, so it is
+        #    training), then SIGKILL that worker.
+        victim = victim_trial = None
+        while victim is None:
+            assert time.monotonic() - started < DEADLINE_S, "no trial to interrupt\n" + all_logs()
+            dead = [p for p in procs if p.poll() is not None]
+            assert not dead, f"a worker exited early (rc {dead[0].returncode})\n" + all_logs()
+            study = _load(name)
+            trials = study.get_trials(deepcopy=False) if study is not None else []
+            n_complete = sum(t.state == TrialState.COMPLETE for t in trials)
+            running = [t for t in trials if t.state == TrialState.RUNNING
+                       and t.user_attrs.get("worker") in by_worker and t.params]
+            if n_complete >= N_TRIALS // 2 and running:
+                victim_trial = running[-1]
+                victim = by_worker[victim_trial.user_attrs["worker"]]
+                victim.send_signal(signal.SIGKILL)
+            else:
+                time.sleep(0.25)
+        victim.wait(timeout=10)
+        kill_time = time.monotonic() - started
+
+        # 2. The others finish the study: they fail the stale trial after the grace period,
+        #    re-run it, and exit once N trials are COMPLETE.
+        for proc in procs:
+            if proc is not victim:
+                left = DEADLINE_S - (time.monotonic() - started)
+                try:
+                    proc.wait(timeout=max(left, 1))
+                except subprocess.TimeoutExpired:
+                    pytest.fail("the surviving workers did not finish the study\n" + all_logs())
+                assert proc.returncode == 0, all_logs()
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    print(f"\n{name}: killed pid {victim.pid} in trial {victim_trial.number} at "
+          f"{kill_time:.0f} s; done at {time.monotonic() - started:.0f} s")
+
+    # 3. The storage: exactly N COMPLETE, nothing left RUNNING/WAITING, numbers unique.
+    study = _load(name)
+    trials = study.get_trials(deepcopy=False)
+    for t in trials:
+        print(f"  trial {t.number}: {t.state.name:8} worker {t.user_attrs.get('worker')} "
+              f"retry-of {RetryHeartbeatStaleTrialCallback.retried_trial_number(t)}")
+    numbers = [t.number for t in trials]
+    assert sorted(numbers) == list(range(len(trials))), numbers
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert len(complete) == N_TRIALS, [(t.number, t.state.name) for t in trials]
+    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    assert len({t._trial_id for t in trials}) == len(trials)
+
+    # 4. The killed trial ended FAIL and was re-queued once, with its parameters, and re-run.
+    lost = next(t for t in trials if t.number == victim_trial.number)
+    assert lost.state == TrialState.FAIL
+    retries = [t for t in trials if RetryHeartbeatStaleTrialCallback.retried_trial_number(t)
+               == lost.number]
+    assert len(retries) == 1, [t.number for t in retries]
+    retry = retries[0]
+    assert RetryHeartbeatStaleTrialCallback.retry_history(retry) == [lost.number]
+    assert retry.params == lost.params
+    assert retry.state in (TrialState.COMPLETE, TrialState.FAIL)  # FAIL only if it diverged
+    assert retry.user_attrs.get("worker") in set(by_worker) - {victim_trial.user_attrs["worker"]}
+
+    if not MLFLOW_URI:
+        return
+    # 5. MLflow: one parent for the study; one child per COMPLETE trial, under that parent.
+    from mlflow.entities import ViewType
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=MLFLOW_URI)
+    experiment = client.get_experiment_by_name(name)
+    assert experiment is not None, f"no MLflow experiment {name!r}"
+    runs = client.search_runs([experiment.experiment_id],
+                              filter_string=f"tags.`dmdopt.study` = '{name}'",
+                              run_view_type=ViewType.ACTIVE_ONLY, max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("dmdopt.role") == "parent"]
+    assert len(parents) == 1, [r.info.run_id for r in parents]
+    children = [r for r in runs if r.data.tags.get("dmdopt.role") == "child"]
+    child_numbers = [int(r.data.tags["dmdopt.trial_number"]) for r in children]
+    assert len(child_numbers) == len(set(child_numbers)), sorted(child_numbers)
+    complete_children = {int(r.data.tags["dmdopt.trial_number"]): r for r in children
+                         if r.data.tags.get("dmdopt.trial_state") == "COMPLETE"}
+    assert set(complete_children) == {t.number for t in complete}
+    for run in children:
+        assert run.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id
+    for number, run in complete_children.items():
+        assert run.info.status == "FINISHED"
+        assert "cost_bpe" in run.data.metrics and "val_rel_l2" in run.data.metrics, number

@@ -1,0 +1,254 @@
+"""DMDAccelerator: generic models, exact rollback, NaN safety, grouping, cost, state, train()."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from dmdopt.training.accelerator import DMDAccelerator, group_parameters
+from dmdopt.training.config import DMDConfig, TrainConfig
+from dmdopt.training.cost import CostCounter
+
+
+class _CNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.act = nn.Tanh()
+        self.head = nn.Linear(4 * 8 * 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.act(self.conv(x)).flatten(1))
+
+
+def _cnn_problem(seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(64, 1, 8, 8, generator=gen)
+    y = x.mean(dim=(1, 2, 3)).unsqueeze(1) * 3.0 + 0.5
+    torch.manual_seed(seed)
+    return _CNN(), x, y
+
+
+def _params(model: nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_accelerates_a_cnn_and_never_increases_the_loss():
+    model, x, y = _cnn_problem()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    acc = DMDAccelerator(model, opt, DMDConfig(window=8, rank=0.99, horizon=8,
+                                               line_search=(1.0, 4.0, 16.0)))
+
+    def closure():
+        return ((model(x) - y) ** 2).mean()
+
+    with torch.no_grad():
+        start = float(closure())
+    outcomes = []
+    for _ in range(48):
+        opt.zero_grad()
+        closure().backward()
+        opt.step()
+        with torch.no_grad():
+            before = float(closure())
+        outcome = acc.step(closure)
+        with torch.no_grad():
+            after = float(closure())
+        if outcome is not None:
+            outcomes.append(outcome)
+            assert after <= before  # a kept jump improves, a rejected one changes nothing
+        else:
+            assert after == before
+    assert len(outcomes) == 6
+    assert acc.stats["jumps_accepted"] >= 1
+    with torch.no_grad():
+        assert float(closure()) < start
+
+
+def test_rejected_jump_leaves_weights_bit_identical():
+    model, x, y = _cnn_problem(1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    acc = DMDAccelerator(model, opt, DMDConfig(window=5, rank=3, horizon=10,
+                                               line_search=(0.5, 1.0, 2.0)))
+    calls = iter(range(10_000))
+
+    def increasing():  # every evaluation is worse than the one before: nothing can be kept
+        return torch.tensor(float(next(calls)))
+
+    for _ in range(4):
+        opt.zero_grad()
+        ((model(x) - y) ** 2).mean().backward()
+        opt.step()
+        assert acc.step(increasing) is None
+    opt.zero_grad()
+    ((model(x) - y) ** 2).mean().backward()
+    opt.step()
+    before = _params(model)
+    assert acc.step(increasing) is False
+    for p, q in zip(model.parameters(), before, strict=True):
+        assert torch.equal(p.detach(), q)
+    assert acc.stats["jumps_rejected"] == 1 and acc.stats["jumps_accepted"] == 0
+
+
+def test_nan_snapshots_never_reach_the_weights():
+    model, x, y = _cnn_problem(2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    acc = DMDAccelerator(model, opt, DMDConfig(window=4, rank=2, horizon=5))
+
+    def closure():
+        return ((model(x) - y) ** 2).mean()
+
+    for k in range(4):
+        opt.zero_grad()
+        closure().backward()
+        opt.step()
+        if k == 3:
+            acc.buffers[0][0, 1] = float("nan")  # a corrupted snapshot inside the window
+        before = _params(model)
+        acc.step(closure)
+    for p, q in zip(model.parameters(), before, strict=True):
+        assert torch.isfinite(p).all()
+        assert torch.equal(p.detach(), q)
+    assert acc.stats["jumps_rejected"] == 1
+
+
+@pytest.mark.parametrize(("grouping", "expected"), [
+    ("layer", [["conv.weight", "conv.bias"], ["head.weight", "head.bias"]]),
+    ("tensor", [["conv.weight"], ["conv.bias"], ["head.weight"], ["head.bias"]]),
+    ("global", [["conv.weight", "conv.bias", "head.weight", "head.bias"]]),
+])
+def test_grouping(grouping, expected):
+    model, _, _ = _cnn_problem()
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = group_parameters(model, grouping)
+    assert [[names[id(p)] for p in g] for g in groups] == expected
+
+
+def test_frozen_parameters_are_not_grouped():
+    model, _, _ = _cnn_problem()
+    model.conv.bias.requires_grad_(False)
+    groups = group_parameters(model, "layer")
+    assert [len(g) for g in groups] == [1, 2]
+
+
+@pytest.mark.parametrize(("dtype", "nbytes"), [("float32", 4), ("float64", 8), ("bfloat16", 2)])
+def test_snapshot_bytes(dtype, nbytes):
+    model, _, _ = _cnn_problem()
+    n = sum(p.numel() for p in model.parameters())
+    acc = DMDAccelerator(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                         DMDConfig(window=7, rank=3, snapshot_dtype=dtype))
+    assert acc.snapshot_bytes == 7 * n * nbytes
+
+
+def test_costs_are_counted():
+    from dmdopt.dmd import dmd_flops
+
+    model, x, y = _cnn_problem(3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    cost = CostCounter(flops_per_backprop=1e6)
+    factors = (0.25, 1.0, 4.0)
+    acc = DMDAccelerator(model, opt, DMDConfig(window=6, rank=3, horizon=6, line_search=factors),
+                         cost=cost, forward_weight=2.0)
+    calls = []
+
+    def closure():
+        calls.append(1)
+        return ((model(x) - y) ** 2).mean()
+
+    for _ in range(6):
+        opt.zero_grad()
+        ((model(x) - y) ** 2).mean().backward()
+        opt.step()
+        acc.step(closure)
+    n_calls = len(calls)
+    assert 2 <= n_calls <= 1 + len(factors)  # base loss + the candidates tried
+    assert acc.stats["forward_passes"] == n_calls
+    assert cost.forward_passes == pytest.approx(2.0 * n_calls)
+    fit_flops = sum(dmd_flops(b.shape[0], 6, min(3, 4)) for b in acc.buffers)
+    assert cost.dmd_flops >= fit_flops > 0  # the fits at least, plus extra predicts
+    assert cost.dmd_flops == acc.stats["dmd_flops"]
+    assert cost.backprop_equivalent == pytest.approx(2.0 * n_calls / 3 + cost.dmd_flops / 1e6)
+
+
+def test_state_dict_round_trip():
+    model, x, y = _cnn_problem(4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    acc = DMDAccelerator(model, opt, DMDConfig(window=5, rank=2, horizon=5))
+    for _ in range(7):
+        opt.zero_grad()
+        ((model(x) - y) ** 2).mean().backward()
+        opt.step()
+        acc.step(lambda: ((model(x) - y) ** 2).mean())
+    state = acc.state_dict()
+    other = DMDAccelerator(model, opt, DMDConfig(window=5, rank=2, horizon=5))
+    other.load_state_dict(state)
+    assert other.filled == acc.filled == 2 and other.steps_seen == acc.steps_seen == 7
+    for a, b in zip(other.buffers, acc.buffers, strict=True):
+        assert torch.equal(a, b)
+    assert other.stats == acc.stats
+    acc.buffers[0].zero_()  # the saved state is a copy
+    assert not torch.equal(other.buffers[0], acc.buffers[0])
+
+
+@pytest.mark.parametrize("policy", ["reset", "keep"])
+def test_optimizer_state_policy_after_a_kept_jump(policy):
+    model, x, y = _cnn_problem(5)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    acc = DMDAccelerator(model, opt, DMDConfig(window=5, rank=2, horizon=5, optimizer_state=policy))
+    losses = iter([10.0, 1.0] + [5.0] * 100)  # base loss 10, the first candidate 1: kept
+
+    for _ in range(5):
+        opt.zero_grad()
+        ((model(x) - y) ** 2).mean().backward()
+        opt.step()
+        assert len(opt.state) > 0
+        outcome = acc.step(lambda: torch.tensor(next(losses)))
+    assert outcome is True
+    assert (len(opt.state) == 0) == (policy == "reset")
+
+
+def test_warmup_skips_the_first_steps():
+    model, x, y = _cnn_problem(6)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    acc = DMDAccelerator(model, opt, DMDConfig(window=3, rank=1, horizon=3, warmup=4))
+    outcomes = []
+    for _ in range(7):
+        opt.zero_grad()
+        ((model(x) - y) ** 2).mean().backward()
+        opt.step()
+        outcomes.append(acc.step(lambda: ((model(x) - y) ** 2).mean()))
+    assert outcomes[:6] == [None] * 6 and outcomes[6] is not None
+
+
+class _TinyDataset:
+    """The `Dataset.split` interface, in memory."""
+
+    def __init__(self, n: int = 48, seed: int = 0) -> None:
+        rng = np.random.default_rng(seed)
+        self.x = rng.uniform(-1, 1, (n, 6)).astype(np.float32)
+        w = rng.normal(size=(6, 16)).astype(np.float32)
+        self.y = np.tanh(self.x @ w).astype(np.float32) + 1.0
+
+    def split(self, name: str):
+        sl = {"train": slice(0, 32), "val": slice(32, 40), "test": slice(40, 48)}[name]
+        return self.x[sl], self.y[sl]
+
+
+def test_train_with_dmd_counts_jumps_and_cost():
+    from dmdopt.model import ModelConfig
+    from dmdopt.training.loop import train
+
+    result = train(dataset=_TinyDataset(), model=ModelConfig(width=16, depth=1),
+                   training=TrainConfig(optimizer="sgd", lr=0.2, max_steps=40, eval_every=10,
+                                        device="cpu"),
+                   dmd=DMDConfig(window=10, rank=0.99, horizon=10))
+    assert result.jumps_accepted + result.jumps_rejected == 4
+    assert result.cost["backprop_steps"] == 40
+    assert result.cost["forward_passes"] >= 4 * 2
+    assert result.backprop_equivalent > result.cost["backprop_steps"]
+    assert math.isfinite(result.val_error)
+    assert result.dmd_time > 0
