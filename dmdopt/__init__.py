@@ -27,7 +27,10 @@ _EXPORTS = {
     "load_tuned_config": "dmdopt.export",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "DMDAccelerator", "DMDConfig", "ModelConfig", "ProblemConfig", "TrainConfig", "TrainResult",
+    "load_tuned_config", "recommend", "run_study", "train",
+]
 
 if TYPE_CHECKING:  # pragma: no cover
     from dmdopt.export import load_tuned_config

@@ -9,14 +9,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import multiprocessing as mp
 import os
 import socket
-import sys
 import time
-from dataclasses import replace
-from pathlib import Path
 
 import optuna
 from optuna.trial import TrialState

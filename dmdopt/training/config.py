@@ -102,8 +102,11 @@ class DMDConfig:
     window     backprop steps (snapshots) between two DMD jumps.
     rank       POD rank: int cap, energy fraction in (0, 1], or 0 = optimal hard threshold.
     horizon    steps to extrapolate ahead, or inf (approximate converged state).
-    line_search  horizon factors tried with forward passes only, e.g. (1, 0.25, 0.0625);
-               the best loss among them wins. () means only `horizon` itself.
+    line_search  horizon factors tried with forward passes only, smallest step first, stopping
+               once the loss rises after an improvement; the best loss wins. () means only
+               `horizon` itself. For horizon=inf a factor f < 1 is the damped step toward the
+               converged state. Default: a geometric ladder 5..20480 steps (see
+               `dmdopt.training.accelerator` for the measurements behind the defaults).
     grouping   'layer' (weights+bias of a module together), 'tensor', or 'global'.
     optimizer_state  'keep' (moments survive a kept jump) or 'reset' (cleared).
     snapshot_dtype / snapshot_device  where snapshots live (memory: window*params*bytes).
@@ -111,9 +114,9 @@ class DMDConfig:
     """
 
     window: int = 20
-    rank: int | float = 8
-    horizon: float = 100.0
-    line_search: tuple[float, ...] = (1.0, 0.25, 0.0625)
+    rank: int | float = 0.99
+    horizon: float = 20.0
+    line_search: tuple[float, ...] = (0.25, 1.0, 4.0, 16.0, 64.0, 256.0, 1024.0)
     grouping: str = "layer"
     optimizer_state: str = "keep"
     snapshot_dtype: str = "float32"
