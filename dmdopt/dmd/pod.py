@@ -161,12 +161,33 @@ def _row_blocks(data: Tensor, differences: bool):
         yield slice(start, stop), block
 
 
+def _rows_single(data: Tensor, differences: bool) -> Tensor | None:
+    """For float32/half snapshots: the (columns or their differences) as contiguous float32
+    *rows*, (n, p), or None for float64 data (which keeps the all-float64 path).
+
+    Why: training snapshots are float32 weights, so their differences carry float32 precision
+    whatever we do; a float32 BLAS product over contiguous rows is several times faster than
+    up-casting p x m blocks to float64 (measured: 48 vs 149 ms at p = 530k, m = 20), and keeps
+    the accelerator's share of wall time small. Costs one float32 temporary of the data's size.
+    """
+    if data.dtype == torch.float64:
+        return None
+    rows = data.T.to(torch.float32)
+    if differences:
+        rows = rows[1:] - rows[:-1]
+    return rows.contiguous()
+
+
 def column_gram(data: Tensor, *, differences: bool = False) -> Tensor:
     """float64 Gram D^T D of the columns of `data` (or of its column differences), on the CPU.
 
     O(p * n^2) flops, O(CHUNK_ELEMENTS) extra memory; the small result goes to the CPU because
     everything after it is n x n work that is faster there than as tiny device kernels.
+    float32 data: the product runs in float32 over contiguous rows (`_rows_single`).
     """
+    rows32 = _rows_single(data, differences)
+    if rows32 is not None:
+        return (rows32 @ rows32.T).to("cpu", torch.float64)
     p, m = data.shape
     n = m - 1 if differences else m
     gram = torch.zeros(n, n, dtype=torch.float64, device=data.device)
@@ -190,6 +211,10 @@ def combine_columns(
     """
     p = data.shape[0]
     k, r = coefficients.shape
+    rows32 = _rows_single(data, differences)
+    if rows32 is not None:
+        coeff32 = coefficients.to(data.device, torch.float32)
+        return (rows32[:k].T @ coeff32).to(out_dtype or data.dtype)
     out = torch.empty(p, r, dtype=out_dtype or data.dtype, device=data.device)
     coeff = coefficients.to(data.device, torch.float64)
     for rows, block in _row_blocks(data, differences):

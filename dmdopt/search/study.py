@@ -210,10 +210,14 @@ def worker_loop(config: StudyConfig, *, storage_url: str, n_trials: int | None,
 
 
 def _worker_entry(path_or_raw, storage_url, n_trials, timeout, cache_dir, tracking, tracking_uri,
-                  device_index):
-    """Entry point of a spawned worker process (binds one GPU when several are visible)."""
+                  device_index, cpu_threads=None):
+    """Entry point of a spawned worker process (binds one GPU when several are visible;
+    on CPU, gets its share of the cores)."""
     if device_index is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(device_index)
+    if cpu_threads is not None:
+        import torch
+        torch.set_num_threads(cpu_threads)
     from dmdopt.search.config import parse_study
 
     config = parse_study(path_or_raw)
@@ -267,9 +271,15 @@ def run_study(config: StudyConfig, *, n_trials: int | None = None, storage: str 
                     cache_dir=cache_dir, tracking=tracking, tracking_uri=tracking_uri, echo=echo)
     else:
         ctx = mp.get_context("spawn")
+        # K CPU workers each using every core (torch's default) oversubscribe the machine:
+        # give each its share, unless the user chose a thread count.
+        cpu_threads = None
+        if not gpus and "OMP_NUM_THREADS" not in os.environ:
+            cpu_threads = max(1, (os.cpu_count() or 1) // workers)
         procs = [ctx.Process(target=_worker_entry, daemon=False,
                              args=(config.raw, storage_url, n_trials, timeout, str(cache_dir),
-                                   tracking, tracking_uri, (i % gpus) if gpus > 1 else None))
+                                   tracking, tracking_uri, (i % gpus) if gpus > 1 else None,
+                                   cpu_threads))
                  for i in range(workers)]
         for p in procs:
             p.start()

@@ -168,7 +168,7 @@ def test_costs_are_counted():
     assert 2 <= n_calls <= 1 + len(factors)  # base loss + the candidates tried
     assert acc.stats["forward_passes"] == n_calls
     assert cost.forward_passes == pytest.approx(2.0 * n_calls)
-    fit_flops = sum(dmd_flops(b.shape[0], 6, min(3, 4)) for b in acc.buffers)
+    fit_flops = sum(dmd_flops(b.shape[1], 6, min(3, 4)) for b in acc.buffers)
     assert cost.dmd_flops >= fit_flops > 0  # the fits at least, plus extra predicts
     assert cost.dmd_flops == acc.stats["dmd_flops"]
     assert cost.backprop_equivalent == pytest.approx(2.0 * n_calls / 3 + cost.dmd_flops / 1e6)
