@@ -10,8 +10,8 @@
    (one a 30-point curve), tell. (Multi-objective trials report no intermediate values.)
    Median over M trials, against SQLite and, when $DMDOPT_TEST_POSTGRES_URL is set, PostgreSQL.
 
-    python benchmarks/bench_workers.py [--trials 6] [--workers 1,2] [--overhead-trials 20]
-                                       [--skip-throughput] [--skip-overhead]
+    python benchmarks/bench_workers.py [--trials 6] [--workers 1,2] [--threads T]
+                                       [--overhead-trials 20] [--skip-throughput] [--skip-overhead]
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ include_inf = true
 
 
 # ---------------------------------------------------------------- 1. throughput
-def throughput(workers: list[int], n_trials: int, tmp: Path) -> list[dict]:
+def throughput(workers: list[int], n_trials: int, tmp: Path, threads: int | None) -> list[dict]:
     import optuna
     from optuna.trial import TrialState
 
@@ -86,7 +86,10 @@ def throughput(workers: list[int], n_trials: int, tmp: Path) -> list[dict]:
                "--cache-dir", str(cache)]
         print(f"  {k} worker(s): {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
         start = time.perf_counter()
-        subprocess.run(cmd, cwd=tmp, check=True, stdout=subprocess.DEVNULL)
+        env = dict(os.environ)
+        if threads is not None:  # else the engine's policy: 1 worker = torch's default,
+            env["OMP_NUM_THREADS"] = str(threads)  # K CPU workers = cores // K threads each
+        subprocess.run(cmd, cwd=tmp, check=True, stdout=subprocess.DEVNULL, env=env)
         wall = time.perf_counter() - start
         study = optuna.load_study(study_name=name, storage=open_storage(url))
         trials = study.get_trials(deepcopy=False)
@@ -164,6 +167,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=6, help="N COMPLETE trials per run")
     parser.add_argument("--workers", default="1,2", help="comma-separated worker counts")
+    parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS for every worker "
+                        "(default: the engine's policy)")
     parser.add_argument("--overhead-trials", type=int, default=20)
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--skip-overhead", action="store_true")
@@ -176,9 +181,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="dmdopt-bench-workers-") as tmp_dir:
         tmp = Path(tmp_dir)
         if not args.skip_throughput:
-            rows = throughput(workers, args.trials, tmp)
+            rows = throughput(workers, args.trials, tmp, args.threads)
             base = rows[0]["per_hour"]
-            print(f"\nThroughput: tiny study, N = {args.trials} COMPLETE trials, SQLite, --no-mlflow")
+            policy = f"OMP_NUM_THREADS={args.threads}" if args.threads else "default threads"
+            print(f"\nThroughput: tiny study, N = {args.trials} COMPLETE trials, SQLite, "
+                  f"--no-mlflow, {policy}")
             print(f"{'workers':>7} {'trials':>9} {'wall s':>7} {'trial phase s':>13} "
                   f"{'mean trial s':>12} {'trials/hour':>11} {'vs 1':>5}")
             for r in rows:

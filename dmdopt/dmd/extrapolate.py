@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 
 from .operator import DMDOperator, dmd_from_gram
-from .pod import column_gram, combine_columns, parse_rank
+from .pod import _rows_single, column_gram, combine_columns, parse_rank
 
 __all__ = [
     "NEUTRAL_TOL",
@@ -218,7 +218,13 @@ def fit_dmd(snapshots: Tensor, *, rank: int | float | str) -> DMDFit:
     last = snapshots[:, -1].clone()
     if m < 3:
         return DMDFit(last, "too_few_snapshots")
-    gram = column_gram(snapshots, differences=True)  # (m-1) x (m-1), D = [d_0 .. d_{m-2}]
+    # float32 snapshots: the differences are formed once, as contiguous rows, and serve both
+    # the Gram and the basis (see pod._rows_single); float64 keeps the all-float64 path.
+    rows32 = _rows_single(snapshots, True)
+    if rows32 is not None:
+        gram = (rows32 @ rows32.T).to("cpu", torch.float64)
+    else:
+        gram = column_gram(snapshots, differences=True)  # (m-1) x (m-1), D = [d_0 .. d_{m-2}]
     if not bool(torch.isfinite(gram).all()):
         return DMDFit(last, "non_finite")
     try:
@@ -242,7 +248,10 @@ def fit_dmd(snapshots: Tensor, *, rank: int | float | str) -> DMDFit:
         float(torch.linalg.eigvalsh(0.5 * (basis_gram + basis_gram.T)).max().clamp(min=0)) ** 0.5
     )
     work = snapshots.dtype if snapshots.dtype in (torch.float32, torch.float64) else torch.float32
-    basis = combine_columns(snapshots, coeff, differences=True, out_dtype=work)
+    if rows32 is not None:
+        basis = (rows32[: coeff.shape[0]].T @ coeff.to(rows32.device, torch.float32)).to(work)
+    else:
+        basis = combine_columns(snapshots, coeff, differences=True, out_dtype=work)
     return DMDFit(last, "ok", op, basis, amplitudes, basis_norm)
 
 

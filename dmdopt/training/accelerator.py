@@ -167,16 +167,19 @@ class DMDAccelerator:
 
         cfg = self.config
         t0 = time.perf_counter()
-        if not all(bool(torch.isfinite(b).all()) for b in self.buffers):
-            self.stats["jumps_rejected"] += 1
-            self.stats["dmd_seconds"] += time.perf_counter() - t0
-            return False
-        current = [self._flat(g).clone() for g in self.groups]  # exact rollback point
         fits = []
         for buf in self.buffers:
             fit = fit_dmd(buf.T, rank=cfg.rank)  # (p x m) view of the rows
             fits.append(fit)
             self._charge(dmd_flops(buf.shape[1], buf.shape[0], fit.rank))
+        # A non-finite snapshot makes its group's Gram non-finite (status "non_finite"): the
+        # window is corrupt, so reject the whole jump (no forward passes spent); likewise when
+        # no group has a usable fit.
+        if any(f.status == "non_finite" for f in fits) or not any(f.status == "ok" for f in fits):
+            self.stats["jumps_rejected"] += 1
+            self.stats["dmd_seconds"] += time.perf_counter() - t0
+            return False
+        current = [self._flat(g).clone() for g in self.groups]  # exact rollback point
         targets = None
         if math.isinf(cfg.horizon):
             targets = [f.predict(math.inf).to(now.device, now.dtype)
