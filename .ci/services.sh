@@ -84,12 +84,14 @@ say "PostgreSQL up: postgresql://dmdopt:***@127.0.0.1:${PG_PORT}/dmdopt"
 MLFLOW="${MLFLOW:-$(command -v mlflow || echo /work/venv/bin/mlflow)}"
 [ -x "$MLFLOW" ] || die "mlflow executable not found (set MLFLOW=/path/to/mlflow)"
 
-# GET /health on 127.0.0.1:$1 with bash's /dev/tcp (no curl on a bare Debian); prints the status line.
+# A REST call (not just /health: it also needs the backend store and the Host check to pass),
+# over bash's /dev/tcp -- a bare Debian has no curl.
 http_health() {
     local reply
-    reply="$(timeout 3 bash -c "exec 3<>/dev/tcp/127.0.0.1/$1 && \
-        printf 'GET /health HTTP/1.0\r\nHost: 127.0.0.1:$1\r\n\r\n' >&3 && cat <&3" 2>/dev/null)" || return 1
-    case "$reply" in "HTTP/"*" 200"*OK*) return 0 ;; *) return 1 ;; esac
+    reply="$(timeout 5 bash -c "exec 3<>/dev/tcp/127.0.0.1/$1 && \
+        printf 'GET /api/2.0/mlflow/experiments/search?max_results=1 HTTP/1.0\r\nHost: 127.0.0.1:$1\r\n\r\n' >&3 \
+        && head -n 1 <&3" 2>/dev/null)" || return 1
+    case "$reply" in "HTTP/"*" 200"*) return 0 ;; *) return 1 ;; esac
 }
 port_in_use() { timeout 2 bash -c "exec 3<>/dev/tcp/127.0.0.1/$1" 2>/dev/null; }
 

@@ -150,7 +150,8 @@ def _echo_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial, echo=print
 
 def worker_loop(config: StudyConfig, *, storage_url: str, n_trials: int | None,
                 timeout: float | None, cache_dir="dmdopt-runs/data", tracking: bool = True,
-                tracking_uri: str | None = None, echo=print, progress: bool = False) -> int:
+                tracking_uri: str | None = None, echo=print, progress: bool = False,
+                tracker: _Tracking | None = None) -> int:
     """One worker: run trials until `n_trials` are COMPLETE in the storage (all workers
     together) or `timeout` seconds passed. Returns the trials this worker ran."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -268,7 +269,8 @@ def run_study(config: StudyConfig, *, n_trials: int | None = None, storage: str 
         log.warning("MLflow: could not create the parent run: %s", exc)
     if workers == 1:
         worker_loop(config, storage_url=storage_url, n_trials=n_trials, timeout=timeout,
-                    cache_dir=cache_dir, tracking=tracking, tracking_uri=tracking_uri, echo=echo)
+                    cache_dir=cache_dir, tracking=tracking, tracking_uri=tracking_uri, echo=echo,
+                    tracker=tracker)
     else:
         ctx = mp.get_context("spawn")
         # K CPU workers each using every core (torch's default) oversubscribe the machine:

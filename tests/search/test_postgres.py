@@ -87,6 +87,7 @@ def _tail(path: Path, lines: int = 25) -> str:
 
 
 def test_workers_on_postgres_survive_a_killed_worker(tmp_path, monkeypatch):
+    import optuna
     from optuna.storages import RetryHeartbeatStaleTrialCallback
     from optuna.trial import TrialState
 
@@ -180,8 +181,12 @@ def test_workers_on_postgres_survive_a_killed_worker(tmp_path, monkeypatch):
     assert retry.state in (TrialState.COMPLETE, TrialState.FAIL)  # FAIL only if it diverged
     assert retry.user_attrs.get("worker") in set(by_worker) - {victim_trial.user_attrs["worker"]}
 
-    if not MLFLOW_URI:
-        return
+    if MLFLOW_URI:
+        _check_mlflow(name, {t.number for t in complete})
+    optuna.delete_study(study_name=name, storage=study._storage)  # kept when a check failed
+
+
+def _check_mlflow(name: str, complete: set[int]) -> None:
     # 5. MLflow: one parent for the study; one child per COMPLETE trial, under that parent.
     from mlflow.entities import ViewType
     from mlflow.tracking import MlflowClient
@@ -199,7 +204,7 @@ def test_workers_on_postgres_survive_a_killed_worker(tmp_path, monkeypatch):
     assert len(child_numbers) == len(set(child_numbers)), sorted(child_numbers)
     complete_children = {int(r.data.tags["dmdopt.trial_number"]): r for r in children
                          if r.data.tags.get("dmdopt.trial_state") == "COMPLETE"}
-    assert set(complete_children) == {t.number for t in complete}
+    assert set(complete_children) == complete
     for run in children:
         assert run.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id
     for number, run in complete_children.items():

@@ -1,0 +1,113 @@
+"""A study end to end against real stores: Optuna's own tools read it, MLflow gets one parent
+and one child per finished trial, and a dead tracking server loses nothing (sync backfills)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+from conftest import tiny_study_toml
+from optuna.trial import TrialState
+
+from dmdopt.cli import main
+from dmdopt.search import load_study_file, run_study
+
+
+@pytest.fixture(scope="module")
+def tracked_study(tmp_path_factory):
+    """One tiny study, run once with MLflow tracking to a sqlite store."""
+    root = tmp_path_factory.mktemp("tracked")
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        path = root / "s.toml"
+        path.write_text(tiny_study_toml("tracked", n_trials=3))
+        config = load_study_file(path)
+        uri = f"sqlite:///{root}/mlflow.db"
+        study = run_study(config, tracking=True, tracking_uri=uri, progress=False,
+                          echo=lambda *_: None)
+    finally:
+        os.chdir(cwd)
+    return root, config, study, uri
+
+
+def test_mlflow_has_one_parent_and_one_child_per_finished_trial(tracked_study):
+    root, config, study, uri = tracked_study
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=["tracked"], output_format="list")
+    parents = [r for r in runs if r.data.tags.get("dmdopt.role") == "parent"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
+    finished = [t for t in study.get_trials(deepcopy=False)
+                if t.state in (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)]
+    assert len(parents) == 1
+    assert len(children) == len(finished) == 3
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+    assert sorted(int(c.data.tags["dmdopt.trial_number"]) for c in children) == [t.number for t in finished]
+    child = children[0]
+    assert {"cost_bpe", "val_error", "speedup", "wall_time"} <= set(child.data.metrics)
+    assert {"window", "rank", "horizon"} <= {k.split(".")[-1] for k in child.data.params}
+    history = mlflow.MlflowClient(uri).get_metric_history(child.info.run_id, "val_error")
+    assert len(history) > 2  # the learning curve, cost as step
+    artifacts = {a.path for a in mlflow.MlflowClient(uri).list_artifacts(parents[0].info.run_id)}
+    assert {"pareto.html", "pareto.png", "pareto.csv", "dashboard.html"} <= artifacts
+    assert "hypervolume" in parents[0].data.metrics
+
+
+def test_optuna_cli_reads_the_front_with_metric_names(tracked_study):
+    root, config, study, _ = tracked_study
+    storage = f"sqlite:///{root}/dmdopt-runs/optuna.db"
+    optuna_cli = Path(sys.executable).parent / "optuna"
+    out = subprocess.run([str(optuna_cli), "best-trials", "--study-name", "tracked",
+                          "--storage", storage, "-f", "json"], capture_output=True, text=True,
+                         check=True)
+    rows = json.loads(out.stdout)
+    assert sorted(r["number"] for r in rows) == sorted(t.number for t in study.best_trials)
+    assert set(rows[0]["values"]) == {"cost_bpe", "val_rel_l2"}
+
+
+def test_optuna_dashboard_opens_the_storage(tracked_study):
+    from optuna_dashboard import wsgi
+
+    root, *_ = tracked_study
+    from wsgiref.util import setup_testing_defaults
+
+    app = wsgi(f"sqlite:///{root}/dmdopt-runs/optuna.db")
+    environ = {"PATH_INFO": "/api/studies"}
+    setup_testing_defaults(environ)
+    status = {}
+    body = b"".join(app(environ, lambda s, h, *_: status.setdefault("code", s)))
+    assert status["code"].startswith("200")
+    assert "tracked" in body.decode()
+
+
+def test_pareto_cli_lists_reference_and_front(tracked_study, capsys, monkeypatch):
+    root, config, study, _ = tracked_study
+    monkeypatch.chdir(root)
+    assert main(["study", "pareto", "tracked", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows[0]["trial"] == "reference" and rows[0]["speedup"] == 1.0
+    assert [r["trial"] for r in rows[1:]] == [t.number for t in
+                                             sorted(study.best_trials, key=lambda t: t.values)]
+
+
+def test_dead_tracking_server_loses_nothing_and_sync_backfills(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "s.toml"
+    path.write_text(tiny_study_toml("offline", n_trials=2))
+    config = load_study_file(path)
+    study = run_study(config, tracking=True, tracking_uri="http://127.0.0.1:9/", progress=False,
+                      echo=lambda *_: None)
+    assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 2  # trials finished anyway
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    assert main(["study", "sync-mlflow", "offline", "--tracking-uri", uri]) == 0
+    assert "2 trial run(s) added" in capsys.readouterr().out
+    assert main(["study", "sync-mlflow", "offline", "--tracking-uri", uri]) == 0
+    assert "0 trial run(s) added" in capsys.readouterr().out
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=["offline"], output_format="list")
+    assert len([r for r in runs if r.data.tags.get("mlflow.parentRunId")]) == 2
