@@ -160,7 +160,8 @@ def worker_loop(config: StudyConfig, *, storage_url: str, n_trials: int | None,
                               pruner=optuna.pruners.MedianPruner(n_startup_trials=3))
     dataset = _load_dataset(config, cache_dir, progress)
     objective = Objective(config, dataset, study.user_attrs["reference"])
-    tracker = _Tracking(config.name, storage_url, tracking_uri, tracking)
+    if tracker is None:
+        tracker = _Tracking(config.name, storage_url, tracking_uri, tracking)
 
     worker_id = f"{socket.gethostname()}:{os.getpid()}"
 
