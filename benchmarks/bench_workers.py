@@ -1,6 +1,6 @@
 """Worker scaling and storage overhead: trials/hour for 1 vs K workers; storage ms per trial.
 
-1. Throughput: the same tiny study (grid 16, 80 samples, width 16, 250 steps) run to N COMPLETE
+1. Throughput: the same tiny study (grid 16, 80 samples, width 16, 1000 steps) run to N COMPLETE
    trials by `dmdopt study run --workers K --no-mlflow` on a fresh SQLite storage, for each K.
    trials/hour counts the trial phase only (first trial start -> last trial end, from the
    storage's own timestamps); the wall column also holds start-up, dataset and reference run.
@@ -10,7 +10,7 @@
    (one a 30-point curve), tell. (Multi-objective trials report no intermediate values.)
    Median over M trials, against SQLite and, when $DMDOPT_TEST_POSTGRES_URL is set, PostgreSQL.
 
-    python benchmarks/bench_workers.py [--trials 6] [--workers 1,2] [--threads T]
+    python benchmarks/bench_workers.py [--trials 8] [--steps 1000] [--workers 1,2] [--threads T]
                                        [--overhead-trials 20] [--skip-throughput] [--skip-overhead]
 """
 
@@ -46,7 +46,7 @@ activation = "tanh"
 [training]
 optimizer = "adam"
 lr = 0.003
-max_steps = 250
+max_steps = {steps}
 eval_every = 25
 seed = 0
 
@@ -66,7 +66,8 @@ include_inf = true
 
 
 # ---------------------------------------------------------------- 1. throughput
-def throughput(workers: list[int], n_trials: int, tmp: Path, threads: int | None) -> list[dict]:
+def throughput(workers: list[int], n_trials: int, steps: int, tmp: Path,
+               threads: int | None) -> list[dict]:
     import optuna
     from optuna.trial import TrialState
 
@@ -79,7 +80,7 @@ def throughput(workers: list[int], n_trials: int, tmp: Path, threads: int | None
     for k in workers:
         name = f"bench-w{k}-{uuid.uuid4().hex[:6]}"
         study_file = tmp / f"{name}.toml"
-        study_file.write_text(TINY.format(name=name, n_trials=n_trials))
+        study_file.write_text(TINY.format(name=name, n_trials=n_trials, steps=steps))
         url = f"sqlite:///{tmp / (name + '.db')}"
         cmd = [sys.executable, "-m", "dmdopt", "study", "run", str(study_file), "--storage", url,
                "--workers", str(k), "--n-trials", str(n_trials), "--no-mlflow", "--quiet",
@@ -165,8 +166,9 @@ def storage_overhead(url: str, n: int, warmup: int = 3) -> dict[str, float]:
 # ---------------------------------------------------------------- main
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trials", type=int, default=6, help="N COMPLETE trials per run")
+    parser.add_argument("--trials", type=int, default=8, help="N COMPLETE trials per run")
     parser.add_argument("--workers", default="1,2", help="comma-separated worker counts")
+    parser.add_argument("--steps", type=int, default=1000, help="training steps per trial")
     parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS for every worker "
                         "(default: the engine's policy)")
     parser.add_argument("--overhead-trials", type=int, default=20)
@@ -181,10 +183,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="dmdopt-bench-workers-") as tmp_dir:
         tmp = Path(tmp_dir)
         if not args.skip_throughput:
-            rows = throughput(workers, args.trials, tmp, args.threads)
+            rows = throughput(workers, args.trials, args.steps, tmp, args.threads)
             base = rows[0]["per_hour"]
             policy = f"OMP_NUM_THREADS={args.threads}" if args.threads else "default threads"
-            print(f"\nThroughput: tiny study, N = {args.trials} COMPLETE trials, SQLite, "
+            print(f"\nThroughput: tiny study ({args.steps} steps/trial), N = {args.trials} "
+                  "COMPLETE trials, SQLite, "
                   f"--no-mlflow, {policy}")
             print(f"{'workers':>7} {'trials':>9} {'wall s':>7} {'trial phase s':>13} "
                   f"{'mean trial s':>12} {'trials/hour':>11} {'vs 1':>5}")

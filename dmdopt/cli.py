@@ -139,8 +139,10 @@ def cmd_study_run(args) -> int:
         print("interrupted: finished trials are kept; run the same command again to resume",
               file=sys.stderr)
         return 130
+    from dmdopt._util import mask_url
+
     print(f"done. next: dmdopt study pareto {config.name}"
-          + (f" --storage {args.storage}" if args.storage else ""))
+          + (f" --storage {mask_url(args.storage)}" if args.storage else ""))
     return 0
 
 
