@@ -179,6 +179,16 @@ def tolerant(method: Callable[..., T]) -> Callable[..., T | None]:
     return wrapper
 
 
+def _quiet_terminate(client: MlflowClient, run_id: str, status: str, **kwargs: Any) -> None:
+    """`set_terminated` without MLflow's "View run ... at" lines on stdout (two per run against
+    an HTTP server: noise in a study's log of one line per trial)."""
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        client.set_terminated(run_id, status, **kwargs)
+
+
 # ---------------------------------------------------------------- the tracker
 class StudyTracker:
     """Mirrors one Optuna study (as a CONTRACT.md summary) into MLflow runs."""
@@ -331,7 +341,7 @@ class StudyTracker:
                                      run_name=f"trial-{number:03d}")
         run_id = run.info.run_id
         log_batch(self.client, run_id, metrics=metrics, params=params)
-        self.client.set_terminated(run_id, FINISHED_STATES[state],
+        _quiet_terminate(self.client, run_id, FINISHED_STATES[state],
                                    end_time=_epoch_ms(trial.get("datetime_complete"), now))
         return run_id
 
@@ -383,7 +393,7 @@ class StudyTracker:
         if states & {"RUNNING", "WAITING"}:
             client.update_run(parent_id, status="RUNNING")
         else:
-            client.set_terminated(parent_id, "FINISHED")
+            _quiet_terminate(client, parent_id, "FINISHED")
         return parent_id
 
     @tolerant
