@@ -49,6 +49,15 @@ def _study_ref(name: str, storage: str | None) -> tuple[str, str]:
     return name, storage or DEFAULT_STORAGE
 
 
+def _summary(args, **kwargs) -> tuple[str, str, dict]:
+    """(name, storage, plain-data summary) of the study the command names."""
+    from dmdopt.search.storage import load_study
+    from dmdopt.search.summary import summarize
+
+    name, storage = _study_ref(args.name, args.storage)
+    return name, storage, summarize(load_study(name, storage), storage_url=storage, **kwargs)
+
+
 # ---------------------------------------------------------------------------------------------
 def cmd_data(args) -> int:
     from dmdopt.problem import ProblemConfig, load_dataset
@@ -214,14 +223,10 @@ def cmd_study_pareto(args) -> int:
 
 
 def cmd_study_sync(args) -> int:
-    from dmdopt.search.storage import load_study
-    from dmdopt.search.summary import summarize
     from dmdopt.tracking import StudyTracker
 
-    name, storage = _study_ref(args.name, args.storage)
-    study = load_study(name, storage)
-    tracker = StudyTracker(args.tracking_uri, name)
-    added = tracker.sync(summarize(study, storage_url=storage))
+    name, _, summary = _summary(args)
+    added = StudyTracker(args.tracking_uri, name).sync(summary)
     if added is None:
         raise UserError("sync-mlflow: the MLflow tracking server is unreachable")
     print(f"sync-mlflow: {added} trial run(s) added under the parent of study {name}")
@@ -231,13 +236,9 @@ def cmd_study_sync(args) -> int:
 def cmd_export(args) -> int:
     from dmdopt.export import export_tuned_config
     from dmdopt.search.recommend import parse_policy
-    from dmdopt.search.storage import load_study
-    from dmdopt.search.summary import summarize
 
-    name, storage = _study_ref(args.name, args.storage)
     policy, value = parse_policy(args.policy if args.value is None else f"{args.policy}={args.value}")
-    study = load_study(name, storage)
-    summary = summarize(study, storage_url=storage, policy=policy, value=value)
+    _, _, summary = _summary(args, policy=policy, value=value)
     tuned = export_tuned_config(summary, args.output, policy=policy, value=value, number=args.trial)
     exp = tuned.expected
     print(f"exported trial {tuned.provenance['trial_number']} ({policy}) to {args.output}: "
@@ -247,12 +248,9 @@ def cmd_export(args) -> int:
 
 
 def cmd_dashboard(args) -> int:
-    from dmdopt.search.storage import load_study
-    from dmdopt.search.summary import summarize
     from dmdopt.tracking.dashboard import write_dashboard
 
-    name, storage = _study_ref(args.name, args.storage)
-    summary = summarize(load_study(name, storage), storage_url=storage)
+    name, _, summary = _summary(args)
     write_dashboard(summary, args.output)
     print(f"dashboard of {name} written to {args.output}")
     return 0
