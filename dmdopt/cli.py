@@ -257,9 +257,16 @@ def cmd_dashboard(args) -> int:
 
 
 def cmd_ui(args) -> int:
+    import signal
+
     from dmdopt.tracking.ui import start_ui, stop_ui
 
     proc = start_ui(host=args.host, port=args.port, allow_remote=args.allow_remote)
+
+    def _terminate(signum, frame):  # SIGTERM (a job scheduler, `timeout`): same as Ctrl-C
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         return proc.wait()
     except KeyboardInterrupt:

@@ -82,9 +82,12 @@ def start_ui(*, host: str = "127.0.0.1", port: int = 5000, backend_store_uri: st
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)
         out = open(log_file, "ab")  # noqa: SIM115 - handed to the child, closed below
     try:
+        # No MLflow 3 job-runner processes: the UI needs none, and they outlive a killed server.
+        env = os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         proc = subprocess.Popen(
             server_command(host=host, port=int(port), backend_store_uri=uri, artifacts=str(dest)),
-            stdout=out, stderr=subprocess.STDOUT if out else None, start_new_session=True)
+            stdout=out, stderr=subprocess.STDOUT if out else None, start_new_session=True,
+            env=env)
     finally:
         if out is not None:
             out.close()
