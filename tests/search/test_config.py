@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import tiny_study_toml
+from study_files import tiny_study_toml
 
 from dmdopt.cli import main
 from dmdopt.errors import UserError

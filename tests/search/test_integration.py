@@ -11,11 +11,18 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from conftest import tiny_study_toml
 from optuna.trial import TrialState
+from study_files import tiny_study_toml
 
 from dmdopt.cli import main
 from dmdopt.search import load_study_file, run_study
+
+
+def _search_runs(uri: str, experiment: str) -> list:
+    """Runs of one experiment, without leaving the process-global tracking URI changed."""
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id]) if exp else []
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +45,7 @@ def tracked_study(tmp_path_factory):
 
 def test_mlflow_has_one_parent_and_one_child_per_finished_trial(tracked_study):
     root, config, study, uri = tracked_study
-    mlflow.set_tracking_uri(uri)
-    runs = mlflow.search_runs(experiment_names=["tracked"], output_format="list")
+    runs = _search_runs(uri, "tracked")
     parents = [r for r in runs if r.data.tags.get("dmdopt.role") == "parent"]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
     finished = [t for t in study.get_trials(deepcopy=False)
@@ -108,6 +114,5 @@ def test_dead_tracking_server_loses_nothing_and_sync_backfills(tmp_path, monkeyp
     assert "2 trial run(s) added" in capsys.readouterr().out
     assert main(["study", "sync-mlflow", "offline", "--tracking-uri", uri]) == 0
     assert "0 trial run(s) added" in capsys.readouterr().out
-    mlflow.set_tracking_uri(uri)
-    runs = mlflow.search_runs(experiment_names=["offline"], output_format="list")
+    runs = _search_runs(uri, "offline")
     assert len([r for r in runs if r.data.tags.get("mlflow.parentRunId")]) == 2

@@ -6,8 +6,8 @@ import math
 
 import optuna
 import pytest
-from conftest import tiny_study_toml
 from optuna.trial import TrialState
+from study_files import tiny_study_toml
 
 from dmdopt.search import load_study_file, run_study
 from dmdopt.search import objective as objective_module

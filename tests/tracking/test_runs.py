@@ -5,13 +5,11 @@ from __future__ import annotations
 import csv
 import io
 import multiprocessing
-import os
 import socket
 import time
 import warnings
 from importlib.metadata import version
 from pathlib import Path
-from unittest import mock
 
 import mlflow
 import pytest
@@ -24,8 +22,13 @@ FINISHED = (0, 1, 2, 3)  # trial 4 is RUNNING
 
 def _runs(uri: str, study: str, role: str | None = None):
     """Active runs of a study via the fluent search API (a DataFrame)."""
-    with mock.patch.dict(os.environ, {"MLFLOW_TRACKING_URI": uri}):
+    # the fluent API's URI is process-global once any test called set_tracking_uri: set it here
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
         df = mlflow.search_runs(experiment_names=[study])
+    finally:
+        mlflow.set_tracking_uri(previous)
     return df if role is None else df[df["tags.dmdopt.role"] == role]
 
 
