@@ -85,7 +85,10 @@ def prepare_study(config: StudyConfig, *, storage_url: str, cache_dir="dmdopt-ru
     if study.user_attrs.get("reference") is None:
         echo(f"reference: plain {config.training.optimizer} for {config.training.max_steps} steps ...")
         reference = reference_run(config, dataset)
-        study.set_user_attr("reference", reference)
+        # Workers starting together on a new study each train the reference; the first one
+        # stored wins, so every worker (and every plot) uses the same reference.
+        if study.user_attrs.get("reference") is None:
+            study.set_user_attr("reference", reference)
     reference = study.user_attrs["reference"]
     echo(f"reference: cost {reference['cost_bpe']:.0f} bpe, val error {reference['val_rel_l2']:.4f}, "
          f"wall {reference['wall_time']:.1f} s")
@@ -123,7 +126,7 @@ class _Tracking:
             self.tracker.ensure_parent(summarize(study, storage_url=self.storage_url))
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        if self.tracker is None:
+        if self.tracker is None or _is_surplus(trial):
             return
         try:
             summary = summarize(study, storage_url=self.storage_url)
@@ -132,6 +135,11 @@ class _Tracking:
         except Exception as exc:  # noqa: BLE001 - the trial is safe in the Optuna storage
             log.warning("MLflow logging of trial %d failed: %s (run `dmdopt study sync-mlflow`)",
                         trial.number, exc)
+
+
+def _is_surplus(trial: optuna.trial.FrozenTrial) -> bool:
+    """A trial pruned before training because the quota was already full: not a result."""
+    return str(trial.user_attrs.get("fail_reason", "")).startswith("surplus")
 
 
 def _echo_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial, echo=print) -> None:

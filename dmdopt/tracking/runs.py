@@ -189,6 +189,12 @@ def _quiet_terminate(client: MlflowClient, run_id: str, status: str, **kwargs: A
         client.set_terminated(run_id, status, **kwargs)
 
 
+def _loggable(trial: dict) -> bool:
+    """Finished trials, except those pruned as surplus before training (not results)."""
+    reason = str((trial.get("user_attrs") or {}).get("fail_reason", ""))
+    return trial.get("state") in FINISHED_STATES and not reason.startswith("surplus")
+
+
 # ---------------------------------------------------------------- the tracker
 class StudyTracker:
     """Mirrors one Optuna study (as a CONTRACT.md summary) into MLflow runs."""
@@ -349,7 +355,7 @@ class StudyTracker:
     def log_trial(self, summary: dict, number: int) -> str | None:
         """Child run of a finished trial (COMPLETE, FAIL, PRUNED); None if already logged."""
         trial = next((t for t in summary.get("trials") or [] if t["number"] == number), None)
-        if trial is None or trial.get("state") not in FINISHED_STATES:
+        if trial is None or not _loggable(trial):
             return None
         parent_id = self._parent(summary)
         existing = self._search(f"tags.`{TAG_ROLE}` = 'child' and "
@@ -403,7 +409,7 @@ class StudyTracker:
         have = self.logged_trials()
         added = 0
         for trial in summary.get("trials") or []:
-            if trial.get("state") in FINISHED_STATES and trial["number"] not in have:
+            if _loggable(trial) and trial["number"] not in have:
                 self._create_child(summary, trial, parent_id)
                 added += 1
         self.refresh_parent(summary)
