@@ -188,12 +188,36 @@ def _table(rows: list[dict], methods, echo) -> None:
 def main(argv=None) -> None:  # pragma: no cover - thin wrapper for benchmarks/bench_dmd.py
     import argparse
 
+    from dmdopt.training.config import DMDConfig
+
     parser = argparse.ArgumentParser(description="plain vs DMD-accelerated training")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--methods", default=",".join(METHODS), help="e.g. gd or adam,gd")
+    parser.add_argument("--lr", action="append", default=[], metavar="METHOD=LR",
+                        help="override a method's learning rate, e.g. --lr gd=1")
+    parser.add_argument("--dmd", default="", metavar="KEY=VALUE,...",
+                        help="DMDConfig fields instead of the defaults, e.g. window=10,rank=8")
     args = parser.parse_args(argv)
+    methods = tuple(m for m in args.methods.split(",") if m)
+    for item in args.lr:
+        method, _, value = item.partition("=")
+        if method not in METHODS:
+            parser.error(f"--lr: unknown method {method!r}")
+        LEARNING_RATES[method] = (float(value), float(value))
+    dmd = None
+    if args.dmd:
+        fields = {}
+        for item in args.dmd.split(","):
+            key, _, value = item.partition("=")
+            try:
+                fields[key] = int(value)
+            except ValueError:
+                fields[key] = value if value == "inf" else float(value)
+        dmd = DMDConfig.from_dict(fields)
     t0 = time.perf_counter()
-    run_benchmark(seeds=args.seeds, steps=args.steps, json_path=args.json, quick=args.quick)
+    run_benchmark(seeds=args.seeds, steps=args.steps, json_path=args.json, quick=args.quick,
+                  methods=methods, dmd=dmd)
     print(f"total {time.perf_counter() - t0:.0f} s")
