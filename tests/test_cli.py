@@ -58,3 +58,12 @@ def test_data_and_train_run(tmp_path, monkeypatch, capsys):
                  "--quiet", "--eval-every", "10"]) == 0
     out = capsys.readouterr().out
     assert "val_rel_l2" in out and "cost_bpe" in out
+
+
+def test_unwritable_cache_dir_is_one_line_before_any_solving(tmp_path, capsys):
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    code = main(["data", "--grid", "16", "--samples", "20", "--quiet",
+                 "--cache-dir", str(blocked / "data")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "cache_dir" in err and err.count("\n") == 0

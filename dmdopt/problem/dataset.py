@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from dmdopt.errors import UserError
 from dmdopt.problem.config import LOG_PARAMS, PARAM_NAMES, ProblemConfig
 from dmdopt.problem.sampling import SPLIT_NAMES, sample_params, split_indices
 from dmdopt.problem.solver import solve_field
@@ -270,6 +271,16 @@ def load_dataset(
         if cached is not None:
             return cached
 
+    # Check the cache folder is writable *before* minutes of solving, not after.
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe = path.parent / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(
+            f"cache_dir: cannot write the dataset cache in {path.parent}: {exc.strerror}"
+        ) from None
     params = sample_params(config).astype(np.float32)
     fields = build_fields(params, config, workers=workers, progress=progress)
     splits = split_indices(config)
