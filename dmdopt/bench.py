@@ -52,7 +52,7 @@ def _configs(method: str, *, quick: bool, steps: int, seed: int):
     optimizer = "adam" if method == "adam" else "sgd"
     momentum = 0.9 if method == "sgd_momentum" else 0.0
     return TrainConfig(optimizer=optimizer, lr=lr, momentum=momentum, max_steps=steps,
-                       eval_every=EVAL_EVERY, seed=seed, device="cpu")
+                       eval_every=EVAL_EVERY, seed=seed, device="auto")
 
 
 def _problem(quick: bool):

@@ -1,0 +1,26 @@
+"""`dmdopt bench`: plain vs DMD rows, side by side, written as JSON with the documented keys."""
+
+from __future__ import annotations
+
+import json
+
+from dmdopt.cli import main
+
+
+def test_bench_json_rows(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--quick", "--seeds", "1", "--steps", "40", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "cost x" in printed and "adam" in printed
+    rows = json.loads(out.read_text())
+    dmd_rows = [r for r in rows if r["variant"] == "dmd"]
+    assert {r["method"] for r in dmd_rows} == {"adam+dmd", "gd+dmd", "sgd_momentum+dmd"}
+    for row in rows:
+        assert {"method", "seed", "cost_to_target", "wall_to_target", "final_val_error",
+                "speedup"} <= set(row)
+    for row in dmd_rows:
+        if row["speedup"] is not None:
+            plain = next(r for r in rows if r["variant"] == "plain" and r["seed"] == row["seed"]
+                         and row["method"].startswith(r["method"]))
+            assert abs(row["speedup"] - plain["cost"] / row["cost_to_target"]) < 1e-9
