@@ -29,6 +29,10 @@ from mlflow.tracking import MlflowClient
 from dmdopt._util import git_commit, mask_url, versions
 
 log = logging.getLogger(__name__)
+# MLflow announces its one-off sqlite schema set-up at INFO on every new store; in a study's
+# log of one line per trial that is noise.
+for _name in ("mlflow.store.db.utils", "alembic.runtime.migration"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
 
 DEFAULT_TRACKING_URI = "sqlite:///dmdopt-runs/mlflow.db"
 DEFAULT_ARTIFACTS = "dmdopt-runs/mlartifacts"
