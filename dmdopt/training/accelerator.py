@@ -157,10 +157,12 @@ class DMDAccelerator:
         out = []
         for factor in cfg.line_search or (1.0,):
             if math.isinf(cfg.horizon):
+                if factor > 1.0:  # past the converged state: no meaning, only wasted forwards
+                    continue
                 out.append((factor, math.inf if factor == 1.0 else factor, factor))
             else:
                 out.append((cfg.horizon * factor, cfg.horizon * factor, factor))
-        return sorted(out)
+        return sorted(out) or [(1.0, math.inf, 1.0)]
 
     def _jump(self, closure: Callable[[], torch.Tensor]) -> bool:
         from dmdopt.dmd import dmd_flops, fit_dmd

@@ -105,7 +105,7 @@ class DMDConfig:
     line_search  horizon factors tried with forward passes only, smallest step first, stopping
                once the loss rises after an improvement; the best loss wins. () means only
                `horizon` itself. For horizon=inf a factor f < 1 is the damped step toward the
-               converged state. Default: a geometric ladder 5..20480 steps (see
+               converged state and factors > 1 are skipped. Default: a geometric ladder 5..20480 steps (see
                `dmdopt.training.accelerator` for the measurements behind the defaults).
     grouping   'layer' (weights+bias of a module together), 'tensor', or 'global'.
     optimizer_state  'keep' (moments survive a kept jump) or 'reset' (cleared).
