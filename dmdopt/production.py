@@ -53,16 +53,15 @@ def tolerance_for(expected_device: str | None, device: str) -> float:
     return OTHER_DEVICE_TOLERANCE
 
 
-def _checkpoint_state(path: Path) -> tuple[int, float] | None:
-    """(step, last validation error) of a checkpoint written by `train()`; None: none yet."""
+def _checkpoint_step(path: Path) -> int | None:
+    """The step of a checkpoint written by `train()`; None: none yet."""
     if not path.exists():
         return None
     import torch
 
     try:  # tensors, dicts, numbers only: the restricted unpickler suffices
         saved = torch.load(path, map_location="cpu", weights_only=True)
-        curve = saved["state"]["curve"]
-        return int(saved["state"]["step"]), float(curve[-1]["val_error"]) if curve else math.inf
+        return int(saved["state"]["step"])
     except Exception as exc:
         raise UserError(f"checkpoint {path} cannot be read ({' '.join(str(exc).split())[:200]}); "
                         "delete it to start over") from None
@@ -149,17 +148,12 @@ def run_production(
         raise UserError(f"checkpoint directory {ckpt_dir} is not writable")
     ckpt = ckpt_dir / f"{key}.pt"
     requested_steps = training.max_steps
-    saved = _checkpoint_state(ckpt)
-    start = saved[0] if saved else None
+    start = _checkpoint_step(ckpt)
     if start is not None and start > training.max_steps:
         raise UserError(f"checkpoint {ckpt} is at step {start}, past the requested "
                         f"{training.max_steps} steps: pass steps >= {start} or delete it")
-    finished_by_target = bool(saved and training.target_error is not None
-                              and saved[1] <= training.target_error)
-    if finished_by_target:
-        # train() keeps going from a checkpoint of a run that already stopped at its target;
-        # a budget equal to the checkpoint's step replays it instead (nothing is retrained)
-        training = replace(training, max_steps=start)
+    # A run that already stopped at its target is not trained further: train() keeps
+    # `stopped_by` in the checkpoint and returns at once.
     if start and progress:
         print(f"resuming from {ckpt} at step {start}", file=sys.stderr)
 
@@ -174,7 +168,7 @@ def run_production(
         "wall_time": result.wall_time, "dmd_time": result.dmd_time,
         "jumps_accepted": result.jumps_accepted, "jumps_rejected": result.jumps_rejected,
         "steps": result.curve[-1]["step"],
-        "stopped_by": "target" if finished_by_target else result.stopped_by,
+        "stopped_by": result.stopped_by,
         "device": result.device, "resumed_from_step": start or 0,
         "checkpoint": str(ckpt), "checkpoint_every": every, "config_hash": key,
         "expected_val_rel_l2": None, "val_rel_diff": None, "tolerance": None, "reproduced": None,
