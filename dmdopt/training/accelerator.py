@@ -14,7 +14,8 @@ is worse than the previous one once some candidate has improved on the current l
 along the ladder is close to unimodal; this keeps the forward passes to ~3-5 per jump). The
 best candidate is kept **only if the closure's loss improves** on the current weights;
 otherwise the weights are rolled back bit for bit. Either way a fresh window starts. A window
-holding a non-finite snapshot is rejected without fitting, so NaN never reaches the weights.
+holding a non-finite snapshot makes its Gram non-finite and the jump is rejected before any
+forward pass, so NaN never reaches the weights.
 
 Cost: every closure call is added to the `CostCounter` (`forward_weight` batches each), the
 fits (`dmd_flops`) and every extra candidate (2pr + p per group for a predict, 3p for a
@@ -92,7 +93,6 @@ class DMDAccelerator:
         self.buffers = [torch.empty(config.window, n, dtype=dtype, device=device) for n in self.sizes]
         self.filled = 0
         self.steps_seen = 0
-        self.early_stop = True
         self.stats = {"jumps_accepted": 0, "jumps_rejected": 0, "forward_passes": 0,
                       "dmd_flops": 0.0, "dmd_seconds": 0.0, "forward_seconds": 0.0,
                       "chosen_horizons": []}
@@ -212,7 +212,7 @@ class DMDAccelerator:
             loss = self._loss(closure)
             if loss < best_loss:
                 best_loss, best_h, best_params = loss, horizon, candidate
-            elif self.early_stop and best_params is not None and loss > prev_loss:
+            elif best_params is not None and loss > prev_loss:
                 break  # past the minimum along the (unimodal) ladder
             prev_loss = loss
 

@@ -208,7 +208,6 @@ def train(
         return point
 
     bar = _progress_bar(config.max_steps, enabled=progress)
-    stopped_by = state.get("stopped_by") or "budget"
     try:
         if not state["curve"]:
             record_point()  # the starting point of the learning curve, cost 0
@@ -238,7 +237,7 @@ def train(
                 point = record_point()
                 bar.note(val_error=point["val_error"])
                 if config.target_error is not None and point["val_error"] <= config.target_error:
-                    stopped_by = state["stopped_by"] = "target"
+                    state["stopped_by"] = "target"
                     break
             if ckpt is not None and checkpoint_every and state["step"] % checkpoint_every == 0:
                 save_checkpoint()
@@ -257,7 +256,7 @@ def train(
         curve=state["curve"], metrics=metrics, cost=cost.to_dict(), wall_time=state["wall"],
         dmd_time=stats.get("dmd_seconds", 0.0),
         jumps_accepted=stats.get("jumps_accepted", 0), jumps_rejected=stats.get("jumps_rejected", 0),
-        device=str(device), stopped_by=stopped_by, model=net,
+        device=str(device), stopped_by=state.get("stopped_by") or "budget", model=net,
     )
 
 
