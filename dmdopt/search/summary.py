@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import optuna
 from optuna.trial import TrialState
 
@@ -86,7 +84,3 @@ def summarize(study: optuna.Study, *, storage_url: str | None = None, policy: st
         except Exception:  # no qualifying point: the summary simply has no recommendation
             summary["recommended"] = None
     return summary
-
-
-def is_finite_front(values: list[float] | None) -> bool:
-    return values is not None and all(math.isfinite(v) for v in values)
