@@ -15,6 +15,7 @@ import socket
 import time
 
 import optuna
+from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from dmdopt._util import mask_url
@@ -137,6 +138,25 @@ class _Tracking:
                         trial.number, exc)
 
 
+def _quota_place(trial: optuna.trial.FrozenTrial) -> tuple[int, int]:
+    """A trial's place in the quota order. A retry of a dead worker's trial takes the place of
+    the trial it re-runs, so a killed trial is re-run rather than replaced by a newer one."""
+    origin = RetryHeartbeatStaleTrialCallback.retried_trial_number(trial)
+    history = RetryHeartbeatStaleTrialCallback.retry_history(trial) if origin is not None else []
+    return (history[0] if history else trial.number, trial.number)
+
+
+def _quota_full_ahead(study: optuna.Study, number: int, n_trials: int) -> bool:
+    """Whether `n_trials` trials ahead of trial `number` (in quota order) are complete, running
+    or queued, so that this trial would overshoot the quota. Every worker applies the same
+    total order, so concurrent workers agree on which trials are surplus."""
+    trials = study.get_trials(deepcopy=False)
+    mine = next(_quota_place(t) for t in trials if t.number == number)
+    live = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)
+    ahead = [t for t in trials if t.state in live and _quota_place(t) < mine]
+    return len(ahead) >= n_trials
+
+
 def _is_surplus(trial: optuna.trial.FrozenTrial) -> bool:
     """A trial pruned before training because the quota was already full: not a result."""
     return str(trial.user_attrs.get("fail_reason", "")).startswith("surplus")
@@ -177,14 +197,17 @@ def worker_loop(config: StudyConfig, *, storage_url: str, n_trials: int | None,
         # Which machine/process ran (or lost) the trial: the only trace a dead worker leaves.
         trial.set_user_attr("worker", worker_id)
         # Another worker may have filled the quota while we were asking: don't overshoot.
-        if n_trials is not None:
-            ahead = [t for t in study.get_trials(deepcopy=False,
-                                                 states=(TrialState.COMPLETE, TrialState.RUNNING))
-                     if t.number < trial.number]
-            if len(ahead) >= n_trials:
-                trial.set_user_attr("fail_reason", "surplus: the study already had enough trials")
-                raise optuna.TrialPruned("surplus")
-        return objective(trial)
+        if n_trials is not None and _quota_full_ahead(study, trial.number, n_trials):
+            trial.set_user_attr("fail_reason", "surplus: the study already had enough trials")
+            raise optuna.TrialPruned("surplus")
+        values = objective(trial)
+        # Checked again at the end: a dead worker's trial may have been re-queued (it keeps
+        # its place in the order) while this one trained. Rare; costs one trial's work.
+        if n_trials is not None and _quota_full_ahead(study, trial.number, n_trials):
+            trial.set_user_attr("fail_reason", "surplus: a re-queued trial filled the quota "
+                                "while this one trained")
+            raise optuna.TrialPruned("surplus")
+        return values
 
     def after(study_: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         _echo_trial(study_, trial, echo)

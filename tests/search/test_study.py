@@ -122,3 +122,57 @@ def test_single_objective_mode_prunes_or_reaches_target(study_dir):
     done = complete(study)
     assert done and all(t.value <= 2 * 60 * 2 for t in done)
     assert isinstance(study.sampler, optuna.samplers.RandomSampler)
+
+
+def _quota_study(tmp_path, n_complete: int):
+    """A real SQLite study with `n_complete` finished trials and one killed trial after them."""
+    from optuna.distributions import FloatDistribution
+
+    storage = f"sqlite:///{tmp_path}/quota.db"
+    study = optuna.create_study(study_name="quota", storage=storage, directions=["minimize"])
+    dist = {"x": FloatDistribution(0, 1)}
+    for i in range(n_complete):
+        study.add_trial(optuna.trial.create_trial(params={"x": i / 10}, distributions=dist,
+                                                  values=[float(i)]))
+    killed = study.ask(dist)
+    study.tell(killed, state=TrialState.FAIL)  # what fail_stale_trials does to a dead worker's
+    return study, dist, study.get_trials(deepcopy=False)[-1]
+
+
+def test_quota_order_lets_a_retry_take_its_killed_trials_place(tmp_path):
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+    from dmdopt.search.study import _quota_full_ahead
+
+    study, dist, killed = _quota_study(tmp_path, 5)  # quota 6: trials 0-4 done, 5 killed
+    # A new trial that started in the instant between the kill being noticed and the retry
+    # being queued: it saw a free place, and trains.
+    newer = study.ask(dist)
+    assert not _quota_full_ahead(study, newer.number, 6)
+    # The retry of trial 5 is queued after it, but keeps trial 5's place: it runs...
+    RetryHeartbeatStaleTrialCallback(max_retry=3)(study, killed)
+    retry = study.ask(dist)
+    assert RetryHeartbeatStaleTrialCallback.retried_trial_number(
+        study.get_trials(deepcopy=False)[retry.number]) == killed.number
+    assert not _quota_full_ahead(study, retry.number, 6)
+    # ...and the newer one, checked again when it ends, is the surplus.
+    assert _quota_full_ahead(study, newer.number, 6)
+
+
+def test_quota_counts_queued_trials_ahead(tmp_path):
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+    from dmdopt.search.study import _quota_full_ahead
+
+    study, dist, killed = _quota_study(tmp_path, 5)
+    RetryHeartbeatStaleTrialCallback(max_retry=3)(study, killed)  # queued, not yet picked up
+    # Another worker's new trial, created while the retry still waits in the queue: the retry
+    # will run, so this one would be the 7th.
+    newer_id = study._storage.create_new_trial(study._study_id)
+    newer = study._storage.get_trial(newer_id)
+    assert newer.state == TrialState.RUNNING
+    assert _quota_full_ahead(study, newer.number, 6)
+    retry = study.ask(dist)  # the queued retry, picked up
+    assert not _quota_full_ahead(study, retry.number, 6)
+    # With a larger quota both run; the killed (FAIL) trial never holds a place.
+    assert not _quota_full_ahead(study, newer.number, 7)
