@@ -174,22 +174,8 @@ def cmd_study_status(args) -> int:
     return 0
 
 
-def _pareto_rows(summary: dict) -> list[dict]:
-    ref = summary["reference"] or {}
-    rec = (summary.get("recommended") or {}).get("number")
-    rows = [{"trial": "reference", "cost_bpe": ref.get("cost_bpe"), "val_rel_l2": ref.get("val_rel_l2"),
-             "speedup": 1.0, "window": None, "rank": None, "horizon": None, "recommended": False}]
-    by_number = {t["number"]: t for t in summary["trials"]}
-    for number in summary["pareto"]:
-        t = by_number[number]
-        rows.append({"trial": number, "cost_bpe": t["values"][0], "val_rel_l2": t["values"][1],
-                     "speedup": t["user_attrs"].get("speedup"), "window": t["params"].get("window"),
-                     "rank": t["params"].get("rank"), "horizon": t["params"].get("horizon"),
-                     "recommended": number == rec})
-    return rows
-
-
 def cmd_study_pareto(args) -> int:
+    from dmdopt.pareto import pareto_rows
     from dmdopt.search.storage import load_study
     from dmdopt.search.summary import summarize
 
@@ -198,7 +184,7 @@ def cmd_study_pareto(args) -> int:
     if len(study.directions) != 2:
         raise UserError(f"study {name!r} is single-objective: it has a best trial, not a front")
     summary = summarize(study, storage_url=storage)
-    rows = _pareto_rows(summary)
+    rows = pareto_rows(summary)
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -215,7 +201,7 @@ def cmd_study_pareto(args) -> int:
           f"{'rank':>6} {'horizon':>9}")
     for r in rows:
         fmt = lambda v, f: "-" if v is None else (v if isinstance(v, str) else format(v, f))  # noqa: E731
-        mark = "  <- recommended" if r["recommended"] else ""
+        mark = "  <- recommended" if r["is_recommended"] else ""
         print(f"{r['trial']!s:>9} {fmt(r['cost_bpe'], '.1f'):>10} {fmt(r['val_rel_l2'], '.5f'):>11} "
               f"{fmt(r['speedup'], '.2f'):>8} {fmt(r['window'], 'd'):>7} {fmt(r['rank'], 'g'):>6} "
               f"{fmt(r['horizon'], '.4g'):>9}{mark}")

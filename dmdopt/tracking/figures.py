@@ -15,9 +15,17 @@ from typing import Any
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-KNOBS = ("window", "rank", "horizon")
-CSV_COLUMNS = ("trial", "cost_bpe", "val_rel_l2", "speedup", "window", "rank", "horizon",
-               "is_reference", "is_recommended")
+from dmdopt.pareto import (  # noqa: F401 - re-exported: the figures' summary accessors
+    CSV_COLUMNS,
+    KNOBS,
+    as_float,
+    complete_trials,
+    pareto_rows,
+    pareto_trials,
+    recommended_number,
+    reference_point,
+    speedup,
+)
 
 _REF_COLOR = "#d62728"
 _FRONT_COLOR = "#1f77b4"
@@ -25,56 +33,6 @@ _REC_COLOR = "#2ca02c"
 _OTHER_COLOR = "#9a9a9a"
 _LAYOUT = {"template": "plotly_white", "margin": {"l": 60, "r": 20, "t": 50, "b": 50},
            "font": {"family": "system-ui, -apple-system, 'Segoe UI', sans-serif", "size": 12}}
-
-
-# ---------------------------------------------------------------- summary access
-def as_float(value: Any) -> float | None:
-    """A number from a summary field ("inf" strings included); None for anything else."""
-    if isinstance(value, bool) or value is None:
-        return None
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return None
-
-
-def complete_trials(summary: dict) -> list[dict]:
-    """COMPLETE trials with two finite objective values, in trial order."""
-    out = []
-    for t in summary.get("trials") or []:
-        values = t.get("values")
-        if t.get("state") == "COMPLETE" and values and len(values) >= 2 and all(
-                (v := as_float(x)) is not None and math.isfinite(v) for x in values[:2]):
-            out.append(t)
-    return sorted(out, key=lambda t: t["number"])
-
-
-def pareto_trials(summary: dict) -> list[dict]:
-    """The Pareto trials in the summary's order (sorted by cost)."""
-    by_number = {t["number"]: t for t in complete_trials(summary)}
-    return [by_number[n] for n in summary.get("pareto") or [] if n in by_number]
-
-
-def recommended_number(summary: dict) -> int | None:
-    rec = summary.get("recommended")
-    return rec.get("number") if isinstance(rec, dict) else None
-
-
-def reference_point(summary: dict) -> tuple[float, float] | None:
-    """(cost_bpe, val_rel_l2) of plain training, when the summary has it."""
-    ref = summary.get("reference") or {}
-    cost, err = as_float(ref.get("cost_bpe")), as_float(ref.get("val_rel_l2"))
-    return (cost, err) if cost is not None and err is not None else None
-
-
-def speedup(summary: dict, trial: dict) -> float | None:
-    """The trial's recorded speedup, else reference cost / trial cost."""
-    attr = as_float((trial.get("user_attrs") or {}).get("speedup"))
-    if attr is not None:
-        return attr
-    ref = reference_point(summary)
-    cost = as_float((trial.get("values") or [None])[0])
-    return ref[0] / cost if ref and cost else None
 
 
 def _hover(trial: dict) -> str:
@@ -88,25 +46,6 @@ def _empty(fig: go.Figure, text: str) -> go.Figure:
     fig.add_annotation(text=text, showarrow=False, xref="paper", yref="paper", x=0.5, y=0.5,
                        font={"size": 16, "color": "#666"})
     return fig
-
-
-# ---------------------------------------------------------------- Pareto table / CSV
-def pareto_rows(summary: dict) -> list[dict]:
-    """The reference row first, then the Pareto trials by cost, marked as CSV_COLUMNS says."""
-    rows = []
-    ref = reference_point(summary)
-    if ref is not None:
-        rows.append({"trial": "reference", "cost_bpe": ref[0], "val_rel_l2": ref[1],
-                     "speedup": 1.0, "window": "", "rank": "", "horizon": "",
-                     "is_reference": True, "is_recommended": False})
-    rec = recommended_number(summary)
-    for t in pareto_trials(summary):
-        params = t.get("params") or {}
-        rows.append({"trial": t["number"], "cost_bpe": t["values"][0],
-                     "val_rel_l2": t["values"][1], "speedup": speedup(summary, t),
-                     **{k: params.get(k, "") for k in KNOBS},
-                     "is_reference": False, "is_recommended": t["number"] == rec})
-    return rows
 
 
 def pareto_csv(summary: dict) -> str:

@@ -3,6 +3,8 @@ and one child per finished trial, and a dead tracking server loses nothing (sync
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import subprocess
@@ -15,6 +17,7 @@ from optuna.trial import TrialState
 from study_files import tiny_study_toml
 
 from dmdopt.cli import main
+from dmdopt.pareto import CSV_COLUMNS
 from dmdopt.search import load_study_file, run_study
 
 
@@ -99,6 +102,13 @@ def test_pareto_cli_lists_reference_and_front(tracked_study, capsys, monkeypatch
     assert rows[0]["trial"] == "reference" and rows[0]["speedup"] == 1.0
     assert [r["trial"] for r in rows[1:]] == [t.number for t in
                                              sorted(study.best_trials, key=lambda t: t.values)]
+    # The CLI's table is the MLflow CSV's table: same keys, same rows, one recommended point.
+    assert list(rows[0]) == list(CSV_COLUMNS)
+    assert rows[0]["is_reference"] and not any(r["is_reference"] for r in rows[1:])
+    assert sum(r["is_recommended"] for r in rows) == 1
+    assert main(["study", "pareto", "tracked", "--csv"]) == 0
+    csv_rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert [r["trial"] for r in csv_rows] == [str(r["trial"]) for r in rows]
 
 
 def test_dead_tracking_server_loses_nothing_and_sync_backfills(tmp_path, monkeypatch, capsys):
