@@ -11,6 +11,7 @@ O(p r) per horizon; or ``extrapolate(X, rank=0.99, horizon=50)`` for both at onc
 from __future__ import annotations
 
 from .extrapolate import (
+    GROWING_POLICIES,
     NEUTRAL_TOL,
     DMDFit,
     dmd_flops,
@@ -24,6 +25,7 @@ from .operator import DMDOperator, dmd_from_gram
 from .pod import POD, SnapshotPOD, parse_rank, pod, select_rank
 
 __all__ = [
+    "GROWING_POLICIES",
     "NEUTRAL_TOL",
     "POD",
     "DMDFit",

@@ -17,10 +17,14 @@ Eigenvalue policy (``tol`` = `NEUTRAL_TOL` by default):
   * neutral, 1 - tol <= |lambda| <= 1 + tol: for a finite horizon projected onto the unit
     circle (lambda / |lambda|), i.e. bounded oscillation or constant drift h * amplitude; for
     horizon=inf not extrapolated (it never converges).
-  * growing, |lambda| > 1 + tol: dropped for every horizon -- the mode "stays" at x_{m-1}.
-    Dropping (rather than projecting onto the unit circle) is deliberate: a projected growing
-    mode still drifts linearly, h * its last step, which for a horizon of 1000 is exactly the
-    blow-up we must avoid.
+  * growing, |lambda| > 1 + tol: dropped for every horizon (``growing="drop"``, the
+    default) -- the mode "stays" at x_{m-1}. A projected growing mode still drifts linearly,
+    h * its last step, which for a horizon of 1000 is the blow-up a caller without a line
+    search must avoid. ``growing="drift"`` projects growing modes onto the unit circle for a
+    finite horizon (never for inf): each continues at its current step length, never faster.
+    Gradient descent at its largest stable learning rate has its slow drift in such modes
+    (the loss decrease accelerates within a window); the accelerator's line search picks how
+    far to follow them (see `dmdopt.training.accelerator` for the measurement).
 So every kept eigenvalue has |lambda| <= 1, |g_h| <= min(h, 2 / |1 - lambda|) and, with
 b = W^-1 U^T d_{m-2} (unit-norm columns of W),
 
@@ -49,6 +53,7 @@ from .operator import DMDOperator, dmd_from_gram
 from .pod import _rows_single, column_gram, combine_columns, parse_rank
 
 __all__ = [
+    "GROWING_POLICIES",
     "NEUTRAL_TOL",
     "DMDFit",
     "dmd_flops",
@@ -60,6 +65,7 @@ __all__ = [
 ]
 
 NEUTRAL_TOL = 1e-6
+GROWING_POLICIES = ("drop", "drift")
 """Half-width of the band around |lambda| = 1 treated as neutral (see module docstring).
 
 With horizon=inf the largest amplification of a kept mode is 1 / NEUTRAL_TOL = 1e6 step
@@ -109,15 +115,19 @@ def horizon_gain(eigenvalues: Tensor, horizon: float) -> Tensor:
     return lam * ratio
 
 
-def stabilized_gain(eigenvalues: Tensor, horizon: float, tol: float = NEUTRAL_TOL) -> Tensor:
-    """g_h with the eigenvalue policy: growing dropped, neutral on the circle (inf: dropped)."""
+def stabilized_gain(eigenvalues: Tensor, horizon: float, tol: float = NEUTRAL_TOL,
+                    growing: str = "drop") -> Tensor:
+    """g_h with the eigenvalue policy: neutral on the circle (inf: dropped); growing dropped,
+    or with ``growing="drift"`` and a finite horizon projected onto the circle like neutral."""
+    if growing not in GROWING_POLICIES:
+        raise ValueError(f"growing must be one of {GROWING_POLICIES}; got growing={growing!r}")
     lam = eigenvalues.to(torch.complex128)
     mod = lam.abs()
     if math.isinf(horizon):
         keep = mod < 1.0 - tol
         gain = horizon_gain(torch.where(keep, lam, torch.zeros_like(lam)), horizon)
     else:
-        keep = mod <= 1.0 + tol
+        keep = mod <= 1.0 + tol if growing == "drop" else torch.ones_like(mod, dtype=torch.bool)
         neutral = mod >= 1.0 - tol
         lam = torch.where(neutral, lam / torch.where(neutral, mod, 1.0), lam)
         gain = horizon_gain(lam, horizon)
@@ -163,21 +173,22 @@ class DMDFit:
             )
         return self.operator.projected_modes(self.basis)
 
-    def _coefficients(self, horizon: float, tol: float) -> Tensor | None:
+    def _coefficients(self, horizon: float, tol: float, growing: str) -> Tensor | None:
         """Real r-vector c with x_pred = x_{m-1} + U c, or None when nothing is extrapolated."""
         if self.operator is None or self.amplitudes is None:
             return None
-        gain = stabilized_gain(self.operator.eigenvalues, horizon, tol)
+        gain = stabilized_gain(self.operator.eigenvalues, horizon, tol, growing)
         if not bool((gain != 0).any()):
             return None
         coeff = (self.operator.eigenvectors @ (gain * self.amplitudes)).real
         return coeff if bool(torch.isfinite(coeff).all()) else None
 
     @torch.no_grad()
-    def predict(self, horizon: int | float | str, *, tol: float = NEUTRAL_TOL) -> Tensor:
+    def predict(self, horizon: int | float | str, *, tol: float = NEUTRAL_TOL,
+                growing: str = "drop") -> Tensor:
         """The state `horizon` steps after the last snapshot, (p,), the snapshots' dtype/device."""
         h = parse_horizon(horizon)
-        coeff = self._coefficients(h, tol)
+        coeff = self._coefficients(h, tol, growing)
         if coeff is None or self.basis is None:
             return self.last.clone()
         out = self.last.to(self.basis.dtype) + self.basis @ coeff.to(
@@ -187,11 +198,12 @@ class DMDFit:
             return self.last.clone()
         return out.to(self.last.dtype)
 
-    def displacement_bound(self, horizon: int | float | str, *, tol: float = NEUTRAL_TOL) -> float:
+    def displacement_bound(self, horizon: int | float | str, *, tol: float = NEUTRAL_TOL,
+                           growing: str = "drop") -> float:
         """||U||_2 * sum_j |g_h(lambda_j)| |b_j|: a guaranteed cap on ||predict(h) - x_{m-1}||."""
         if self.operator is None or self.amplitudes is None:
             return 0.0
-        gain = stabilized_gain(self.operator.eigenvalues, parse_horizon(horizon), tol)
+        gain = stabilized_gain(self.operator.eigenvalues, parse_horizon(horizon), tol, growing)
         return self.basis_norm * float((gain.abs() * self.amplitudes.abs()).sum())
 
 
@@ -261,14 +273,17 @@ def extrapolate(
     rank: int | float | str,
     horizon: int | float | str,
     tol: float = NEUTRAL_TOL,
+    growing: str = "drop",
 ) -> Tensor:
     """x_{m-1+horizon} (shape (p,)) from the snapshots (p x m) by affine-exact DMD.
 
-    `fit_dmd(snapshots, rank=rank).predict(horizon)`; the horizon is validated first so a bad
-    value fails before the O(p m^2) work.
+    `fit_dmd(snapshots, rank=rank).predict(horizon)`; the horizon and the growing-mode policy
+    are validated first so a bad value fails before the O(p m^2) work.
     """
     h = parse_horizon(horizon)
-    return fit_dmd(snapshots, rank=rank).predict(h, tol=tol)
+    if growing not in GROWING_POLICIES:
+        raise ValueError(f"growing must be one of {GROWING_POLICIES}; got growing={growing!r}")
+    return fit_dmd(snapshots, rank=rank).predict(h, tol=tol, growing=growing)
 
 
 def dmd_flops(p: int, m: int, r: int) -> int:

@@ -14,7 +14,7 @@ from typing import Any
 
 from dmdopt.errors import UserError
 from dmdopt.model import ModelConfig
-from dmdopt.training.config import DMDConfig, TrainConfig
+from dmdopt.training.config import GROWING_POLICIES, DMDConfig, TrainConfig
 
 SAMPLERS = ("nsga2", "tpe", "gp", "random")
 MODES = ("multi", "cost_to_target")
@@ -59,6 +59,7 @@ class SearchSpace:
     lr: FloatRange | None = None
     optimizer_state: tuple[str, ...] | None = None
     line_search: tuple[str, ...] | None = None  # names of presets, see LINE_SEARCH_PRESETS
+    growing: tuple[str, ...] | None = None  # DMDConfig.growing choices
 
 
 LINE_SEARCH_PRESETS = {
@@ -131,7 +132,8 @@ def _range(table: Any, where: str, *, integer: bool, positive: bool = False) -> 
 
 
 def _parse_space(table: Any, where: str) -> SearchSpace:
-    _check_keys(table, {"window", "rank", "horizon", "lr", "optimizer_state", "line_search"}, where)
+    _check_keys(table, {"window", "rank", "horizon", "lr", "optimizer_state", "line_search",
+                       "growing"}, where)
     for key in ("window", "rank", "horizon"):
         if key not in table:
             raise UserError(f"{where}: missing key {key!r}")
@@ -181,6 +183,7 @@ def _parse_space(table: Any, where: str) -> SearchSpace:
         window=window, rank=rank, horizon=horizon, lr=lr,
         optimizer_state=choices("optimizer_state", ("keep", "reset")),
         line_search=choices("line_search", tuple(LINE_SEARCH_PRESETS)),
+        growing=choices("growing", GROWING_POLICIES),
     )
 
 

@@ -52,6 +52,8 @@ def suggest_dmd(trial: optuna.Trial, config: StudyConfig) -> DMDConfig:
     extra = dict(config.dmd)
     if space.optimizer_state:
         extra["optimizer_state"] = trial.suggest_categorical("optimizer_state", list(space.optimizer_state))
+    if space.growing:
+        extra["growing"] = trial.suggest_categorical("growing", list(space.growing))
     if space.line_search:
         preset = trial.suggest_categorical("line_search", list(space.line_search))
         extra["line_search"] = LINE_SEARCH_PRESETS[preset]

@@ -201,7 +201,7 @@ class DMDAccelerator:
                     if factor != 1.0:
                         self._charge(3 * p)
                 else:
-                    flat = fit.predict(horizon).to(now.device, now.dtype)
+                    flat = fit.predict(horizon, growing=cfg.growing).to(now.device, now.dtype)
                     if n_cand:  # the first predict is in dmd_flops already
                         self._charge(2 * p * r + p)
                 if not torch.isfinite(flat).all():

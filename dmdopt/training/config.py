@@ -15,6 +15,7 @@ GROUPINGS = ("layer", "tensor", "global")
 OPTIMIZER_STATE_POLICIES = ("keep", "reset")
 SNAPSHOT_DTYPES = ("float32", "float64", "bfloat16", "float16")
 SNAPSHOT_DEVICES = ("same", "cpu")
+GROWING_POLICIES = ("drop", "drift")  # = dmdopt.dmd.GROWING_POLICIES (config stays torch-free)
 
 
 def _is_int(value: Any) -> bool:
@@ -108,6 +109,8 @@ class DMDConfig:
                converged state and factors > 1 are skipped. Default: a geometric ladder 5..20480 steps (see
                `dmdopt.training.accelerator` for the measurements behind the defaults).
     grouping   'layer' (weights+bias of a module together), 'tensor', or 'global'.
+    growing    DMD modes with |lambda| > 1: 'drop' (never extrapolated) or 'drift' (continued
+               at their current step length, finite horizons only; see `dmdopt.dmd.extrapolate`).
     optimizer_state  'keep' (moments survive a kept jump) or 'reset' (cleared).
     snapshot_dtype / snapshot_device  where snapshots live (memory: window*params*bytes).
     warmup     plain backprop steps before the first window (early training is not affine).
@@ -118,6 +121,7 @@ class DMDConfig:
     horizon: float = 20.0
     line_search: tuple[float, ...] = (0.25, 1.0, 4.0, 16.0, 64.0, 256.0, 1024.0)
     grouping: str = "layer"
+    growing: str = "drop"
     optimizer_state: str = "keep"
     snapshot_dtype: str = "float32"
     snapshot_device: str = "same"
@@ -146,6 +150,8 @@ class DMDConfig:
         object.__setattr__(self, "line_search", tuple(float(f) for f in factors))
         if self.grouping not in GROUPINGS:
             raise ValueError(f"dmd.grouping must be one of {GROUPINGS}, got {self.grouping!r}")
+        if self.growing not in GROWING_POLICIES:
+            raise ValueError(f"dmd.growing must be one of {GROWING_POLICIES}, got {self.growing!r}")
         if self.optimizer_state not in OPTIMIZER_STATE_POLICIES:
             raise ValueError(
                 f"dmd.optimizer_state must be one of {OPTIMIZER_STATE_POLICIES}, got {self.optimizer_state!r}"

@@ -157,6 +157,30 @@ def test_pure_growth_stays_at_last_snapshot():
         assert torch.equal(fit.predict(h), snapshots[:, -1])
 
 
+def test_drift_policy_continues_growing_modes_at_their_last_step():
+    v = torch.randn(40, dtype=F64, generator=torch.Generator().manual_seed(6))
+    snapshots = v[:, None] * 1.1 ** torch.arange(8, dtype=F64)
+    fit = fit_dmd(snapshots, rank=2)
+    last_step = snapshots[:, -1] - snapshots[:, -2]
+    for h in (1, 7, 1000):  # projected onto the unit circle: h more steps of the last length
+        expected = snapshots[:, -1] + h * last_step
+        assert torch.allclose(fit.predict(h, growing="drift"), expected, rtol=1e-9, atol=0)
+        bound = fit.displacement_bound(h, growing="drift")
+        assert float((expected - snapshots[:, -1]).norm()) <= bound * (1 + 1e-9)
+    assert torch.equal(fit.predict(math.inf, growing="drift"), snapshots[:, -1])  # never to inf
+    with pytest.raises(ValueError, match="growing must be one of"):
+        fit.predict(5, growing="grow")
+    with pytest.raises(ValueError, match="growing=.*'x'"):
+        extrapolate(snapshots, rank=2, horizon=5, growing="x")
+
+
+def test_drift_policy_keeps_decaying_modes_exact():
+    a, b, x0 = _dynamics([0.9, 0.6, -0.5], seed=3)
+    xs = _trajectory(a, b, x0, 30)
+    fit = fit_dmd(torch.stack(xs[:12], 1), rank=1.0)
+    assert torch.allclose(fit.predict(19, growing="drift"), xs[30], rtol=1e-6, atol=1e-9)
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_random_unstable_data_respects_documented_bound(seed):
     gen = torch.Generator().manual_seed(seed)

@@ -44,6 +44,9 @@ BAD = [
     ("unknown training key", tiny_study_toml(training="learning_rate = 0.1"), "learning_rate"),
     ("bad problem value", tiny_study_toml().replace("grid = 16", "grid = 2"), "grid"),
     ("searched knob fixed", tiny_study_toml() + "\n[dmd]\nwindow = 4\n", "dmd.window"),
+    ("bad fixed DMD option", tiny_study_toml() + '\n[dmd]\ngrowing = "grow"\n', "dmd.growing"),
+    ("unknown searched choice", tiny_study_toml().replace(
+        "[search.window]", '[search]\ngrowing = ["drop", "grow"]\n\n[search.window]'), "'grow'"),
     ("not TOML", "[study\nname=", "not valid TOML"),
     ("missing window", tiny_study_toml().replace("[search.window]\nlow = 5\nhigh = 12", ""), "window"),
 ]
@@ -69,3 +72,18 @@ def test_cli_bad_file_exit_2_and_nothing_created(tmp_path, monkeypatch, capsys):
 def test_cli_missing_file_exit_2(tmp_path, capsys):
     assert main(["study", "run", str(tmp_path / "nope.toml")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_searched_growing_policy_reaches_the_dmd_config(tmp_path):
+    import optuna
+
+    from dmdopt.search.objective import suggest_dmd
+
+    text = tiny_study_toml().replace("[search.window]",
+                                     '[search]\ngrowing = ["drop", "drift"]\n\n[search.window]')
+    config = load_study_file(write(tmp_path, text))
+    assert config.space.growing == ("drop", "drift")
+    trial = optuna.trial.FixedTrial({"window": 6, "rank": 6, "horizon": 10.0,
+                                     "horizon_inf": False, "growing": "drift"})
+    dmd = suggest_dmd(trial, config)
+    assert (dmd.growing, dmd.window, dmd.rank) == ("drift", 6, 5)  # rank clipped to window - 1

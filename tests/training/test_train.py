@@ -96,7 +96,8 @@ def test_train_config_rejects_bad_values(field, value):
 @pytest.mark.parametrize(("kwargs", "needle"), [({"window": 2}, "window"), ({"window": 5, "rank": 5}, "rank"),
                                                 ({"rank": -1}, "rank"), ({"rank": 1.5}, "rank"),
                                                 ({"horizon": 0}, "horizon"), ({"horizon": "soon"}, "horizon"),
-                                                ({"grouping": "row"}, "grouping")])
+                                                ({"grouping": "row"}, "grouping"),
+                                                ({"growing": "grow"}, "growing")])
 def test_dmd_config_rejects_bad_values(kwargs, needle):
     with pytest.raises(ValueError, match=needle):
         DMDConfig(**kwargs)
