@@ -185,39 +185,64 @@ def _table(rows: list[dict], methods, echo) -> None:
     echo("")
 
 
-def main(argv=None) -> None:  # pragma: no cover - thin wrapper for benchmarks/bench_dmd.py
-    import argparse
-
-    from dmdopt.training.config import DMDConfig
-
-    parser = argparse.ArgumentParser(description="plain vs DMD-accelerated training")
+def add_arguments(parser) -> None:
+    """The benchmark's options, shared by `dmdopt bench` and `benchmarks/bench_dmd.py`."""
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--json", default=None)
+    parser.add_argument("--quick", action="store_true", help="the small problem of studies/quick.toml")
+    parser.add_argument("--json", default=None, help="also write the rows as JSON to this path")
     parser.add_argument("--methods", default=",".join(METHODS), help="e.g. gd or adam,gd")
     parser.add_argument("--lr", action="append", default=[], metavar="METHOD=LR",
                         help="override a method's learning rate, e.g. --lr gd=1")
     parser.add_argument("--dmd", default="", metavar="KEY=VALUE,...",
                         help="DMDConfig fields instead of the defaults, e.g. window=10,rank=8")
-    args = parser.parse_args(argv)
+
+
+def run_from_args(args, error: Callable[[str], None]) -> list[dict]:
+    """Run the benchmark from parsed `add_arguments` options; `error(msg)` reports bad input
+    (argparse's `parser.error`: one line, exit 2)."""
+    from dmdopt.training.config import DMDConfig
+
+    if args.seeds < 1 or (args.steps is not None and args.steps < 1):
+        error("--seeds and --steps must be positive integers")
     methods = tuple(m for m in args.methods.split(",") if m)
+    for method in methods:
+        if method not in METHODS:
+            error(f"--methods: unknown method {method!r} (known: {', '.join(METHODS)})")
     for item in args.lr:
         method, _, value = item.partition("=")
         if method not in METHODS:
-            parser.error(f"--lr: unknown method {method!r}")
-        LEARNING_RATES[method] = (float(value), float(value))
+            error(f"--lr: unknown method {method!r}")
+        try:
+            lr = float(value)
+        except ValueError:
+            error(f"--lr: {method}={value!r} is not a number")
+        LEARNING_RATES[method] = (lr, lr)
     dmd = None
     if args.dmd:
         fields = {}
         for item in args.dmd.split(","):
             key, _, value = item.partition("=")
-            try:
-                fields[key] = int(value)
-            except ValueError:
-                fields[key] = value if value == "inf" else float(value)
-        dmd = DMDConfig.from_dict(fields)
+            for kind in (int, float):  # numbers as numbers; words (inf, drift, global) as text
+                try:
+                    fields[key] = value if value == "inf" else kind(value)
+                    break
+                except ValueError:
+                    fields[key] = value
+        try:
+            dmd = DMDConfig.from_dict(fields)
+        except (TypeError, ValueError) as exc:
+            error(f"--dmd: {exc}")
     t0 = time.perf_counter()
-    run_benchmark(seeds=args.seeds, steps=args.steps, json_path=args.json, quick=args.quick,
-                  methods=methods, dmd=dmd)
+    rows = run_benchmark(seeds=args.seeds, steps=args.steps, json_path=args.json,
+                         quick=args.quick, methods=methods, dmd=dmd)
     print(f"total {time.perf_counter() - t0:.0f} s")
+    return rows
+
+
+def main(argv=None) -> None:  # pragma: no cover - thin wrapper for benchmarks/bench_dmd.py
+    import argparse
+
+    parser = argparse.ArgumentParser(description="plain vs DMD-accelerated training")
+    add_arguments(parser)
+    run_from_args(parser.parse_args(argv), parser.error)

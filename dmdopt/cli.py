@@ -12,6 +12,7 @@ import math
 import os
 import sys
 
+from dmdopt import bench
 from dmdopt.errors import UserError
 
 DEFAULT_STORAGE = "sqlite:///dmdopt-runs/optuna.db"
@@ -261,9 +262,9 @@ def cmd_ui(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from dmdopt.bench import run_benchmark
+    from dmdopt.bench import run_from_args
 
-    run_benchmark(seeds=args.seeds, steps=args.steps, json_path=args.json, quick=args.quick)
+    run_from_args(args, args.parser_error)
     return 0
 
 
@@ -357,11 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_ui)
 
     p = sub.add_parser("bench", help="plain vs DMD-accelerated training, side by side")
-    p.add_argument("--seeds", type=_positive_int, default=3)
-    p.add_argument("--steps", type=_positive_int)
-    p.add_argument("--json", help="also write the rows as JSON to this path")
-    p.add_argument("--quick", action="store_true", help="the small problem of studies/quick.toml")
-    p.set_defaults(func=cmd_bench)
+    bench.add_arguments(p)
+    p.set_defaults(func=cmd_bench, parser_error=p.error)
     return parser
 
 

@@ -23,6 +23,10 @@ def test_help_lists_commands():
     ["study", "run"],
     ["nonsense"],
     ["study", "run", "x.toml", "--workers", "-3"],
+    ["bench", "--methods", "lbfgs"],
+    ["bench", "--dmd", "growing=grow"],
+    ["bench", "--lr", "gd=fast"],
+    ["bench", "--seeds", "0"],
 ])
 def test_bad_arguments_one_line_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as info:
