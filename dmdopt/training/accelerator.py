@@ -10,8 +10,9 @@ After each optimiser step the accelerator copies every parameter group into a sn
 (`dmdopt.dmd.fit_dmd`) and runs a **line search over the horizon** with forward passes only:
 candidates horizon x factor (or, for horizon=inf, damped steps now + f (inf-state - now)) are
 tried from the smallest step to the largest, and the search stops at the first candidate that
-is worse than the previous one once some candidate has improved on the current loss (the loss
-along the ladder is close to unimodal; this keeps the forward passes to ~3-5 per jump). The
+is worse than the previous one once some candidate has improved on the current loss, or at the
+second rise in a row before any has (the loss along the ladder is close to unimodal; this keeps
+the forward passes to ~3 per jump). The
 best candidate is kept **only if the closure's loss improves** on the current weights;
 otherwise the weights are rolled back bit for bit. Either way a fresh window starts. A window
 holding a non-finite snapshot makes its Gram non-finite and the jump is rejected before any
@@ -190,7 +191,7 @@ class DMDAccelerator:
         base_loss = self._loss(closure)
 
         best_loss, best_h, best_params = base_loss, None, None
-        prev_loss = base_loss
+        prev_loss, rose = base_loss, False
         for n_cand, (_, horizon, factor) in enumerate(self._candidates()):
             t0 = time.perf_counter()
             candidate = []
@@ -212,8 +213,9 @@ class DMDAccelerator:
             loss = self._loss(closure)
             if loss < best_loss:
                 best_loss, best_h, best_params = loss, horizon, candidate
-            elif best_params is not None and loss > prev_loss:
-                break  # past the minimum along the (unimodal) ladder
+            elif loss > prev_loss and (best_params is not None or rose):
+                break  # past the minimum along the (unimodal) ladder, or rising twice
+            rose = loss > prev_loss
             prev_loss = loss
 
         t0 = time.perf_counter()

@@ -252,3 +252,38 @@ def test_train_with_dmd_counts_jumps_and_cost():
     assert result.backprop_equivalent > result.cost["backprop_steps"]
     assert math.isfinite(result.val_error)
     assert result.dmd_time > 0
+
+
+@pytest.mark.parametrize(("target", "forwards", "kept"), [
+    (0.0, 1 + 2, False),  # every step along the ladder is worse: stop at the second rise
+    (1.0, 1 + 7, True),   # better and better up to the fixed point: the whole ladder is tried
+    (0.95, None, True),   # a minimum inside the ladder: stop at the first rise after it
+])
+def test_line_search_stops_where_the_ladder_loss_rises(target, forwards, kept):
+    # Snapshots of x_k = 1 - 0.8^k (affine, fixed point 1); the closure's loss is (x - target)^2.
+    w = nn.Parameter(torch.zeros(1))
+    model = nn.Module()
+    model.w = w
+    acc = DMDAccelerator(model, torch.optim.SGD([w], lr=0.0), DMDConfig(window=6, rank=2, horizon=1))
+    losses = []
+
+    def closure():
+        losses.append(float((w.detach() - target) ** 2))
+        return torch.tensor(losses[-1])
+
+    for k in range(6):
+        with torch.no_grad():
+            w.fill_(1 - 0.8 ** (k + 1))
+        result = acc.step(closure)
+    assert result is kept
+    ladder = losses[1:]
+    if forwards is not None:
+        assert len(losses) == forwards
+    else:  # past the best candidate exactly one worse one was tried
+        best = ladder.index(min(ladder))
+        assert len(ladder) == best + 2 and ladder[-1] > ladder[-2]
+    now = float(w.detach())
+    if kept:
+        assert (now - target) ** 2 == pytest.approx(min(losses), rel=1e-6) and min(losses) < losses[0]
+    else:  # rolled back bit for bit
+        assert now == torch.tensor(1 - 0.8 ** 6, dtype=torch.float32).item()
