@@ -194,9 +194,10 @@ class DMDFit:
         out = self.last.to(self.basis.dtype) + self.basis @ coeff.to(
             self.basis.device, self.basis.dtype
         )
+        out = out.to(self.last.dtype)  # checked after the cast: float16 overflows at 65504
         if not bool(torch.isfinite(out).all()):
             return self.last.clone()
-        return out.to(self.last.dtype)
+        return out
 
     def displacement_bound(self, horizon: int | float | str, *, tol: float = NEUTRAL_TOL,
                            growing: str = "drop") -> float:

@@ -113,7 +113,17 @@ class DMDAccelerator:
 
     # -------------------------------------------------------------------------------------------
     def _flat(self, group: list[nn.Parameter]) -> torch.Tensor:
+        """The group's parameters as one new flat tensor (a copy)."""
         return torch.cat([p.detach().reshape(-1) for p in group])
+
+    @torch.no_grad()
+    def _record(self, group: list[nn.Parameter], row: torch.Tensor) -> None:
+        """Copy the group's parameters straight into a snapshot row (no temporary)."""
+        offset = 0
+        for p in group:
+            n = p.numel()
+            row[offset:offset + n].copy_(p.detach().reshape(-1))
+            offset += n
 
     @torch.no_grad()
     def _assign(self, group: list[nn.Parameter], flat: torch.Tensor) -> None:
@@ -142,7 +152,7 @@ class DMDAccelerator:
             return None
         t0 = time.perf_counter()
         for buf, group in zip(self.buffers, self.groups, strict=True):
-            buf[self.filled] = self._flat(group).to(buf.device, buf.dtype)
+            self._record(group, buf[self.filled])
         self.filled += 1
         self.stats["dmd_seconds"] += time.perf_counter() - t0
         if self.filled < self.config.window:
@@ -182,7 +192,7 @@ class DMDAccelerator:
             self.stats["jumps_rejected"] += 1
             self.stats["dmd_seconds"] += time.perf_counter() - t0
             return False
-        current = [self._flat(g).clone() for g in self.groups]  # exact rollback point
+        current = [self._flat(g) for g in self.groups]  # exact rollback point (a copy)
         targets = None
         if math.isinf(cfg.horizon):
             targets = [f.predict(math.inf).to(now.device, now.dtype)
@@ -201,12 +211,10 @@ class DMDAccelerator:
                     flat = targets[i] if factor == 1.0 else torch.lerp(now, targets[i], factor)
                     if factor != 1.0:
                         self._charge(3 * p)
-                else:
+                else:  # predict() returns a finite state (else the last snapshot)
                     flat = fit.predict(horizon, growing=cfg.growing).to(now.device, now.dtype)
                     if n_cand:  # the first predict is in dmd_flops already
                         self._charge(2 * p * r + p)
-                if not torch.isfinite(flat).all():
-                    flat = now
                 candidate.append(flat)
                 self._assign(group, flat)
             self.stats["dmd_seconds"] += time.perf_counter() - t0

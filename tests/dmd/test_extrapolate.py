@@ -282,6 +282,15 @@ def test_half_precision_snapshots_keep_dtype(dtype):
     assert out.dtype == dtype and torch.isfinite(out).all()
 
 
+def test_float16_overflow_returns_the_last_snapshot():
+    # A steady drift of 500 per step from 50,000: 100 steps on is past float16's 65,504.
+    snapshots = (50_000 + 500 * torch.arange(10.0))[None, :] * torch.ones(8, 1)
+    fit = fit_dmd(snapshots.to(torch.float16), rank=2)
+    assert float(fit.predict(10)[0]) == pytest.approx(59_500, rel=0.02)  # in range: extrapolated
+    out = fit.predict(100)
+    assert out.dtype == torch.float16 and torch.equal(out, snapshots[:, -1].to(torch.float16))
+
+
 def test_no_autograd_graph():
     snapshots = torch.randn(10, 6, requires_grad=True)
     out = extrapolate(snapshots, rank=2, horizon=3)
