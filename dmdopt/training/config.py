@@ -15,7 +15,7 @@ GROUPINGS = ("layer", "tensor", "global")
 OPTIMIZER_STATE_POLICIES = ("keep", "reset")
 SNAPSHOT_DTYPES = ("float32", "float64", "bfloat16", "float16")
 SNAPSHOT_DEVICES = ("same", "cpu")
-GROWING_POLICIES = ("drop", "drift")  # = dmdopt.dmd.GROWING_POLICIES (config stays torch-free)
+GROWING_POLICIES = ("auto", "drop", "drift")  # dmdopt.dmd's two, plus 'auto' (per optimiser)
 
 
 def _is_int(value: Any) -> bool:
@@ -109,8 +109,10 @@ class DMDConfig:
                converged state and factors > 1 are skipped. Default: a geometric ladder 5..20480 steps (see
                `dmdopt.training.accelerator` for the measurements behind the defaults).
     grouping   'layer' (weights+bias of a module together), 'tensor', or 'global'.
-    growing    DMD modes with |lambda| > 1: 'drop' (never extrapolated) or 'drift' (continued
-               at their current step length, finite horizons only; see `dmdopt.dmd.extrapolate`).
+    growing    DMD modes with |lambda| > 1: 'drop' (never extrapolated), 'drift' (continued
+               at their current step length, finite horizons only; see `dmdopt.dmd.extrapolate`)
+               or 'auto': 'drift' under plain SGD (with or without momentum), 'drop' under any
+               other optimiser (Adam & co.), as measured in `dmdopt.training.accelerator`.
     optimizer_state  'keep' (moments survive a kept jump) or 'reset' (cleared).
     snapshot_dtype / snapshot_device  where snapshots live (memory: window*params*bytes).
     warmup     plain backprop steps before the first window (early training is not affine).
@@ -121,7 +123,7 @@ class DMDConfig:
     horizon: float = 20.0
     line_search: tuple[float, ...] = (0.25, 1.0, 4.0, 16.0, 64.0, 256.0, 1024.0)
     grouping: str = "layer"
-    growing: str = "drop"
+    growing: str = "auto"
     optimizer_state: str = "keep"
     snapshot_dtype: str = "float32"
     snapshot_device: str = "same"

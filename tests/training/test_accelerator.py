@@ -287,3 +287,16 @@ def test_line_search_stops_where_the_ladder_loss_rises(target, forwards, kept):
         assert (now - target) ** 2 == pytest.approx(min(losses), rel=1e-6) and min(losses) < losses[0]
     else:  # rolled back bit for bit
         assert now == torch.tensor(1 - 0.8 ** 6, dtype=torch.float32).item()
+
+
+def test_growing_auto_follows_growing_modes_under_sgd_only():
+    from dmdopt.training.accelerator import resolve_growing
+
+    model = nn.Linear(3, 1)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    adam = torch.optim.Adam(model.parameters())
+    assert DMDAccelerator(model, sgd, DMDConfig()).growing == "drift"
+    assert DMDAccelerator(model, adam, DMDConfig()).growing == "drop"
+    assert resolve_growing("auto", torch.optim.RMSprop(model.parameters())) == "drop"
+    for policy in ("drop", "drift"):  # an explicit policy is kept whatever the optimiser
+        assert DMDAccelerator(model, adam, DMDConfig(growing=policy)).growing == policy
