@@ -29,6 +29,7 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 METHODS = ("adam", "gd", "sgd_momentum")
 """Benchmark method names: Adam; SGD without momentum (GD); SGD with momentum 0.9."""
@@ -198,7 +199,7 @@ def add_arguments(parser) -> None:
                         help="DMDConfig fields instead of the defaults, e.g. window=10,rank=8")
 
 
-def run_from_args(args, error: Callable[[str], None]) -> list[dict]:
+def run_from_args(args, error: Callable[[str], NoReturn]) -> list[dict]:
     """Run the benchmark from parsed `add_arguments` options; `error(msg)` reports bad input
     (argparse's `parser.error`: one line, exit 2)."""
     from dmdopt.training.config import DMDConfig

@@ -115,12 +115,16 @@ def horizon_gain(eigenvalues: Tensor, horizon: float) -> Tensor:
     return lam * ratio
 
 
+def _check_growing(growing: str) -> None:
+    if growing not in GROWING_POLICIES:
+        raise ValueError(f"growing must be one of {GROWING_POLICIES}; got growing={growing!r}")
+
+
 def stabilized_gain(eigenvalues: Tensor, horizon: float, tol: float = NEUTRAL_TOL,
                     growing: str = "drop") -> Tensor:
     """g_h with the eigenvalue policy: neutral on the circle (inf: dropped); growing dropped,
     or with ``growing="drift"`` and a finite horizon projected onto the circle like neutral."""
-    if growing not in GROWING_POLICIES:
-        raise ValueError(f"growing must be one of {GROWING_POLICIES}; got growing={growing!r}")
+    _check_growing(growing)
     lam = eigenvalues.to(torch.complex128)
     mod = lam.abs()
     if math.isinf(horizon):
@@ -282,8 +286,7 @@ def extrapolate(
     are validated first so a bad value fails before the O(p m^2) work.
     """
     h = parse_horizon(horizon)
-    if growing not in GROWING_POLICIES:
-        raise ValueError(f"growing must be one of {GROWING_POLICIES}; got growing={growing!r}")
+    _check_growing(growing)
     return fit_dmd(snapshots, rank=rank).predict(h, tol=tol, growing=growing)
 
 

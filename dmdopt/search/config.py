@@ -14,7 +14,7 @@ from typing import Any
 
 from dmdopt.errors import UserError
 from dmdopt.model import ModelConfig
-from dmdopt.training.config import GROWING_POLICIES, DMDConfig, TrainConfig
+from dmdopt.training.config import GROWING_CHOICES, DMDConfig, TrainConfig
 
 SAMPLERS = ("nsga2", "tpe", "gp", "random")
 MODES = ("multi", "cost_to_target")
@@ -183,7 +183,7 @@ def _parse_space(table: Any, where: str) -> SearchSpace:
         window=window, rank=rank, horizon=horizon, lr=lr,
         optimizer_state=choices("optimizer_state", ("keep", "reset")),
         line_search=choices("line_search", tuple(LINE_SEARCH_PRESETS)),
-        growing=choices("growing", GROWING_POLICIES),
+        growing=choices("growing", GROWING_CHOICES),
     )
 
 

@@ -20,6 +20,7 @@ from string import Template
 import plotly.io as pio
 from plotly.offline import get_plotlyjs
 
+from dmdopt import pareto
 from dmdopt._util import mask_url, versions
 from dmdopt.tracking import figures
 
@@ -44,7 +45,7 @@ def _template() -> Template:
 def build_figures(summary: dict) -> dict:
     """Plot id -> plotly figure, one per `<div class="plot">` of the page."""
     figs = {"pareto": figures.pareto_figure(summary)}
-    for knob in figures.KNOBS:
+    for knob in pareto.KNOBS:
         figs[f"knob-{knob}"] = figures.knob_figure(summary, knob)
     figs["hypervolume"] = figures.hypervolume_figure(summary)
     figs["curves"] = figures.curves_figure(summary)
@@ -52,7 +53,7 @@ def build_figures(summary: dict) -> dict:
 
 
 def _fmt(value: object) -> str:
-    num = figures.as_float(value)
+    num = pareto.as_float(value)
     if num is not None and not isinstance(value, int):
         return f"{num:.4g}"
     return html.escape(str(value))
@@ -70,18 +71,18 @@ def _summary_table(summary: dict) -> str:
                        f"{counts.get('FAIL', 0)} failed, {counts.get('PRUNED', 0)} pruned, "
                        f"{counts.get('RUNNING', 0) + counts.get('WAITING', 0)} running/waiting"),
             ("Pareto front", ", ".join(f"#{n}" for n in summary.get("pareto") or []) or "-")]
-    ref = figures.reference_point(summary)
+    ref = pareto.reference_point(summary)
     rows.append(("reference (plain training)",
                  f"cost {_fmt(ref[0])} &middot; val error {_fmt(ref[1])}" if ref else "-"))
-    rec_no = figures.recommended_number(summary)
-    rec = next((t for t in figures.complete_trials(summary) if t["number"] == rec_no), None)
+    rec_no = pareto.recommended_number(summary)
+    rec = next((t for t in pareto.complete_trials(summary) if t["number"] == rec_no), None)
     if rec is None:
         rows.append(("recommended", "- (no qualifying trial yet)"))
     else:
         policy = (summary.get("recommended") or {}).get("policy", "")
         knobs = ", ".join(f"{html.escape(str(k))}={_fmt(v)}"
                           for k, v in (rec.get("params") or {}).items())
-        sp = figures.speedup(summary, rec)
+        sp = pareto.speedup(summary, rec)
         rows.append((f"recommended ({html.escape(str(policy))})",
                      f"trial #{rec_no}: {knobs} &middot; cost {_fmt(rec['values'][0])} &middot; "
                      f"val error {_fmt(rec['values'][1])}"

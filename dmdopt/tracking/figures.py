@@ -15,16 +15,14 @@ from typing import Any
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from dmdopt.pareto import (  # noqa: F401 - re-exported: the figures' summary accessors
+from dmdopt.pareto import (
     CSV_COLUMNS,
-    KNOBS,
     as_float,
     complete_trials,
     pareto_rows,
     pareto_trials,
     recommended_number,
     reference_point,
-    speedup,
 )
 
 _REF_COLOR = "#d62728"

@@ -15,7 +15,7 @@ GROUPINGS = ("layer", "tensor", "global")
 OPTIMIZER_STATE_POLICIES = ("keep", "reset")
 SNAPSHOT_DTYPES = ("float32", "float64", "bfloat16", "float16")
 SNAPSHOT_DEVICES = ("same", "cpu")
-GROWING_POLICIES = ("auto", "drop", "drift")  # dmdopt.dmd's two, plus 'auto' (per optimiser)
+GROWING_CHOICES = ("auto", "drop", "drift")  # dmdopt.dmd.GROWING_POLICIES, plus 'auto' (per optimiser)
 
 
 def _is_int(value: Any) -> bool:
@@ -152,8 +152,8 @@ class DMDConfig:
         object.__setattr__(self, "line_search", tuple(float(f) for f in factors))
         if self.grouping not in GROUPINGS:
             raise ValueError(f"dmd.grouping must be one of {GROUPINGS}, got {self.grouping!r}")
-        if self.growing not in GROWING_POLICIES:
-            raise ValueError(f"dmd.growing must be one of {GROWING_POLICIES}, got {self.growing!r}")
+        if self.growing not in GROWING_CHOICES:
+            raise ValueError(f"dmd.growing must be one of {GROWING_CHOICES}, got {self.growing!r}")
         if self.optimizer_state not in OPTIMIZER_STATE_POLICIES:
             raise ValueError(
                 f"dmd.optimizer_state must be one of {OPTIMIZER_STATE_POLICIES}, got {self.optimizer_state!r}"
