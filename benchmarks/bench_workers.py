@@ -1,6 +1,6 @@
 """Worker scaling and storage overhead: trials/hour for 1 vs K workers; storage ms per trial.
 
-1. Throughput: the same tiny study (grid 16, 80 samples, width 16, 1000 steps) run to N COMPLETE
+1. Throughput: studies/smoke.toml (grid 16, 80 samples, width 16) at 1000 steps per trial, run to N COMPLETE
    trials by `dmdopt study run --workers K --no-mlflow` on a fresh SQLite storage, for each K.
    trials/hour counts the trial phase only (first trial start -> last trial end, from the
    storage's own timestamps); the wall column also holds start-up, dataset and reference run.
@@ -27,42 +27,16 @@ import uuid
 import warnings
 from pathlib import Path
 
-TINY = """
-[study]
-name = "{name}"
-n_trials = {n_trials}
-sampler = "nsga2"
-seed = 0
+SMOKE = Path(__file__).resolve().parents[1] / "studies" / "smoke.toml"
 
-[problem]
-grid = 16
-n_samples = 80
 
-[model]
-width = 16
-depth = 2
-activation = "tanh"
-
-[training]
-optimizer = "adam"
-lr = 0.003
-max_steps = {steps}
-eval_every = 25
-seed = 0
-
-[search.window]
-low = 5
-high = 40
-
-[search.rank]
-low = 1
-high = 12
-
-[search.horizon]
-low = 10.0
-high = 2000.0
-include_inf = true
-"""
+def smoke_study(name: str, steps: int) -> str:
+    """studies/smoke.toml under another name, with `steps` training steps per trial."""
+    text = SMOKE.read_text()
+    for old, new in (('name = "smoke"', f'name = "{name}"'), ("max_steps = 250", f"max_steps = {steps}")):
+        assert old in text, f"{SMOKE} no longer has {old!r}"
+        text = text.replace(old, new)
+    return text
 
 
 # ---------------------------------------------------------------- 1. throughput
@@ -80,7 +54,7 @@ def throughput(workers: list[int], n_trials: int, steps: int, tmp: Path,
     for k in workers:
         name = f"bench-w{k}-{uuid.uuid4().hex[:6]}"
         study_file = tmp / f"{name}.toml"
-        study_file.write_text(TINY.format(name=name, n_trials=n_trials, steps=steps))
+        study_file.write_text(smoke_study(name, steps))
         url = f"sqlite:///{tmp / (name + '.db')}"
         cmd = [sys.executable, "-m", "dmdopt", "study", "run", str(study_file), "--storage", url,
                "--workers", str(k), "--n-trials", str(n_trials), "--no-mlflow", "--quiet",
@@ -186,7 +160,7 @@ def main() -> None:
             rows = throughput(workers, args.trials, args.steps, tmp, args.threads)
             base = rows[0]["per_hour"]
             policy = f"OMP_NUM_THREADS={args.threads}" if args.threads else "default threads"
-            print(f"\nThroughput: tiny study ({args.steps} steps/trial), N = {args.trials} "
+            print(f"\nThroughput: smoke study ({args.steps} steps/trial), N = {args.trials} "
                   "COMPLETE trials, SQLite, "
                   f"--no-mlflow, {policy}")
             print(f"{'workers':>7} {'trials':>9} {'wall s':>7} {'trial phase s':>13} "

@@ -32,42 +32,7 @@ N_WORKERS = 3
 HEARTBEAT = {"DMDOPT_HEARTBEAT_INTERVAL": "1", "DMDOPT_GRACE_PERIOD": "4"}
 DEADLINE_S = 170  # the whole scenario; a trial takes a few seconds on 2 busy cores
 
-STUDY_TOML = """
-[study]
-name = "{name}"
-n_trials = {n_trials}
-sampler = "nsga2"
-seed = 0
-
-[problem]
-grid = 16
-n_samples = 80
-
-[model]
-width = 16
-depth = 2
-activation = "tanh"
-
-[training]
-optimizer = "adam"
-lr = 0.003
-max_steps = 250
-eval_every = 25
-seed = 0
-
-[search.window]
-low = 5
-high = 40
-
-[search.rank]
-low = 1
-high = 12
-
-[search.horizon]
-low = 10.0
-high = 2000.0
-include_inf = true
-"""
+SMOKE = Path(__file__).resolve().parents[2] / "studies" / "smoke.toml"
 
 
 def _load(name: str):
@@ -94,8 +59,8 @@ def test_workers_on_postgres_survive_a_killed_worker(tmp_path, monkeypatch):
     for key, value in HEARTBEAT.items():  # also for this process's own storage handle
         monkeypatch.setenv(key, value)
     name = f"pgtest-{uuid.uuid4().hex[:10]}"
-    study_file = tmp_path / "tiny.toml"
-    study_file.write_text(STUDY_TOML.format(name=name, n_trials=N_TRIALS))
+    study_file = tmp_path / "smoke.toml"
+    study_file.write_text(SMOKE.read_text().replace('name = "smoke"', f'name = "{name}"'))
     cmd = [sys.executable, "-m", "dmdopt", "study", "run", str(study_file),
            "--storage", POSTGRES_URL, "--n-trials", str(N_TRIALS),
            "--cache-dir", str(tmp_path / "data"), "--quiet"]
