@@ -5,6 +5,10 @@ batch; SGD with momentum 0.9) and each seed: a plain run at the budget, then a r
 default `DMDConfig` at the same budget and the same learning rate. The DMD run's *cost to
 target* is the backprop-equivalent cost (`dmdopt.training.cost`) at which its validation error
 first reaches the plain run's final validation error; speedup = plain cost / cost to target.
+Validation curves at the tuned learning rates are not monotone, so the plain curve may itself
+touch its final error before the budget ends; that *first passage* is reported beside it, and
+`first_passage_speedup` = plain first passage / DMD cost to target is the stricter ratio (the
+issue's ratio uses the plain run's whole budget).
 
 Learning rates are the plain optimiser's, tuned first on the benchmark problem (the best final
 validation error on a small grid; see `LEARNING_RATES`), so the reference is not handicapped;
@@ -81,8 +85,10 @@ def run_benchmark(*, seeds: int = 3, steps: int | None = None, json_path=None,
     """Run plain vs DMD for each method and seed; print a table; return (and write) rows.
 
     Each row: method, seed, variant ('plain' | 'dmd'), final_val_error, cost (bpe spent),
-    wall_time, and for DMD rows cost_to_target, wall_to_target, speedup (None if the plain
-    error was never reached), dmd_share, fwd_share, jumps_accepted, jumps_rejected.
+    wall_time; plain rows also first_passage_cost/_wall (where the plain curve itself first
+    reaches its final error); DMD rows cost_to_target, wall_to_target, speedup (plain cost /
+    cost_to_target; None if the plain error was never reached), first_passage_speedup (plain
+    first passage / cost_to_target), dmd_share, fwd_share, jumps_accepted, jumps_rejected.
     """
     from dmdopt.problem import load_dataset
     from dmdopt.training.config import DMDConfig
@@ -106,10 +112,15 @@ def run_benchmark(*, seeds: int = 3, steps: int | None = None, json_path=None,
                 echo(f"{method} seed {seed}: plain run diverged ({exc}); skipped")
                 continue
             target = plain.val_error
+            # The plain curve is not monotone (Adam and GD at their tuned rates oscillate), so
+            # it may first reach its own final error before the budget ends: its first passage
+            # is the stricter reference for the DMD run's first passage.
+            first = plain.cost_to_reach(target)
             rows.append({"method": method, "variant": "plain", "seed": seed, "lr": training.lr,
                          "final_val_error": target, "cost": plain.backprop_equivalent,
                          "wall_time": plain.wall_time, "cost_to_target": plain.backprop_equivalent,
-                         "wall_to_target": plain.wall_time, "speedup": 1.0})
+                         "wall_to_target": plain.wall_time, "speedup": 1.0,
+                         "first_passage_cost": first[0], "first_passage_wall": first[1]})
             row = {"method": f"{method}+dmd", "variant": "dmd", "seed": seed, "lr": training.lr}
             try:
                 result = train(dataset=dataset, model=model, training=training, dmd=dmd)
@@ -126,6 +137,7 @@ def run_benchmark(*, seeds: int = 3, steps: int | None = None, json_path=None,
                 cost_to_target=reached[0] if reached else None,
                 wall_to_target=reached[1] if reached else None,
                 speedup=(plain.backprop_equivalent / reached[0]) if reached and reached[0] > 0 else None,
+                first_passage_speedup=(first[0] / reached[0]) if reached and reached[0] > 0 else None,
                 wall_speedup=(plain.wall_time / reached[1]) if reached and reached[1] > 0 else None,
                 dmd_share=result.dmd_time / result.wall_time if result.wall_time > 0 else None,
                 fwd_share=(result.cost["forward_passes"] / 3.0) / result.backprop_equivalent,
@@ -157,10 +169,10 @@ def _json_default(value):
 def _table(rows: list[dict], methods, echo) -> None:
     head = (f"{'method':13s} {'lr':>7s} | {'plain err':>9s} {'plain bpe':>9s} {'plain s':>7s} | "
             f"{'dmd err':>8s} {'bpe->tgt':>8s} {'s->tgt':>7s} {'reached':>7s} | "
-            f"{'cost x':>6s} {'wall x':>6s} {'dmd%':>5s} {'fwd%':>5s}")
+            f"{'cost x':>6s} {'fp x':>5s} {'wall x':>6s} {'dmd%':>5s} {'fwd%':>5s}")
     echo("")
-    echo("medians over seeds; cost x = plain bpe / DMD bpe to reach the plain final error "
-         "(higher is better)")
+    echo("medians over seeds; cost x = plain bpe / DMD bpe to reach the plain final error, "
+         "fp x = plain's own first passage to that error / DMD's (higher is better)")
     echo(head)
     echo("-" * len(head))
     for method in methods:
@@ -180,6 +192,7 @@ def _table(rows: list[dict], methods, echo) -> None:
              f"{_fmt(_median([r['final_val_error'] for r in dmd]), '8.4f')} {_fmt(ctt, '8.0f')} "
              f"{_fmt(wtt, '7.1f')} {f'{len(reached)}/{len(dmd)}':>7s} | "
              f"{_fmt(_median([r.get('speedup') for r in dmd]) if ctt else None, '6.2f')} "
+             f"{_fmt(_median([r.get('first_passage_speedup') for r in dmd]) if ctt else None, '5.2f')} "
              f"{_fmt(pwall / wtt if wtt else None, '6.2f')} "
              f"{_fmt(100 * share if share is not None else None, '5.1f')} "
              f"{_fmt(100 * fwd if fwd is not None else None, '5.1f')}")

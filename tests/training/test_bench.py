@@ -24,3 +24,9 @@ def test_bench_json_rows(tmp_path, monkeypatch, capsys):
             plain = next(r for r in rows if r["variant"] == "plain" and r["seed"] == row["seed"]
                          and row["method"].startswith(r["method"]))
             assert abs(row["speedup"] - plain["cost"] / row["cost_to_target"]) < 1e-9
+            # the plain curve's own first passage to its final error is never after its end,
+            # so the stricter ratio is never the larger one
+            assert 0 < plain["first_passage_cost"] <= plain["cost"]
+            assert abs(row["first_passage_speedup"]
+                       - plain["first_passage_cost"] / row["cost_to_target"]) < 1e-9
+            assert row["first_passage_speedup"] <= row["speedup"] + 1e-12
