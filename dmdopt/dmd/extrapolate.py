@@ -65,13 +65,15 @@ __all__ = [
 ]
 
 NEUTRAL_TOL = 1e-6
-GROWING_POLICIES = ("drop", "drift")
 """Half-width of the band around |lambda| = 1 treated as neutral (see module docstring).
 
 With horizon=inf the largest amplification of a kept mode is 1 / NEUTRAL_TOL = 1e6 step
 lengths; eigenvalues closer to 1 than that are numerically indistinguishable from a mode that
 never converges.
 """
+
+GROWING_POLICIES = ("drop", "drift")
+"""What `predict` does with growing modes (|lambda| > 1 + tol); see the module docstring."""
 
 
 # --------------------------------------------------------------------------- horizon maths
