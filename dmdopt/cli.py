@@ -198,14 +198,14 @@ def cmd_study_pareto(args) -> int:
         return 0
     print(f"Pareto front of {name}: {len(rows) - 1} point(s); objectives "
           f"{' / '.join(summary['metric_names'])} (cost = bpe to reach the reference's error)")
-    print(f"{'trial':>9} {'cost_bpe':>10} {'val_rel_l2':>11} {'speedup':>8} {'window':>7} "
+    print(f"{'trial':>9} {'cost_bpe':>10} {'val_rel_l2':>11} {'speedup':>8} {'fp x':>6} {'window':>7} "
           f"{'rank':>6} {'horizon':>9}")
     for r in rows:
         fmt = lambda v, f: "-" if v is None else (v if isinstance(v, str) else format(v, f))  # noqa: E731
         mark = "  <- recommended" if r["is_recommended"] else ""
         print(f"{r['trial']!s:>9} {fmt(r['cost_bpe'], '.1f'):>10} {fmt(r['val_rel_l2'], '.5f'):>11} "
-              f"{fmt(r['speedup'], '.2f'):>8} {fmt(r['window'], 'd'):>7} {fmt(r['rank'], 'g'):>6} "
-              f"{fmt(r['horizon'], '.4g'):>9}{mark}")
+              f"{fmt(r['speedup'], '.2f'):>8} {fmt(r['speedup_first_passage'], '.2f'):>6} "
+              f"{fmt(r['window'], 'd'):>7} {fmt(r['rank'], 'g'):>6} {fmt(r['horizon'], '.4g'):>9}{mark}")
     return 0
 
 

@@ -170,7 +170,9 @@ def _echo_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial, echo=print
         a = trial.user_attrs
         echo(f"trial {trial.number:>3} complete  cost {trial.values[0]:8.1f} bpe "
              f"({a.get('speedup', float('nan')):.2f}x)  val error {a.get('val_error', float('nan')):.4f}  "
-             f"jumps {a.get('jumps_accepted', 0)}/{a.get('jumps_accepted', 0) + a.get('jumps_rejected', 0)}  {knobs}")
+             f"jumps {a.get('jumps_accepted', 0)}/{a.get('jumps_accepted', 0) + a.get('jumps_rejected', 0)}  {knobs}"
+             + (f"  (trial {a['duplicate_of']}'s settings: its result, not retrained)"
+                if "duplicate_of" in a else ""))
     else:
         reason = trial.user_attrs.get("fail_reason", "")
         echo(f"trial {trial.number:>3} {trial.state.name.lower()}  {knobs}  {reason}")

@@ -331,7 +331,7 @@ class StudyTracker:
             if (num := _number(value)) is not None:
                 final[name] = num
         for key in ("cost_bpe", "cost_total", "cost_to_reference", "val_error", "test_error",
-                    "speedup", "wall_time", "jumps_accepted", "jumps_rejected",
+                    "speedup", "speedup_first_passage", "wall_time", "jumps_accepted", "jumps_rejected",
                     "reached_reference"):
             if key not in final and (num := _number(attrs.get(key))) is not None:
                 final[key] = num

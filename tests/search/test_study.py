@@ -44,11 +44,15 @@ def test_study_runs_and_records_reference_and_objectives(study_dir):
     assert study.metric_names == ["cost_bpe", "val_rel_l2"]
     ref = study.user_attrs["reference"]
     assert ref["cost_bpe"] == 60 and 0 < ref["val_rel_l2"] < 1
+    # the reference's first passage: where its own curve first reaches its final error
+    passage = next(c for c, e in ref["curve"] if e <= ref["val_rel_l2"])
+    assert 0 < ref["first_passage_bpe"] == passage <= ref["cost_bpe"]
     for t in trials:
         cost, err = t.values
         assert cost > 0 and 0 < err < 1
         assert t.user_attrs["rank_effective"] <= t.params["window"] - 1
         assert math.isclose(t.user_attrs["speedup"], ref["cost_bpe"] / cost)
+        assert math.isclose(t.user_attrs["speedup_first_passage"], ref["first_passage_bpe"] / cost)
         assert t.user_attrs["curve"][0][0] == 0.0
     assert (study_dir / "dmdopt-runs" / "optuna.db").exists()
 
@@ -82,6 +86,29 @@ def test_interrupt_keeps_finished_trials_then_resumes(study_dir, monkeypatch):
     assert len(complete(study)) == 1
     monkeypatch.setattr(objective_module, "train", real_train)
     assert len(complete(run(config))) == 3
+
+
+def test_repeated_settings_reuse_the_earlier_result_without_training(study_dir, monkeypatch):
+    config = config_for(study_dir, n_trials=1, extra="max_error_ratio = 2.0")
+    first = complete(run(config))[0]
+    # a sampler proposing trial 0's settings again (NSGA-II does): enqueue them
+    load_study("tiny", config.storage).enqueue_trial(first.params)
+    calls = {"n": 0}
+    real_train = objective_module.train
+
+    def counting_train(**kwargs):
+        calls["n"] += 1
+        return real_train(**kwargs)
+
+    monkeypatch.setattr(objective_module, "train", counting_train)
+    study = run(config, n_trials=2)
+    again = complete(study)[1]
+    assert calls["n"] == 0  # the reference is stored, and trial 1 is trial 0's settings
+    assert again.params == first.params and again.values == first.values
+    assert again.user_attrs["duplicate_of"] == first.number
+    assert again.user_attrs["curve"] == first.user_attrs["curve"]
+    assert (again.system_attrs["constraints:max_error_ratio"]
+            == first.system_attrs["constraints:max_error_ratio"])
 
 
 def test_diverging_trials_fail_with_reason_and_study_goes_on(study_dir):
