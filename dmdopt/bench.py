@@ -46,7 +46,9 @@ LEARNING_RATES = {
     "gd": (8.0, 8.0),
     "sgd_momentum": (2.0, 2.0),
 }
-STEPS = {False: 400, True: 600}
+QUICK_STEPS = 600
+"""The quick problem's budget. The default problem runs at `TrainConfig`'s default budget
+(2,000 steps), the budget the issue's ratios are defined at; `--steps 400` is a faster look."""
 EVAL_EVERY = 10
 
 
@@ -91,10 +93,10 @@ def run_benchmark(*, seeds: int = 3, steps: int | None = None, json_path=None,
     first passage / cost_to_target), dmd_share, fwd_share, jumps_accepted, jumps_rejected.
     """
     from dmdopt.problem import load_dataset
-    from dmdopt.training.config import DMDConfig
+    from dmdopt.training.config import DMDConfig, TrainConfig
     from dmdopt.training.loop import Diverged, train
 
-    steps = steps or STEPS[quick]
+    steps = steps or (QUICK_STEPS if quick else TrainConfig().max_steps)
     dmd = dmd or DMDConfig()
     problem, model = _problem(quick)
     dataset = load_dataset(problem, cache_dir=cache_dir, progress=False)
@@ -202,7 +204,8 @@ def _table(rows: list[dict], methods, echo) -> None:
 def add_arguments(parser) -> None:
     """The benchmark's options, shared by `dmdopt bench` and `benchmarks/bench_dmd.py`."""
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=None,
+                        help="the budget (default: TrainConfig's 2000; 600 with --quick)")
     parser.add_argument("--quick", action="store_true", help="the small problem of studies/quick.toml")
     parser.add_argument("--json", default=None, help="also write the rows as JSON to this path")
     parser.add_argument("--methods", default=",".join(METHODS), help="e.g. gd or adam,gd")
