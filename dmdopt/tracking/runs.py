@@ -41,6 +41,7 @@ EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_de
 
 TAG_STUDY, TAG_ROLE = "dmdopt.study", "dmdopt.role"
 TAG_TRIAL, TAG_STATE, TAG_FAIL = "dmdopt.trial_number", "dmdopt.trial_state", "dmdopt.fail_reason"
+TAG_DUPLICATE = "dmdopt.duplicate_of"
 _PARENT_SETTLE_S = 0.5  # after creating a parent, let a concurrent creator's insert land
 _MAX_PARAMS, _MAX_TAGS, _MAX_METRICS = 100, 100, 1000  # MLflow log_batch limits per call
 _PARAM_LEN, _TAG_LEN = 6000, 5000
@@ -321,6 +322,8 @@ class StudyTracker:
                 TAG_TRIAL: str(number), TAG_STATE: state}
         if state == "FAIL" or attrs.get("fail_reason"):
             tags[TAG_FAIL] = str(attrs.get("fail_reason") or "unknown")
+        if attrs.get("duplicate_of") is not None:  # same settings as an earlier trial: its result
+            tags[TAG_DUPLICATE] = str(attrs["duplicate_of"])
         params = flatten(trial.get("params") or {})
         params.update(flatten(attrs.get("dmd") or {}, "dmd"))
         params.update(flatten(attrs.get("training") or {}, "training"))

@@ -73,3 +73,11 @@ def test_study_without_complete_trials(make_summary, tmp_path, find_external_ref
 def test_png_is_written(make_summary, tmp_path):
     path = figures.write_pareto_png(make_summary("png"), tmp_path / "pareto.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+
+
+def test_first_passage_speedup_shown_only_when_it_differs(make_summary, page):
+    assert "speedup 2.00x" in page and "first passage" not in page  # no stored first passage
+    summary = make_summary("first-passage")
+    summary["reference"]["first_passage_bpe"] = 480.0  # the reference touched its error early
+    html = render_dashboard(summary)
+    assert "speedup 2.00x (against the reference's first passage 1.60x)" in html

@@ -35,6 +35,7 @@ def _runs(uri: str, study: str, role: str | None = None):
 def test_parent_children_metrics_and_artifacts(mlflow_store, make_summary, study_name,
                                                find_external_refs):
     summary = make_summary(study_name)
+    summary["trials"][3]["user_attrs"]["duplicate_of"] = 0  # a sampler repeated trial 0's settings
     tracker = StudyTracker(mlflow_store, study_name)
     parent = tracker.ensure_parent(summary)
     ids = {n: tracker.log_trial(summary, n) for n in (0, 1, 2, 3, 4)}
@@ -52,6 +53,7 @@ def test_parent_children_metrics_and_artifacts(mlflow_store, make_summary, study
     assert by_no[2]["status"] == "FAILED"
     assert by_no[2]["tags.dmdopt.fail_reason"] == "loss became NaN at step 12"
     assert by_no[0]["status"] == "FINISHED"
+    assert by_no[3]["tags.dmdopt.duplicate_of"] == "0"
     assert by_no[1]["params.horizon"] == "inf"
     assert by_no[0]["params.training.lr"] == "0.001" and by_no[0]["params.dmd.grouping"] == "layer"
     assert by_no[0]["metrics.cost_bpe"] == 300.0 and by_no[0]["metrics.speedup"] == 2.0
