@@ -12,8 +12,8 @@ import math
 from typing import Any
 
 KNOBS = ("window", "rank", "horizon")
-CSV_COLUMNS = ("trial", "cost_bpe", "val_rel_l2", "speedup", "speedup_first_passage", "window", "rank", "horizon",
-               "is_reference", "is_recommended")
+CSV_COLUMNS = ("trial", "cost_bpe", "val_rel_l2", "speedup", "speedup_first_passage", "window",
+               "rank", "horizon", "is_reference", "is_recommended")
 
 
 # ---------------------------------------------------------------- summary access
@@ -89,7 +89,8 @@ def pareto_rows(summary: dict) -> list[dict]:
     ref = reference_point(summary)
     if ref is not None:
         rows.append({"trial": "reference", "cost_bpe": ref[0], "val_rel_l2": ref[1],
-                     "speedup": 1.0, "speedup_first_passage": 1.0, "window": None, "rank": None, "horizon": None,
+                     "speedup": 1.0, "speedup_first_passage": 1.0,
+                     "window": None, "rank": None, "horizon": None,
                      "is_reference": True, "is_recommended": False})
     rec = recommended_number(summary)
     for t in pareto_trials(summary):

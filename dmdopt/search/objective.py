@@ -128,13 +128,13 @@ class Objective:
             return cost_total
         return cost, result.val_error
 
-
     def _reuse(self, trial: optuna.Trial, earlier: optuna.trial.FrozenTrial):
         """Return an earlier trial's result for the same settings instead of training again.
 
         Samplers (NSGA-II's crossover and mutation above all) may propose settings already
         run; training is seeded, so a retrain would give the same result (bit for bit on CPU),
-        and the compute is saved (Optuna's FAQ does the same). The copy counts as a trial of its own.
+        and the compute is saved (Optuna's FAQ does the same). The copy counts as a trial of
+        its own.
         """
         for key, value in earlier.user_attrs.items():
             if key != "worker":
