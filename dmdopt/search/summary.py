@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import optuna
+from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from dmdopt._util import mask_url
@@ -50,6 +51,9 @@ def summarize(study: optuna.Study, *, storage_url: str | None = None, policy: st
               value: float | None = None) -> dict:
     trials = study.get_trials(deepcopy=False)
     ref_point = hypervolume_reference_point(study)
+    # a dead worker's trial (failed by the heartbeat, so without a reason of its own) -> its retry
+    retried_as = {origin: t.number for t in trials
+                  if (origin := RetryHeartbeatStaleTrialCallback.retried_trial_number(t)) is not None}
     rows = []
     for t in trials:
         rows.append({
@@ -60,7 +64,9 @@ def summarize(study: optuna.Study, *, storage_url: str | None = None, policy: st
             "datetime_complete": t.datetime_complete.isoformat() if t.datetime_complete else None,
         })
         if t.state == TrialState.FAIL and "fail_reason" not in t.user_attrs:
-            reason = t.system_attrs.get("fail_reason") or "failed (see the worker's log)"
+            reason = t.system_attrs.get("fail_reason") or (
+                f"its worker stopped heart-beating; re-run as trial {retried_as[t.number]}"
+                if t.number in retried_as else "failed (see the worker's log)")
             rows[-1]["user_attrs"]["fail_reason"] = reason
     summary = {
         "study_name": study.study_name,

@@ -147,11 +147,11 @@ def test_workers_on_postgres_survive_a_killed_worker(tmp_path, monkeypatch):
     assert retry.user_attrs.get("worker") in set(by_worker) - {victim_trial.user_attrs["worker"]}
 
     if MLFLOW_URI:
-        _check_mlflow(name, {t.number for t in complete})
+        _check_mlflow(name, {t.number for t in complete}, killed=lost.number)
     optuna.delete_study(study_name=name, storage=study._storage)  # kept when a check failed
 
 
-def _check_mlflow(name: str, complete: set[int]) -> None:
+def _check_mlflow(name: str, complete: set[int], killed: int) -> None:
     # 5. MLflow: one parent for the study; one child per COMPLETE trial, under that parent.
     from mlflow.entities import ViewType
     from mlflow.tracking import MlflowClient
@@ -170,6 +170,9 @@ def _check_mlflow(name: str, complete: set[int]) -> None:
     complete_children = {int(r.data.tags["dmdopt.trial_number"]): r for r in children
                          if r.data.tags.get("dmdopt.trial_state") == "COMPLETE"}
     assert set(complete_children) == complete
+    # the killed trial's FAIL child, logged when its retry ended (no sync-mlflow needed)
+    failed = [r for r in children if int(r.data.tags["dmdopt.trial_number"]) == killed]
+    assert [r.data.tags.get("dmdopt.trial_state") for r in failed] == ["FAIL"], sorted(child_numbers)
     for run in children:
         assert run.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id
     for number, run in complete_children.items():

@@ -203,3 +203,36 @@ def test_quota_counts_queued_trials_ahead(tmp_path):
     assert not _quota_full_ahead(study, retry.number, 6)
     # With a larger quota both run; the killed (FAIL) trial never holds a place.
     assert not _quota_full_ahead(study, newer.number, 7)
+
+
+def test_a_retry_ending_logs_its_dead_origin_too(tmp_path):
+    """The killed trial is failed by the heartbeat, so no worker's callback saw it end: its
+    retry's callback logs it (with a reason) rather than leaving it to `sync-mlflow`."""
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+    from dmdopt.search.study import _Tracking
+
+    study, dist, killed = _quota_study(tmp_path, 2)
+    RetryHeartbeatStaleTrialCallback(max_retry=3)(study, killed)
+    retry = study.ask(dist)
+    study.tell(retry, [0.5])
+    logged = []
+
+    class Recorder:
+        def log_trial(self, summary, number):
+            logged.append((number, summary["trials"][number]["state"],
+                           summary["trials"][number]["user_attrs"].get("fail_reason")))
+
+        def refresh_parent(self, summary):
+            pass
+
+    tracking = _Tracking("quota", f"sqlite:///{tmp_path}/quota.db", None, enabled=False)
+    tracking.tracker = Recorder()
+    tracking(study, study.get_trials(deepcopy=False)[retry.number])
+    assert logged == [(retry.number, "COMPLETE", None),
+                      (killed.number, "FAIL", f"its worker stopped heart-beating; re-run as "
+                                              f"trial {retry.number}")]
+    # an ordinary trial logs only itself
+    logged.clear()
+    tracking(study, study.get_trials(deepcopy=False)[0])
+    assert [n for n, _, _ in logged] == [0]
