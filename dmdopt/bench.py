@@ -52,10 +52,9 @@ QUICK_STEPS = 600
 EVAL_EVERY = 10
 
 
-def _configs(method: str, *, quick: bool, steps: int, seed: int):
+def _configs(method: str, *, lr: float, steps: int, seed: int):
     from dmdopt.training.config import TrainConfig
 
-    lr = LEARNING_RATES[method][1 if quick else 0]
     optimizer = "adam" if method == "adam" else "sgd"
     momentum = 0.9 if method == "sgd_momentum" else 0.0
     return TrainConfig(optimizer=optimizer, lr=lr, momentum=momentum, max_steps=steps,
@@ -82,7 +81,8 @@ def _fmt(value, spec: str = ".4g") -> str:
 
 def run_benchmark(*, seeds: int = 3, steps: int | None = None, json_path=None,
                   quick: bool = False, echo: Callable[[str], None] = print,
-                  methods: tuple[str, ...] = METHODS, dmd=None,
+                  methods: tuple[str, ...] = METHODS, dmd=None, lrs: dict | None = None,
+                  jobs: int = 1, threads: int | None = None,
                   cache_dir: str = "dmdopt-runs/data") -> list[dict]:
     """Run plain vs DMD for each method and seed; print a table; return (and write) rows.
 
@@ -91,66 +91,48 @@ def run_benchmark(*, seeds: int = 3, steps: int | None = None, json_path=None,
     reaches its final error); DMD rows cost_to_target, wall_to_target, speedup (plain cost /
     cost_to_target; None if the plain error was never reached), first_passage_speedup (plain
     first passage / cost_to_target), dmd_share, fwd_share, jumps_accepted, jumps_rejected.
+
+    `lrs` overrides `LEARNING_RATES` per method. `jobs` > 1 runs the (method, seed) pairs in
+    that many processes, the CPU threads split between them; a pair's plain and DMD runs stay
+    in one process, so its ratios compare like with like (wall times are those of a shared
+    machine). `threads` per process defaults to the cores split between the jobs.
     """
     from dmdopt.problem import load_dataset
     from dmdopt.training.config import DMDConfig, TrainConfig
-    from dmdopt.training.loop import Diverged, train
 
     steps = steps or (QUICK_STEPS if quick else TrainConfig().max_steps)
     dmd = dmd or DMDConfig()
+    lrs = {m: (lrs or {}).get(m, LEARNING_RATES[m][1 if quick else 0]) for m in methods}
     problem, model = _problem(quick)
-    dataset = load_dataset(problem, cache_dir=cache_dir, progress=False)
+    load_dataset(problem, cache_dir=cache_dir, progress=False)  # built once, before any worker
     echo(f"dmdopt bench: {'quick' if quick else 'default'} problem (grid {problem.grid}, "
          f"{problem.n_samples} samples), MLP {model.width}x{model.depth}, full batch, "
-         f"{steps} steps, {seeds} seed(s)")
+         f"{steps} steps, {seeds} seed(s){f', {jobs} jobs' if jobs > 1 else ''}")
     echo(f"DMD: {dmd.to_dict()}")
+    pairs = [dict(method=m, seed=seed, lr=lrs[m], quick=quick, steps=steps, dmd=dmd.to_dict(),
+                  cache_dir=cache_dir) for m in methods for seed in range(seeds)]
     rows: list[dict] = []
-    for method in methods:
-        for seed in range(seeds):
-            training = _configs(method, quick=quick, steps=steps, seed=seed)
-            try:
-                plain = train(dataset=dataset, model=model, training=training)
-            except Diverged as exc:
-                echo(f"{method} seed {seed}: plain run diverged ({exc}); skipped")
-                continue
-            target = plain.val_error
-            # The plain curve is not monotone (Adam and GD at their tuned rates oscillate), so
-            # it may first reach its own final error before the budget ends: its first passage
-            # is the stricter reference for the DMD run's first passage.
-            first = plain.cost_to_reach(target)
-            rows.append({"method": method, "variant": "plain", "seed": seed, "lr": training.lr,
-                         "final_val_error": target, "cost": plain.backprop_equivalent,
-                         "wall_time": plain.wall_time, "cost_to_target": plain.backprop_equivalent,
-                         "wall_to_target": plain.wall_time, "speedup": 1.0,
-                         "first_passage_cost": first[0], "first_passage_wall": first[1]})
-            row = {"method": f"{method}+dmd", "variant": "dmd", "seed": seed, "lr": training.lr}
-            try:
-                result = train(dataset=dataset, model=model, training=training, dmd=dmd)
-            except Diverged as exc:
-                row.update(final_val_error=math.inf, cost_to_target=None, wall_to_target=None,
-                           speedup=None, error=str(exc))
-                rows.append(row)
-                echo(f"{method} seed {seed}: DMD run diverged ({exc})")
-                continue
-            reached = result.cost_to_reach(target)
-            row.update(
-                final_val_error=result.val_error, cost=result.backprop_equivalent,
-                wall_time=result.wall_time,
-                cost_to_target=reached[0] if reached else None,
-                wall_to_target=reached[1] if reached else None,
-                speedup=(plain.backprop_equivalent / reached[0]) if reached and reached[0] > 0 else None,
-                first_passage_speedup=(first[0] / reached[0]) if reached and reached[0] > 0 else None,
-                wall_speedup=(plain.wall_time / reached[1]) if reached and reached[1] > 0 else None,
-                dmd_share=result.dmd_time / result.wall_time if result.wall_time > 0 else None,
-                fwd_share=(result.cost["forward_passes"] / 3.0) / result.backprop_equivalent,
-                jumps_accepted=result.jumps_accepted, jumps_rejected=result.jumps_rejected,
-            )
-            rows.append(row)
-            echo(f"{method:13s} seed {seed}: plain {target:.4f} @ {plain.backprop_equivalent:.0f} bpe"
-                 f" | dmd {result.val_error:.4f}, target at {_fmt(row['cost_to_target'], '.0f')} bpe"
-                 f" (x{_fmt(row['speedup'], '.2f')}), jumps {result.jumps_accepted}/"
-                 f"{result.jumps_accepted + result.jumps_rejected}, dmd share "
-                 f"{row['dmd_share']:.1%}")
+    if jobs <= 1:
+        for pair in pairs:
+            pair_rows, line = _run_pair(**pair)
+            rows.extend(pair_rows)
+            echo(line)
+    else:
+        import concurrent.futures as cf
+        import multiprocessing as mp
+        import os
+
+        threads = threads or max(1, (os.cpu_count() or 1) // jobs)
+        with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"),
+                                    initializer=_set_threads, initargs=(threads,)) as pool:
+            futures = [pool.submit(_run_pair, **pair) for pair in pairs]
+            for future in cf.as_completed(futures):
+                pair_rows, line = future.result()
+                rows.extend(pair_rows)
+                echo(line)
+        order = {m: i for i, m in enumerate(methods)}
+        rows.sort(key=lambda r: (order[r["method"].removesuffix("+dmd")], r["seed"],
+                                 r["variant"] != "plain"))
     _table(rows, methods, echo)
     if json_path is not None:
         path = Path(json_path)
@@ -160,6 +142,65 @@ def run_benchmark(*, seeds: int = 3, steps: int | None = None, json_path=None,
         tmp.replace(path)
         echo(f"wrote {path}")
     return rows
+
+
+def _set_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _run_pair(*, method: str, seed: int, lr: float, quick: bool, steps: int, dmd: dict,
+              cache_dir: str) -> tuple[list[dict], str]:
+    """One method and seed: the plain run, then the DMD run at the same lr; (rows, a line)."""
+    from dmdopt.problem import load_dataset
+    from dmdopt.training.config import DMDConfig
+    from dmdopt.training.loop import Diverged, train
+
+    problem, model = _problem(quick)
+    dataset = load_dataset(problem, cache_dir=cache_dir, progress=False)  # from the cache
+    training = _configs(method, lr=lr, steps=steps, seed=seed)
+    try:
+        plain = train(dataset=dataset, model=model, training=training)
+    except Diverged as exc:
+        return [], f"{method} seed {seed}: plain run diverged ({exc}); skipped"
+    target = plain.val_error
+    # The plain curve is not monotone (Adam and GD at their tuned rates oscillate), so it may
+    # first reach its own final error before the budget ends: its first passage is the
+    # stricter reference for the DMD run's first passage.
+    first = plain.cost_to_reach(target)
+    rows = [{"method": method, "variant": "plain", "seed": seed, "lr": training.lr,
+             "final_val_error": target, "cost": plain.backprop_equivalent,
+             "wall_time": plain.wall_time, "cost_to_target": plain.backprop_equivalent,
+             "wall_to_target": plain.wall_time, "speedup": 1.0,
+             "first_passage_cost": first[0], "first_passage_wall": first[1]}]
+    row = {"method": f"{method}+dmd", "variant": "dmd", "seed": seed, "lr": training.lr}
+    rows.append(row)
+    try:
+        result = train(dataset=dataset, model=model, training=training,
+                       dmd=DMDConfig.from_dict(dmd))
+    except Diverged as exc:
+        row.update(final_val_error=math.inf, cost_to_target=None, wall_to_target=None,
+                   speedup=None, error=str(exc))
+        return rows, f"{method} seed {seed}: DMD run diverged ({exc})"
+    reached = result.cost_to_reach(target)
+    row.update(
+        final_val_error=result.val_error, cost=result.backprop_equivalent,
+        wall_time=result.wall_time,
+        cost_to_target=reached[0] if reached else None,
+        wall_to_target=reached[1] if reached else None,
+        speedup=(plain.backprop_equivalent / reached[0]) if reached and reached[0] > 0 else None,
+        first_passage_speedup=(first[0] / reached[0]) if reached and reached[0] > 0 else None,
+        wall_speedup=(plain.wall_time / reached[1]) if reached and reached[1] > 0 else None,
+        dmd_share=result.dmd_time / result.wall_time if result.wall_time > 0 else None,
+        fwd_share=(result.cost["forward_passes"] / 3.0) / result.backprop_equivalent,
+        jumps_accepted=result.jumps_accepted, jumps_rejected=result.jumps_rejected,
+    )
+    return rows, (f"{method:13s} seed {seed}: plain {target:.4f} @ {plain.backprop_equivalent:.0f} bpe"
+                  f" | dmd {result.val_error:.4f}, target at {_fmt(row['cost_to_target'], '.0f')} bpe"
+                  f" (x{_fmt(row['speedup'], '.2f')}), jumps {result.jumps_accepted}/"
+                  f"{result.jumps_accepted + result.jumps_rejected}, dmd share "
+                  f"{row['dmd_share']:.1%}")
 
 
 def _json_default(value):
@@ -208,6 +249,9 @@ def add_arguments(parser) -> None:
                         help="the budget (default: TrainConfig's 2000; 600 with --quick)")
     parser.add_argument("--quick", action="store_true", help="the small problem of studies/quick.toml")
     parser.add_argument("--json", default=None, help="also write the rows as JSON to this path")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="run the (method, seed) pairs in this many processes (CPU threads "
+                             "split between them)")
     parser.add_argument("--methods", default=",".join(METHODS), help="e.g. gd or adam,gd")
     parser.add_argument("--lr", action="append", default=[], metavar="METHOD=LR",
                         help="override a method's learning rate, e.g. --lr gd=1")
@@ -220,21 +264,23 @@ def run_from_args(args, error: Callable[[str], NoReturn]) -> list[dict]:
     (argparse's `parser.error`: one line, exit 2)."""
     from dmdopt.training.config import DMDConfig
 
-    if args.seeds < 1 or (args.steps is not None and args.steps < 1):
-        error("--seeds and --steps must be positive integers")
+    if args.seeds < 1 or (args.steps is not None and args.steps < 1) or args.jobs < 1:
+        error("--seeds, --steps and --jobs must be positive integers")
     methods = tuple(m for m in args.methods.split(",") if m)
     for method in methods:
         if method not in METHODS:
             error(f"--methods: unknown method {method!r} (known: {', '.join(METHODS)})")
+    lrs = {}
     for item in args.lr:
         method, _, value = item.partition("=")
         if method not in METHODS:
             error(f"--lr: unknown method {method!r}")
         try:
-            lr = float(value)
+            lrs[method] = float(value)
         except ValueError:
             error(f"--lr: {method}={value!r} is not a number")
-        LEARNING_RATES[method] = (lr, lr)
+        if not (math.isfinite(lrs[method]) and lrs[method] > 0):
+            error(f"--lr: {method}={value!r} must be a positive number")
     dmd = None
     if args.dmd:
         fields = {}
@@ -252,7 +298,7 @@ def run_from_args(args, error: Callable[[str], NoReturn]) -> list[dict]:
             error(f"--dmd: {exc}")
     t0 = time.perf_counter()
     rows = run_benchmark(seeds=args.seeds, steps=args.steps, json_path=args.json,
-                         quick=args.quick, methods=methods, dmd=dmd)
+                         quick=args.quick, methods=methods, dmd=dmd, lrs=lrs, jobs=args.jobs)
     print(f"total {time.perf_counter() - t0:.0f} s")
     return rows
 

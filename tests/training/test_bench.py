@@ -30,3 +30,28 @@ def test_bench_json_rows(tmp_path, monkeypatch, capsys):
             assert abs(row["first_passage_speedup"]
                        - plain["first_passage_cost"] / row["cost_to_target"]) < 1e-9
             assert row["first_passage_speedup"] <= row["speedup"] + 1e-12
+
+
+def test_parallel_jobs_give_the_rows_of_a_sequential_run(tmp_path, monkeypatch):
+    """`--jobs 2` runs the (method, seed) pairs in two processes; with one thread each, the
+    costs and errors are those of a sequential one-thread run, in the same row order."""
+    import torch
+
+    from dmdopt.bench import run_benchmark
+
+    monkeypatch.chdir(tmp_path)
+    kwargs = dict(quick=True, seeds=2, steps=40, methods=("gd", "adam"), lrs={"gd": 4.0},
+                  echo=lambda *_: None, cache_dir=str(tmp_path / "data"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        sequential = run_benchmark(**kwargs)
+    finally:
+        torch.set_num_threads(threads)
+    parallel = run_benchmark(jobs=2, threads=1, **kwargs)
+    keys = ("method", "variant", "seed", "lr", "final_val_error", "cost", "cost_to_target",
+            "jumps_accepted", "jumps_rejected")
+    assert len(sequential) == 8
+    assert ([[r.get(k) for k in keys] for r in parallel]
+            == [[r.get(k) for k in keys] for r in sequential])
+    assert {r["lr"] for r in sequential if r["method"].startswith("gd")} == {4.0}  # --lr override
