@@ -82,8 +82,10 @@ def test_workers_on_postgres_survive_a_killed_worker(tmp_path, monkeypatch):
 
     try:
         # 1. Wait until half the quota is COMPLETE and a worker is in the middle of a trial
-        #    (each trial records its worker as `host:pid`; it has its parameters, so it is
-        #    training), then SIGKILL that worker.
+        #    (each trial records its worker as `host:pid`; its `dmd` attribute is written after
+        #    the last parameter is sampled, just before training starts: a trial seen with only
+        #    some of its parameters would be retried with the rest sampled anew), then SIGKILL
+        #    that worker.
         victim = victim_trial = None
         while victim is None:
             assert time.monotonic() - started < DEADLINE_S, "no trial to interrupt\n" + all_logs()
@@ -93,7 +95,7 @@ def test_workers_on_postgres_survive_a_killed_worker(tmp_path, monkeypatch):
             trials = study.get_trials(deepcopy=False) if study is not None else []
             n_complete = sum(t.state == TrialState.COMPLETE for t in trials)
             running = [t for t in trials if t.state == TrialState.RUNNING
-                       and t.user_attrs.get("worker") in by_worker and t.params]
+                       and t.user_attrs.get("worker") in by_worker and "dmd" in t.user_attrs]
             if n_complete >= N_TRIALS // 2 and running:
                 victim_trial = running[-1]
                 victim = by_worker[victim_trial.user_attrs["worker"]]
