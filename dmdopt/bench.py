@@ -95,7 +95,7 @@ def run_benchmark(*, seeds: int = 3, steps: int | None = None, json_path=None,
     `lrs` overrides `LEARNING_RATES` per method. `jobs` > 1 runs the (method, seed) pairs in
     that many processes, the CPU threads split between them; a pair's plain and DMD runs stay
     in one process, so its ratios compare like with like (wall times are those of a shared
-    machine). `threads` per process defaults to the cores split between the jobs.
+    machine). `threads` per process (jobs > 1 only) defaults to the cores split between them.
     """
     from dmdopt.problem import load_dataset
     from dmdopt.training.config import DMDConfig, TrainConfig
@@ -126,10 +126,14 @@ def run_benchmark(*, seeds: int = 3, steps: int | None = None, json_path=None,
         with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"),
                                     initializer=_set_threads, initargs=(threads,)) as pool:
             futures = [pool.submit(_run_pair, **pair) for pair in pairs]
-            for future in cf.as_completed(futures):
-                pair_rows, line = future.result()
-                rows.extend(pair_rows)
-                echo(line)
+            try:
+                for future in cf.as_completed(futures):
+                    pair_rows, line = future.result()
+                    rows.extend(pair_rows)
+                    echo(line)
+            except BaseException:  # an error or Ctrl-C: don't wait for the pairs not started
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
         order = {m: i for i, m in enumerate(methods)}
         rows.sort(key=lambda r: (order[r["method"].removesuffix("+dmd")], r["seed"],
                                  r["variant"] != "plain"))

@@ -11,6 +11,7 @@ error; training stops there, and trials falling behind are pruned on the learnin
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import replace
 
@@ -77,11 +78,11 @@ class Objective:
             lr = trial.suggest_float("lr", cfg.space.lr.low, cfg.space.lr.high, log=cfg.space.lr.log)
             training = replace(training, lr=lr)
         single = cfg.mode == "cost_to_target"
-        if (earlier := _same_params(trial)) is not None:
-            return self._reuse(trial, earlier)
         target = cfg.target_error if cfg.target_error is not None else self.reference["val_rel_l2"]
         if single:
             training = replace(training, target_error=target)
+        if (earlier := _same_settings(trial, dmd, training)) is not None:
+            return self._reuse(trial, earlier)
         trial.set_user_attr("training", training.to_dict())
         trial.set_user_attr("dmd", dmd.to_dict())
 
@@ -146,10 +147,20 @@ class Objective:
         return earlier.value if len(earlier.values) == 1 else tuple(earlier.values)
 
 
-def _same_params(trial: optuna.Trial) -> optuna.trial.FrozenTrial | None:
-    """The earliest COMPLETE trial of this study with exactly this trial's parameters."""
+def _same_settings(trial: optuna.Trial, dmd: DMDConfig, training) -> optuna.trial.FrozenTrial | None:
+    """The earliest COMPLETE trial of this study that trained with exactly these settings.
+
+    Compared are the effective settings the trials recorded, not the sampled parameters, so
+    a different `horizon` under `horizon_inf` or a rank clipped to the same value counts as
+    the same run; trials without those records (another objective's) never match.
+    """
+    # user attributes come back from an RDB storage through JSON: compare in that form
+    wanted = json.loads(json.dumps({"dmd": dmd.to_dict(), "training": training.to_dict()}))
     for other in trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-        if other.number != trial.number and other.params == trial.params:
+        attrs = other.user_attrs
+        if (other.number != trial.number and "val_error" in attrs
+                and json.loads(json.dumps({"dmd": attrs.get("dmd"), "training": attrs.get("training")}))
+                == wanted):
             return other
     return None
 

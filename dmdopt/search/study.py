@@ -132,11 +132,12 @@ class _Tracking:
         try:
             summary = summarize(study, storage_url=self.storage_url)
             self.tracker.log_trial(summary, trial.number)
-            # A retry's origin is a dead worker's trial, failed by the heartbeat: no worker's
-            # callback ever saw it end, so it is logged here (idempotent), not only by a sync.
-            origin = RetryHeartbeatStaleTrialCallback.retried_trial_number(trial)
-            if origin is not None:
-                self.tracker.log_trial(summary, origin)
+            # A retry re-runs dead workers' trials, failed by the heartbeat: no worker's callback
+            # ever saw them end, so they are logged here (idempotent), not only by a sync. The
+            # history holds every trial of a retry chain (a retry may itself have been killed).
+            for lost in RetryHeartbeatStaleTrialCallback.retry_history(trial):
+                if lost != trial.number:
+                    self.tracker.log_trial(summary, lost)
             self.tracker.refresh_parent(summary)
         except Exception as exc:  # noqa: BLE001 - the trial is safe in the Optuna storage
             log.warning("MLflow logging of trial %d failed: %s (run `dmdopt study sync-mlflow`)",

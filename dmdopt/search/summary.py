@@ -51,9 +51,15 @@ def summarize(study: optuna.Study, *, storage_url: str | None = None, policy: st
               value: float | None = None) -> dict:
     trials = study.get_trials(deepcopy=False)
     ref_point = hypervolume_reference_point(study)
-    # a dead worker's trial (failed by the heartbeat, so without a reason of its own) -> its retry
-    retried_as = {origin: t.number for t in trials
-                  if (origin := RetryHeartbeatStaleTrialCallback.retried_trial_number(t)) is not None}
+    # a dead worker's trial (failed by the heartbeat, so without a reason of its own) -> the
+    # trial that re-ran it. A retry's history lists the chain before it (the callback may also
+    # have appended a trial's own number to its cached history in this process: skipped).
+    retried_as = {}
+    for t in trials:
+        chain = [n for n in RetryHeartbeatStaleTrialCallback.retry_history(t) if n != t.number]
+        if chain:
+            for lost, rerun in zip(chain, chain[1:] + [t.number], strict=True):
+                retried_as[lost] = rerun
     rows = []
     for t in trials:
         rows.append({

@@ -111,6 +111,31 @@ def test_repeated_settings_reuse_the_earlier_result_without_training(study_dir, 
             == first.system_attrs["constraints:max_error_ratio"])
 
 
+def test_reuse_compares_effective_settings_not_sampled_parameters(study_dir, monkeypatch):
+    from dmdopt.search.study import prepare_study
+
+    config = config_for(study_dir, n_trials=4)
+    study, _ = prepare_study(config, storage_url=config.storage, progress=False,
+                             echo=lambda *_: None)  # the study and its reference, no trial yet
+    # an `inf` horizon ignores the sampled horizon value; a rank of 9 is clipped to window - 1
+    study.enqueue_trial({"window": 8, "rank": 3, "horizon": 10.0, "horizon_inf": True})
+    study.enqueue_trial({"window": 8, "rank": 3, "horizon": 50.0, "horizon_inf": True})
+    study.enqueue_trial({"window": 6, "rank": 5, "horizon": 20.0, "horizon_inf": False})
+    study.enqueue_trial({"window": 6, "rank": 6, "horizon": 20.0, "horizon_inf": False})
+    calls = {"n": 0}
+    real_train = objective_module.train
+
+    def counting_train(**kwargs):
+        calls["n"] += 1
+        return real_train(**kwargs)
+
+    monkeypatch.setattr(objective_module, "train", counting_train)
+    trials = complete(run(config))
+    assert calls["n"] == 2
+    assert [t.user_attrs.get("duplicate_of") for t in trials] == [None, 0, None, 2]
+    assert trials[1].values == trials[0].values and trials[3].values == trials[2].values
+
+
 def test_diverging_trials_fail_with_reason_and_study_goes_on(study_dir):
     config = config_for(study_dir, n_trials=1,
                         training='optimizer = "sgd"\nlr = 0.01\nmax_steps = 30\neval_every = 10',
@@ -207,7 +232,8 @@ def test_quota_counts_queued_trials_ahead(tmp_path):
 
 def test_a_retry_ending_logs_its_dead_origin_too(tmp_path):
     """The killed trial is failed by the heartbeat, so no worker's callback saw it end: its
-    retry's callback logs it (with a reason) rather than leaving it to `sync-mlflow`."""
+    retry's callback logs it (with a reason) rather than leaving it to `sync-mlflow`, and so
+    for every trial of a chain whose retries were killed as well."""
     from optuna.storages import RetryHeartbeatStaleTrialCallback
 
     from dmdopt.search.study import _Tracking
@@ -215,7 +241,10 @@ def test_a_retry_ending_logs_its_dead_origin_too(tmp_path):
     study, dist, killed = _quota_study(tmp_path, 2)
     RetryHeartbeatStaleTrialCallback(max_retry=3)(study, killed)
     retry = study.ask(dist)
-    study.tell(retry, [0.5])
+    study.tell(retry, state=TrialState.FAIL)  # the retry's worker dies too
+    RetryHeartbeatStaleTrialCallback(max_retry=3)(study, study.get_trials(deepcopy=False)[-1])
+    last = study.ask(dist)
+    study.tell(last, [0.5])
     logged = []
 
     class Recorder:
@@ -228,10 +257,11 @@ def test_a_retry_ending_logs_its_dead_origin_too(tmp_path):
 
     tracking = _Tracking("quota", f"sqlite:///{tmp_path}/quota.db", None, enabled=False)
     tracking.tracker = Recorder()
-    tracking(study, study.get_trials(deepcopy=False)[retry.number])
-    assert logged == [(retry.number, "COMPLETE", None),
-                      (killed.number, "FAIL", f"its worker stopped heart-beating; re-run as "
-                                              f"trial {retry.number}")]
+    tracking(study, study.get_trials(deepcopy=False)[last.number])
+    reason = "its worker stopped heart-beating; re-run as trial {}".format
+    assert logged == [(last.number, "COMPLETE", None),
+                      (killed.number, "FAIL", reason(retry.number)),
+                      (retry.number, "FAIL", reason(last.number))]
     # an ordinary trial logs only itself
     logged.clear()
     tracking(study, study.get_trials(deepcopy=False)[0])
