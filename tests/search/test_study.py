@@ -88,11 +88,8 @@ def test_interrupt_keeps_finished_trials_then_resumes(study_dir, monkeypatch):
     assert len(complete(run(config))) == 3
 
 
-def test_repeated_settings_reuse_the_earlier_result_without_training(study_dir, monkeypatch):
-    config = config_for(study_dir, n_trials=1, extra="max_error_ratio = 2.0")
-    first = complete(run(config))[0]
-    # a sampler proposing trial 0's settings again (NSGA-II does): enqueue them
-    load_study("tiny", config.storage).enqueue_trial(first.params)
+def count_training(monkeypatch) -> dict:
+    """From now on, count the objective's calls of `train` in the returned dict's "n"."""
     calls = {"n": 0}
     real_train = objective_module.train
 
@@ -101,6 +98,15 @@ def test_repeated_settings_reuse_the_earlier_result_without_training(study_dir, 
         return real_train(**kwargs)
 
     monkeypatch.setattr(objective_module, "train", counting_train)
+    return calls
+
+
+def test_repeated_settings_reuse_the_earlier_result_without_training(study_dir, monkeypatch):
+    config = config_for(study_dir, n_trials=1, extra="max_error_ratio = 2.0")
+    first = complete(run(config))[0]
+    # a sampler proposing trial 0's settings again (NSGA-II does): enqueue them
+    load_study("tiny", config.storage).enqueue_trial(first.params)
+    calls = count_training(monkeypatch)
     study = run(config, n_trials=2)
     again = complete(study)[1]
     assert calls["n"] == 0  # the reference is stored, and trial 1 is trial 0's settings
@@ -117,19 +123,12 @@ def test_reuse_compares_effective_settings_not_sampled_parameters(study_dir, mon
     config = config_for(study_dir, n_trials=4)
     study, _ = prepare_study(config, storage_url=config.storage, progress=False,
                              echo=lambda *_: None)  # the study and its reference, no trial yet
-    # an `inf` horizon ignores the sampled horizon value; a rank of 9 is clipped to window - 1
+    # an `inf` horizon ignores the sampled horizon value; rank 6 is clipped to window - 1 = 5
     study.enqueue_trial({"window": 8, "rank": 3, "horizon": 10.0, "horizon_inf": True})
     study.enqueue_trial({"window": 8, "rank": 3, "horizon": 50.0, "horizon_inf": True})
     study.enqueue_trial({"window": 6, "rank": 5, "horizon": 20.0, "horizon_inf": False})
     study.enqueue_trial({"window": 6, "rank": 6, "horizon": 20.0, "horizon_inf": False})
-    calls = {"n": 0}
-    real_train = objective_module.train
-
-    def counting_train(**kwargs):
-        calls["n"] += 1
-        return real_train(**kwargs)
-
-    monkeypatch.setattr(objective_module, "train", counting_train)
+    calls = count_training(monkeypatch)
     trials = complete(run(config))
     assert calls["n"] == 2
     assert [t.user_attrs.get("duplicate_of") for t in trials] == [None, 0, None, 2]
