@@ -43,7 +43,9 @@ def pareto_numbers(study: optuna.Study) -> list[int]:
     if len(study.directions) != 2:
         best = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
         return [min(best, key=lambda t: t.value).number] if best else []
-    front = study.best_trials
+    # A trial that reused an earlier one's result (same settings) is the same point: listed
+    # once, under the earlier number (Optuna's best_trials keeps both).
+    front = [t for t in study.best_trials if "duplicate_of" not in t.user_attrs]
     return [t.number for t in sorted(front, key=lambda t: (t.values[0], t.values[1], t.number))]
 
 

@@ -12,6 +12,7 @@ from study_files import tiny_study_toml
 from dmdopt.search import load_study_file, run_study
 from dmdopt.search import objective as objective_module
 from dmdopt.search.storage import load_study
+from dmdopt.search.summary import summarize
 
 
 @pytest.fixture
@@ -115,6 +116,9 @@ def test_repeated_settings_reuse_the_earlier_result_without_training(study_dir, 
     assert again.user_attrs["curve"] == first.user_attrs["curve"]
     assert (again.system_attrs["constraints:max_error_ratio"]
             == first.system_attrs["constraints:max_error_ratio"])
+    # Optuna's front has both; the summary's (Pareto table, MLflow, dashboard) lists the point once
+    assert {t.number for t in study.best_trials} == {first.number, again.number}
+    assert summarize(study)["pareto"] == [first.number]
 
 
 def test_reuse_compares_effective_settings_not_sampled_parameters(study_dir, monkeypatch):
