@@ -27,6 +27,7 @@ accept/reject and line-search losses) are counted in the bpe cost and reported s
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import statistics
@@ -70,6 +71,14 @@ def _problem(quick: bool):
     return ProblemConfig(), ModelConfig()
 
 
+@functools.lru_cache(maxsize=2)
+def _dataset(quick: bool, cache_dir: str):
+    """The benchmark problem's dataset, built or read from the cache once per process."""
+    from dmdopt.problem import load_dataset
+
+    return load_dataset(_problem(quick)[0], cache_dir=cache_dir, progress=False)
+
+
 def _median(values):
     values = [v for v in values if v is not None and math.isfinite(v)]
     return statistics.median(values) if values else None
@@ -97,14 +106,13 @@ def run_benchmark(*, seeds: int = 3, steps: int | None = None, json_path=None,
     in one process, so its ratios compare like with like (wall times are those of a shared
     machine). `threads` per process (jobs > 1 only) defaults to the cores split between them.
     """
-    from dmdopt.problem import load_dataset
     from dmdopt.training.config import DMDConfig, TrainConfig
 
     steps = steps or (QUICK_STEPS if quick else TrainConfig().max_steps)
     dmd = dmd or DMDConfig()
     lrs = {m: (lrs or {}).get(m, LEARNING_RATES[m][1 if quick else 0]) for m in methods}
     problem, model = _problem(quick)
-    load_dataset(problem, cache_dir=cache_dir, progress=False)  # built once, before any worker
+    _dataset(quick, cache_dir)  # built once, before any worker reads it from the cache
     echo(f"dmdopt bench: {'quick' if quick else 'default'} problem (grid {problem.grid}, "
          f"{problem.n_samples} samples), MLP {model.width}x{model.depth}, full batch, "
          f"{steps} steps, {seeds} seed(s){f', {jobs} jobs' if jobs > 1 else ''}")
@@ -157,12 +165,11 @@ def _set_threads(threads: int) -> None:
 def _run_pair(*, method: str, seed: int, lr: float, quick: bool, steps: int, dmd: dict,
               cache_dir: str) -> tuple[list[dict], str]:
     """One method and seed: the plain run, then the DMD run at the same lr; (rows, a line)."""
-    from dmdopt.problem import load_dataset
     from dmdopt.training.config import DMDConfig
     from dmdopt.training.loop import Diverged, train
 
-    problem, model = _problem(quick)
-    dataset = load_dataset(problem, cache_dir=cache_dir, progress=False)  # from the cache
+    model = _problem(quick)[1]
+    dataset = _dataset(quick, cache_dir)
     training = _configs(method, lr=lr, steps=steps, seed=seed)
     try:
         plain = train(dataset=dataset, model=model, training=training)
