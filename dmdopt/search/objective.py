@@ -154,13 +154,15 @@ def _same_settings(trial: optuna.Trial, dmd: DMDConfig, training) -> optuna.tria
     a different `horizon` under `horizon_inf` or a rank clipped to the same value counts as
     the same run; trials without those records (another objective's) never match.
     """
-    # user attributes come back from an RDB storage through JSON: compare in that form
-    wanted = json.loads(json.dumps({"dmd": dmd.to_dict(), "training": training.to_dict()}))
+    def as_stored(dmd_record, training_record):
+        # user attributes come back from an RDB storage through JSON: compare in that form
+        return json.loads(json.dumps({"dmd": dmd_record, "training": training_record}))
+
+    wanted = as_stored(dmd.to_dict(), training.to_dict())
     for other in trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
         attrs = other.user_attrs
         if (other.number != trial.number and "val_error" in attrs
-                and json.loads(json.dumps({"dmd": attrs.get("dmd"), "training": attrs.get("training")}))
-                == wanted):
+                and as_stored(attrs.get("dmd"), attrs.get("training")) == wanted):
             return other
     return None
 
