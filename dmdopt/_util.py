@@ -1,10 +1,18 @@
-"""Small helpers shared by several modules (versions, git commit, URL masking)."""
+"""Small helpers shared by several modules (versions, git commit, URL masking, atomic files)."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import IO
+
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read once, at import (single-threaded): os.umask can only be read by setting it
 
 _PASSWORD_IN_URL = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.\-]*://[^:/@\s]+:)(?P<pw>[^@\s]*)(?P<at>@)")
 
@@ -39,3 +47,27 @@ def versions() -> dict[str, str]:
         except PackageNotFoundError:
             pass
     return found
+
+
+@contextmanager
+def atomic_file(final: str | Path, mode: str = "w") -> Iterator[IO]:
+    """Write `final` through a temporary file next to it, moved into place only on success.
+
+    Readers never see half a file and a failed write leaves the old one. The file gets the
+    permissions a plain `open` would (0o666 minus the umask): `mkstemp` makes it owner-only,
+    which would hide an exported config or a dataset cache from the next user or job.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        os.replace(tmp, final)
+    except BaseException:
+        with suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise

@@ -92,6 +92,7 @@ def cmd_train(args) -> int:
     from dmdopt.model import ModelConfig
     from dmdopt.problem import ProblemConfig, load_dataset
     from dmdopt.training import DMDConfig, TrainConfig, train
+    from dmdopt.training.loop import resolve_device
 
     try:
         problem = ProblemConfig(**({"grid": args.grid} if args.grid else {}),
@@ -106,6 +107,7 @@ def cmd_train(args) -> int:
             dmd = DMDConfig(window=args.dmd_window or 20,
                             rank=_number(args.dmd_rank) if args.dmd_rank is not None else 8,
                             horizon=args.dmd_horizon or 100.0)
+        resolve_device(training.device)  # an absent GPU is the user's mistake: one line, exit 2
     except ValueError as exc:
         raise UserError(str(exc)) from None
     dataset = load_dataset(problem, cache_dir=args.cache_dir, progress=not args.quiet)

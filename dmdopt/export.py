@@ -31,14 +31,13 @@ import json
 import math
 import os
 import re
-import tempfile
 import tomllib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from dmdopt._util import git_commit, mask_url, versions
+from dmdopt._util import atomic_file, git_commit, mask_url, versions
 from dmdopt.errors import UserError
 from dmdopt.model import ModelConfig
 from dmdopt.training.config import DMDConfig, TrainConfig
@@ -189,24 +188,11 @@ def write_tuned_config(tuned: TunedConfig, path: str | os.PathLike, *, fmt: str 
     back = _validate(_parse(text, fmt, str(path)), str(path))
     if back.to_dict() != tuned.to_dict():  # a writer bug must not produce a file that means something else
         raise RuntimeError(f"tuned config for {path} does not read back identically")
-    tmp = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        with atomic_file(path) as fh:
             fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        tmp = None
     except OSError as exc:
         raise UserError(f"cannot write tuned config {path}: {exc.strerror or exc}") from None
-    finally:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
 
 
 def _format_of(path: Path) -> str:

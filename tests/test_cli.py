@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from dmdopt.cli import main
 
@@ -52,6 +53,14 @@ def test_unreachable_storage_is_one_line(capsys):
 def test_train_bad_value_is_one_line(capsys):
     assert main(["train", "--lr", "-1", "--quiet"]) == 2
     assert "lr" in capsys.readouterr().err
+
+
+def test_train_on_an_absent_gpu_is_one_line(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible here")
+    assert main(["train", "--device", "cuda", "--steps", "5", "--quiet", "--no-mlflow"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "training.device" in err and "Traceback" not in err
 
 
 def test_data_and_train_run(tmp_path, monkeypatch, capsys):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import stat
 import tomllib
 from datetime import datetime
 from pathlib import Path
@@ -54,6 +56,17 @@ def summary() -> dict:
         "trials": trials, "pareto": [0, 1, 2, 3], "recommended": None,
         "hypervolume_history": [], "hypervolume_reference_point": [990.0, 0.132],
     }
+
+
+def test_exported_file_is_readable_like_any_file_the_user_writes(summary, tmp_path):
+    """The atomic write goes through mkstemp (owner-only); the result must not stay private,
+    or the production job of another user or service cannot read it."""
+    old = os.umask(0o022)
+    os.umask(old)
+    path = tmp_path / "tuned.toml"
+    export_tuned_config(summary, path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~old
+    assert not list(tmp_path.glob(".tuned.toml.*"))  # no temporary left behind
 
 
 @pytest.mark.parametrize("suffix", [".toml", ".json", ".yaml", ".yml"])

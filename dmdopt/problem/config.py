@@ -50,9 +50,9 @@ def _as_range(name: str, value: Any) -> tuple[float, float]:
     try:
         lo, hi = (float(v) for v in value)
     except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a (low, high) pair of numbers, got {value!r}") from None
+        raise ValueError(f"problem.{name} must be a (low, high) pair of numbers, got {value!r}") from None
     if not (math.isfinite(lo) and math.isfinite(hi)) or lo > hi:
-        raise ValueError(f"{name} must be a finite (low, high) with low <= high, got {value!r}")
+        raise ValueError(f"problem.{name} must be a finite (low, high) with low <= high, got {value!r}")
     return lo, hi
 
 
@@ -78,34 +78,34 @@ class ProblemConfig:
         for name in ("grid", "n_samples", "seed"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, Integral):
-                raise ValueError(f"{name} must be an int, got {v!r}")
+                raise ValueError(f"problem.{name} must be an int, got {v!r}")
             object.__setattr__(self, name, int(v))
         if self.grid < 4:
-            raise ValueError(f"grid must be >= 4, got {self.grid!r}")
+            raise ValueError(f"problem.grid must be >= 4, got {self.grid!r}")
         if self.n_samples < 1:
-            raise ValueError(f"n_samples must be >= 1, got {self.n_samples!r}")
+            raise ValueError(f"problem.n_samples must be >= 1, got {self.n_samples!r}")
         if self.seed < 0:
-            raise ValueError(f"seed must be >= 0, got {self.seed!r}")
+            raise ValueError(f"problem.seed must be >= 0, got {self.seed!r}")
         for name in PARAM_NAMES:
             object.__setattr__(self, name, _as_range(name, getattr(self, name)))
         if self.diffusivity[0] <= 0:
-            raise ValueError(f"diffusivity range must be > 0, got {self.diffusivity!r}")
+            raise ValueError(f"problem.diffusivity range must be > 0, got {self.diffusivity!r}")
         if self.decay[0] < 0:
-            raise ValueError(f"decay range must be >= 0, got {self.decay!r}")
+            raise ValueError(f"problem.decay range must be >= 0, got {self.decay!r}")
         for name in ("source_width", "source_strength", "val_fraction", "test_fraction"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, Real) or not math.isfinite(v):
-                raise ValueError(f"{name} must be a finite number, got {v!r}")
+                raise ValueError(f"problem.{name} must be a finite number, got {v!r}")
             object.__setattr__(self, name, float(v))
         if self.source_width <= 0:
-            raise ValueError(f"source_width must be > 0, got {self.source_width!r}")
+            raise ValueError(f"problem.source_width must be > 0, got {self.source_width!r}")
         for name in ("val_fraction", "test_fraction"):
             v = getattr(self, name)
             if not 0.0 <= v < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {v!r}")
+                raise ValueError(f"problem.{name} must be in [0, 1), got {v!r}")
         if self.val_fraction + self.test_fraction >= 1.0:
             raise ValueError(
-                f"val_fraction + test_fraction must be < 1, got "
+                f"problem.val_fraction + problem.test_fraction must be < 1, got "
                 f"{self.val_fraction!r} + {self.test_fraction!r}"
             )
 
@@ -126,11 +126,11 @@ class ProblemConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown ProblemConfig keys: {unknown}; known: {sorted(known)}")
+            raise ValueError(f"unknown problem keys: {unknown}; known: {sorted(known)}")
         try:
             return cls(**dict(data))
         except TypeError as exc:  # defensive: should be caught by __post_init__
-            raise ValueError(f"bad ProblemConfig values: {exc}") from None
+            raise ValueError(f"bad problem values: {exc}") from None
 
     def config_hash(self) -> str:
         """First 16 hex chars of sha256 over canonical JSON of all fields + solver version."""

@@ -18,12 +18,10 @@ import json
 import multiprocessing
 import os
 import sys
-import tempfile
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
-from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +29,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from dmdopt._util import atomic_file
 from dmdopt.errors import UserError
 from dmdopt.problem.config import LOG_PARAMS, PARAM_NAMES, ProblemConfig
 from dmdopt.problem.sampling import SPLIT_NAMES, sample_params, split_indices
@@ -214,24 +213,6 @@ def build_fields(
         bar.close()
 
 
-@contextmanager
-def _atomic_target(final: Path) -> Iterator[Any]:
-    """Open a temp file next to ``final``; move it into place only on success."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".partial")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, final)
-    except BaseException:
-        with suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def _read_cache(path: Path, config: ProblemConfig, key: str) -> Dataset | None:
     """The cached dataset, or None (with a warning) if unreadable or mismatched."""
     try:
@@ -289,7 +270,7 @@ def load_dataset(
         "fields": fields,
         **{f"{name}_idx": splits[name] for name in SPLIT_NAMES},
     }
-    with _atomic_target(path) as fh:
+    with atomic_file(path, "wb") as fh:
         np.savez(
             fh,
             **arrays,

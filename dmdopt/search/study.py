@@ -184,6 +184,23 @@ def _echo_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial, echo=print
         echo(f"trial {trial.number:>3} {trial.state.name.lower()}  {knobs}  {reason}")
 
 
+class _NoInterruptTraceback(logging.Filter):
+    """Optuna logs a trial stopped by Ctrl-C with the KeyboardInterrupt's traceback (~30 lines).
+    The user pressed the key: keep Optuna's one line (the trial is marked FAIL), drop the rest."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _quiet_interrupts() -> None:
+    """Install `_NoInterruptTraceback` on the logger of Optuna's trial loop (once)."""
+    logger = logging.getLogger("optuna.study._optimize")
+    if not any(isinstance(f, _NoInterruptTraceback) for f in logger.filters):
+        logger.addFilter(_NoInterruptTraceback())
+
+
 def worker_loop(config: StudyConfig, *, storage_url: str, n_trials: int | None,
                 timeout: float | None, cache_dir="dmdopt-runs/data", tracking: bool = True,
                 tracking_uri: str | None = None, echo=print, progress: bool = False,
@@ -191,6 +208,7 @@ def worker_loop(config: StudyConfig, *, storage_url: str, n_trials: int | None,
     """One worker: run trials until `n_trials` are COMPLETE in the storage (all workers
     together) or `timeout` seconds passed. Returns the trials this worker ran."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    _quiet_interrupts()
     storage = open_storage(storage_url)
     study = optuna.load_study(study_name=config.name, storage=storage, sampler=make_sampler(config),
                               pruner=optuna.pruners.MedianPruner(n_startup_trials=3))

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import html
 import json
-import os
-import tempfile
 from datetime import datetime
 from functools import cache
 from importlib import resources
@@ -21,7 +19,7 @@ import plotly.io as pio
 from plotly.offline import get_plotlyjs
 
 from dmdopt import pareto
-from dmdopt._util import mask_url, versions
+from dmdopt._util import atomic_file, mask_url, versions
 from dmdopt.tracking import figures
 
 TEMPLATE_NAME = "study.html"
@@ -119,15 +117,7 @@ def render_dashboard(summary: dict) -> str:
 def write_dashboard(summary: dict, path: str | Path) -> Path:
     """Render and write atomically (temp file + rename): readers never see half a page."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     text = render_dashboard(summary)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a dashboard is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as fh:
+        fh.write(text)
     return path

@@ -147,13 +147,13 @@ def test_config_dict_roundtrip_and_validation():
     d = json.loads(json.dumps(cfg.to_dict()))
     back = ProblemConfig.from_dict(d)
     assert back == cfg and back.config_hash() == cfg.config_hash()
-    with pytest.raises(ValueError, match="unknown ProblemConfig keys: \\['gird'\\]"):
+    with pytest.raises(ValueError, match="unknown problem keys: \\['gird'\\]"):
         ProblemConfig.from_dict({"gird": 32})
     with pytest.raises(ValueError, match="diffusivity"):
         ProblemConfig.from_dict({"diffusivity": [0.0, 0.1]})
     with pytest.raises(ValueError, match="wind_x"):
         ProblemConfig.from_dict({"wind_x": [1.0, -1.0]})
-    with pytest.raises(ValueError, match="grid must be an int"):
+    with pytest.raises(ValueError, match="problem.grid must be an int"):
         ProblemConfig.from_dict({"grid": "64"})
     with pytest.raises(ValueError, match="val_fraction"):
         ProblemConfig(val_fraction=0.6, test_fraction=0.5)

@@ -69,7 +69,7 @@ def test_rerun_resumes_and_keeps_finished_trials(study_dir):
     assert len(complete(run(config, n_trials=3))) == 3
 
 
-def test_interrupt_keeps_finished_trials_then_resumes(study_dir, monkeypatch):
+def test_interrupt_keeps_finished_trials_then_resumes(study_dir, monkeypatch, capfd):
     config = config_for(study_dir, n_trials=3)
     real_train = objective_module.train
     calls = {"n": 0}
@@ -83,6 +83,8 @@ def test_interrupt_keeps_finished_trials_then_resumes(study_dir, monkeypatch):
     monkeypatch.setattr(objective_module, "train", flaky_train)
     with pytest.raises(KeyboardInterrupt):
         run(config)
+    err = capfd.readouterr().err
+    assert "KeyboardInterrupt" in err and "Traceback" not in err  # Optuna's line, no traceback
     study = load_study("tiny", config.storage)
     assert len(complete(study)) == 1
     monkeypatch.setattr(objective_module, "train", real_train)
