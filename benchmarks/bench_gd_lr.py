@@ -38,13 +38,14 @@ def run(lrs, seeds, steps, targets, *, cache_dir: str = "dmdopt-runs/data") -> l
             for variant in ("plain", "dmd"):
                 training = TrainConfig(optimizer="sgd", lr=lr, momentum=0.0, max_steps=steps,
                                        eval_every=10, seed=seed, target_error=min(targets))
+                curve: list[dict] = []  # kept when a run diverges: what it reached still counts
                 try:
-                    result = train(dataset=dataset, model=model, training=training,
-                                   dmd=DMDConfig() if variant == "dmd" else None)
+                    train(dataset=dataset, model=model, training=training,
+                          dmd=DMDConfig() if variant == "dmd" else None, on_eval=curve.append)
                 except Diverged:
-                    costs = {t: math.inf for t in targets}
-                else:
-                    costs = {t: (result.cost_to_reach(t) or (math.inf,))[0] for t in targets}
+                    pass
+                costs = {t: next((p["cost"] for p in curve if p["val_error"] <= t), math.inf)
+                         for t in targets}
                 rows.append({"lr": lr, "seed": seed, "variant": variant, "costs": costs})
                 print(f"  lr {lr:g} seed {seed} {variant:5s}: "
                       + "  ".join(f"{t:g}@{_fmt(c)}" for t, c in costs.items()), flush=True)

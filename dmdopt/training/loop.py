@@ -74,7 +74,11 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"training.device is {name!r} but no CUDA device is visible")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"training.device is {name!r} but only {torch.cuda.device_count()} "
+                         "CUDA device(s) are visible")
+    return device
 
 
 def make_optimizer(params, config: TrainConfig) -> torch.optim.Optimizer:

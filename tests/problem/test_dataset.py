@@ -59,7 +59,7 @@ def test_parallel_build_matches_in_process(built, tmp_path):
 
 def test_partial_temp_file_is_not_a_cache(tmp_path, monkeypatch):
     final = cache_path(TINY, tmp_path)
-    (tmp_path / f".{final.name}.abc123.partial").write_bytes(b"PK\x03\x04 half written")
+    (tmp_path / f".{final.name}.abc123.tmp").write_bytes(b"PK\x03\x04 half written")  # atomic_file's name
     calls = []
     real = dataset_mod.solve_field
     monkeypatch.setattr(dataset_mod, "solve_field", lambda **kw: calls.append(1) or real(**kw))
