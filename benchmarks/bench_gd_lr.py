@@ -26,8 +26,10 @@ def _floats(text: str) -> tuple[float, ...]:
 
 def run(lrs, seeds, steps, targets, *, cache_dir: str = "dmdopt-runs/data") -> list[dict]:
     """One plain and one DMD run per (lr, seed); each row holds the cost to every target."""
-    from dmdopt.bench import _dataset, _problem
-    from dmdopt.training.config import DMDConfig, TrainConfig
+    from dataclasses import replace
+
+    from dmdopt.bench import _configs, _dataset, _problem
+    from dmdopt.training.config import DMDConfig
     from dmdopt.training.loop import Diverged, train
 
     dataset = _dataset(False, cache_dir)
@@ -36,8 +38,8 @@ def run(lrs, seeds, steps, targets, *, cache_dir: str = "dmdopt-runs/data") -> l
     for lr in lrs:
         for seed in range(seeds):
             for variant in ("plain", "dmd"):
-                training = TrainConfig(optimizer="sgd", lr=lr, momentum=0.0, max_steps=steps,
-                                       eval_every=10, seed=seed, target_error=min(targets))
+                training = replace(_configs("gd", lr=lr, steps=steps, seed=seed),
+                                   target_error=min(targets))
                 curve: list[dict] = []  # kept when a run diverges: what it reached still counts
                 try:
                     train(dataset=dataset, model=model, training=training,

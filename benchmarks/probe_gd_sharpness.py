@@ -48,8 +48,8 @@ def main() -> None:
     args = parser.parse_args()
 
     import dmdopt.training.accelerator as accelerator_module
-    from dmdopt.bench import _dataset, _problem
-    from dmdopt.training.config import DMDConfig, TrainConfig
+    from dmdopt.bench import _configs, _dataset, _problem
+    from dmdopt.training.config import DMDConfig
     from dmdopt.training.loop import train
 
     base = accelerator_module.DMDAccelerator
@@ -86,8 +86,7 @@ def main() -> None:
 
     dataset = _dataset(False, "dmdopt-runs/data")
     model = _problem(False)[1]
-    training = TrainConfig(optimizer="sgd", lr=args.lr, momentum=0.0, max_steps=args.steps,
-                           eval_every=10, seed=args.seed)
+    training = _configs("gd", lr=args.lr, steps=args.steps, seed=args.seed)
     limit = 2.0 / args.lr
     for name, probe in (("plain GD", PlainProbe), ("GD + DMD", JumpProbe)):
         events.clear()

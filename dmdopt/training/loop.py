@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from dmdopt._util import atomic_file
 from dmdopt.model import ModelConfig, Regressor, build_regressor
 from dmdopt.training.config import DMDConfig, TrainConfig
 from dmdopt.training.cost import CostCounter, flops_per_backprop
@@ -180,14 +181,13 @@ def train(
         state = saved["state"]
 
     def save_checkpoint() -> None:
-        tmp = ckpt.with_suffix(ckpt.suffix + ".tmp")
-        torch.save({
-            "model": net.state_dict(), "optimizer": optimizer.state_dict(),
-            "accelerator": accelerator.state_dict() if accelerator is not None else None,
-            "batch_gen": batch_gen.get_state(), "torch_rng": torch.get_rng_state(),
-            "cost": cost.to_dict(), "state": state,
-        }, tmp)
-        os.replace(tmp, ckpt)
+        with atomic_file(ckpt, "wb") as fh:  # a kill mid-save leaves the previous checkpoint
+            torch.save({
+                "model": net.state_dict(), "optimizer": optimizer.state_dict(),
+                "accelerator": accelerator.state_dict() if accelerator is not None else None,
+                "batch_gen": batch_gen.get_state(), "torch_rng": torch.get_rng_state(),
+                "cost": cost.to_dict(), "state": state,
+            }, fh)
 
     def next_batch() -> tuple[torch.Tensor, torch.Tensor]:
         if batch_rows == n_train:
