@@ -36,6 +36,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
+from dmdopt._util import atomic_file
+
 METHODS = ("adam", "gd", "sgd_momentum")
 """Benchmark method names: Adam; SGD without momentum (GD); SGD with momentum 0.9."""
 
@@ -150,10 +152,8 @@ def run_benchmark(*, seeds: int = 3, steps: int | None = None, json_path=None,
     _table(rows, methods, echo)
     if json_path is not None:
         path = Path(json_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(rows, indent=2, default=_json_default))
-        tmp.replace(path)
+        with atomic_file(path) as fh:
+            fh.write(json.dumps(rows, indent=2, default=_json_default))
         echo(f"wrote {path}")
     return rows
 
