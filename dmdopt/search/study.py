@@ -22,22 +22,11 @@ from dmdopt._util import mask_url
 from dmdopt.errors import UserError
 from dmdopt.search.config import StudyConfig
 from dmdopt.search.objective import METRIC_NAMES, Objective, reference_run
+from dmdopt.search.sampler import make_sampler
 from dmdopt.search.storage import open_storage
 from dmdopt.search.summary import summarize
 
 log = logging.getLogger("dmdopt")
-
-
-def make_sampler(config: StudyConfig) -> optuna.samplers.BaseSampler:
-    seed = config.seed
-    if config.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    if config.sampler == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=6)
-    if config.sampler == "gp":
-        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=6)
-    population = max(4, min(16, (config.n_trials or 32) // 4))
-    return optuna.samplers.NSGAIISampler(seed=seed, population_size=population)
 
 
 def config_digest(config: StudyConfig) -> str:

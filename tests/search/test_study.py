@@ -11,6 +11,7 @@ from study_files import tiny_study_toml
 
 from dmdopt.search import load_study_file, run_study
 from dmdopt.search import objective as objective_module
+from dmdopt.search.sampler import TrialSeededSampler
 from dmdopt.search.storage import load_study
 from dmdopt.search.summary import summarize
 
@@ -161,6 +162,10 @@ def test_two_worker_processes_no_duplicate_or_lost_trials(study_dir):
     assert len(numbers) == len(set(numbers)) and sorted(numbers) == list(range(len(numbers)))
     assert len(complete(study)) == 4
     assert all(t.values is not None for t in complete(study))
+    # both workers read the same seed from the file: their draws must still differ
+    settings = [tuple(sorted(t.params.items())) for t in complete(study)]
+    assert len(set(settings)) == len(settings)
+    assert not any("duplicate_of" in t.user_attrs for t in complete(study))
 
 
 def test_constraint_marks_infeasible_trials(study_dir):
@@ -178,7 +183,8 @@ def test_single_objective_mode_prunes_or_reaches_target(study_dir):
     assert len(study.directions) == 1
     done = complete(study)
     assert done and all(t.value <= 2 * 60 * 2 for t in done)
-    assert isinstance(study.sampler, optuna.samplers.RandomSampler)
+    assert isinstance(study.sampler, TrialSeededSampler)
+    assert isinstance(study.sampler._factory(0), optuna.samplers.RandomSampler)
 
 
 def _quota_study(tmp_path, n_complete: int):

@@ -1,0 +1,62 @@
+"""Per-trial seeding: workers sharing a study file draw different settings, one worker repeats."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+from optuna.distributions import FloatDistribution, IntDistribution
+
+from dmdopt.search.sampler import TrialSeededSampler, trial_seed
+
+SPACE = {"window": IntDistribution(5, 60, log=True), "rank": IntDistribution(1, 16),
+         "horizon": FloatDistribution(2.0, 200.0, log=True)}
+FACTORIES = {
+    "random": lambda seed: optuna.samplers.RandomSampler(seed=seed),
+    "tpe": lambda seed: optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=2),
+    "nsga2": lambda seed: optuna.samplers.NSGAIISampler(seed=seed, population_size=4),
+}
+
+
+def _objective(params):
+    return [params["window"] / params["rank"], params["horizon"]]
+
+
+def _two_workers(tmp_path, factory, n=8):
+    """Two workers of one SQLite study, each with its own sampler built from the same seed,
+    asking in turn (as two processes starting together do) before either tells."""
+    storage = f"sqlite:///{tmp_path}/s.db"
+    optuna.create_study(study_name="s", storage=storage, directions=["minimize", "minimize"])
+    workers = [optuna.load_study(study_name="s", storage=storage,
+                                 sampler=TrialSeededSampler(factory, 0)) for _ in range(2)]
+    for _ in range(n // 2):
+        asked = [(w, w.ask(SPACE)) for w in workers]
+        for w, trial in asked:
+            w.tell(trial, _objective(trial.params))
+    return [t.params for t in workers[0].get_trials(deepcopy=False)]
+
+
+@pytest.mark.parametrize("name", sorted(FACTORIES))
+def test_workers_with_one_seed_draw_different_settings(tmp_path, name):
+    params = _two_workers(tmp_path, FACTORIES[name])
+    assert params[0] != params[1] and params[2] != params[3]
+    assert len({tuple(sorted(p.items())) for p in params}) == len(params)
+
+
+def test_one_seed_one_sequence(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    assert _two_workers(tmp_path / "a", FACTORIES["tpe"]) == _two_workers(tmp_path / "b", FACTORIES["tpe"])
+
+
+def test_a_worker_seeded_once_would_repeat_its_twin():
+    """What the wrapper prevents: two samplers from one seed propose the same first trial."""
+    draws = []
+    for _ in range(2):
+        study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0))
+        draws.append(study.ask(SPACE).params)
+    assert draws[0] == draws[1]
+
+
+def test_trial_seeds_differ_by_number_and_seed():
+    seeds = {trial_seed(s, n) for s in (0, 1) for n in range(100)}
+    assert len(seeds) == 200 and all(0 <= s < 2**32 for s in seeds)
