@@ -71,3 +71,23 @@ def atomic_file(final: str | Path, mode: str = "w") -> Iterator[IO]:
         with suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, a job scheduler's stop, a preempted machine), handled like Ctrl-C:
+    the running trial is marked FAIL, finished ones are kept. A subclass so that a process
+    which was sent SIGTERM alone knows to pass it on to the workers it started, which a
+    terminal's Ctrl-C reaches by itself."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated
+
+
+def sigterm_as_interrupt() -> None:
+    """From now on SIGTERM raises `Terminated` in this process (main thread only)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_terminated)

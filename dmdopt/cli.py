@@ -140,9 +140,11 @@ def _print_metrics(metrics: dict) -> None:
 
 
 def cmd_study_run(args) -> int:
+    from dmdopt._util import sigterm_as_interrupt
     from dmdopt.search import load_study_file, run_study
 
     config = load_study_file(args.file)
+    sigterm_as_interrupt()  # `kill`, a scheduler's stop: like Ctrl-C, and passed on to workers
     try:
         run_study(config, n_trials=args.n_trials, storage=args.storage, workers=args.workers,
                   timeout=args.timeout, cache_dir=args.cache_dir, tracking=not args.no_mlflow,
@@ -246,16 +248,12 @@ def cmd_dashboard(args) -> int:
 
 
 def cmd_ui(args) -> int:
-    import signal
-
+    from dmdopt._util import sigterm_as_interrupt
     from dmdopt.tracking.ui import start_ui, stop_ui
 
     proc = start_ui(host=args.host, port=args.port, allow_remote=args.allow_remote)
 
-    def _terminate(signum, frame):  # SIGTERM (a job scheduler, `timeout`): same as Ctrl-C
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, _terminate)
+    sigterm_as_interrupt()  # SIGTERM (a job scheduler, `timeout`): same as Ctrl-C
     try:
         return proc.wait()
     except KeyboardInterrupt:

@@ -18,7 +18,7 @@ import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
-from dmdopt._util import mask_url
+from dmdopt._util import Terminated, mask_url, sigterm_as_interrupt
 from dmdopt.errors import UserError
 from dmdopt.search.config import StudyConfig
 from dmdopt.search.objective import METRIC_NAMES, Objective, reference_run
@@ -268,6 +268,7 @@ def _worker_entry(path_or_raw, storage_url, n_trials, timeout, cache_dir, tracki
         torch.set_num_threads(cpu_threads)
     from dmdopt.search.config import parse_study
 
+    sigterm_as_interrupt()
     config = parse_study(path_or_raw)
     prefix = f"[worker {os.getpid()}] "
     try:
@@ -335,7 +336,11 @@ def run_study(config: StudyConfig, *, n_trials: int | None = None, storage: str 
         try:
             for p in procs:
                 p.join()
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
+            if isinstance(exc, Terminated):  # only this process got SIGTERM: pass it on
+                for p in procs:
+                    if p.is_alive():
+                        p.terminate()
             for p in procs:
                 p.join(timeout=30)
             raise

@@ -277,3 +277,55 @@ def test_a_retry_ending_logs_its_dead_origin_too(tmp_path):
     logged.clear()
     tracking(study, study.get_trials(deepcopy=False)[0])
     assert [n for n, _, _ in logged] == [0]
+
+
+def _alive(pid: int) -> bool:
+    """A process that exists and is not a zombie (a container's init may never reap it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_launcher_stops_its_workers_like_ctrl_c(study_dir):
+    """`kill PID` of `dmdopt study run --workers 2` (a scheduler's stop, a preempted machine)
+    must not leave its worker processes training on; their trials are marked FAIL, the
+    finished ones are kept and a re-run resumes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    training = 'optimizer = "adam"\nlr = 0.01\nmax_steps = 4000\neval_every = 100'
+    (study_dir / "s.toml").write_text(tiny_study_toml(n_trials=6, training=training))
+    cmd = [sys.executable, "-m", "dmdopt", "study", "run", "s.toml", "--workers", "2",
+           "--no-mlflow", "--quiet"]
+    proc = subprocess.Popen(cmd, cwd=study_dir, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    storage = "sqlite:///dmdopt-runs/optuna.db"
+    deadline = time.monotonic() + 240
+    workers: set[int] = set()
+    while len(workers) < 2:  # both workers are training a trial
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.5)
+        try:
+            trials = load_study("tiny", storage).get_trials(deepcopy=False)
+        except Exception:  # noqa: BLE001 - the study is not created yet
+            continue
+        workers = {int(t.user_attrs["worker"].rsplit(":", 1)[1]) for t in trials
+                   if t.state == TrialState.RUNNING and "dmd" in t.user_attrs}
+    proc.send_signal(signal.SIGTERM)  # to the launcher only, as `kill PID` does
+    out, err = proc.communicate(timeout=90)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    for pid in workers:
+        for _ in range(40):
+            if not _alive(pid):
+                break
+            time.sleep(0.25)
+        assert not _alive(pid), f"worker {pid} still running after the launcher was stopped"
+    states = [t.state for t in load_study("tiny", storage).get_trials(deepcopy=False)]
+    assert TrialState.RUNNING not in states and states.count(TrialState.FAIL) >= 2
