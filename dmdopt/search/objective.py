@@ -6,13 +6,17 @@ Objectives (both minimised, metric names `cost_bpe`, `val_rel_l2`):
 - val_rel_l2: validation relative L2 error at the end of the (shared) step budget.
 So the reference (plain training) sits at (its budget, its final error), and a point left of it
 is a speed-up. In `cost_to_target` mode the single objective is the cost to reach the target
-error; training stops there, and trials falling behind are pruned on the learning curve.
+error; training stops there, and a trial is pruned once its cost passes the best trial's
+while it is still short of the target (`_BestCost`): it can no longer win, so the rule never
+prunes a trial that would have won, and early learning curves -- identical up to the first jump
+and noisy after it -- decide nothing.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import time
 from dataclasses import replace
 
 import optuna
@@ -86,11 +90,19 @@ class Objective:
         trial.set_user_attr("training", training.to_dict())
         trial.set_user_attr("dmd", dmd.to_dict())
 
+        best = _BestCost(trial.study) if single else None
+
         def on_eval(point: dict) -> None:
-            if single:
-                trial.report(point["val_error"], point["step"])
-                if trial.should_prune():
-                    raise optuna.TrialPruned(f"pruned at step {point['step']}")
+            if best is None:
+                return
+            trial.report(point["val_error"], point["step"])  # the learning curve, for plots
+            bound = best.value()
+            if bound is not None and point["val_error"] > target and point["cost"] >= bound:
+                reason = (f"pruned at step {point['step']}: {point['cost']:.0f} bpe spent, short of "
+                          f"the target, and trial {best.number} reached it with {bound:.0f}")
+                trial.set_user_attr("fail_reason", reason)
+                trial.set_user_attr("pruned_at_cost", point["cost"])
+                raise optuna.TrialPruned(reason)
 
         try:
             result = train(dataset=self.dataset, model=cfg.model, training=training, dmd=dmd,
@@ -145,6 +157,27 @@ class Objective:
             trial.set_constraint("max_error_ratio", earlier.user_attrs["val_error"]
                                  - self.config.max_error_ratio * self.reference["val_rel_l2"])
         return earlier.value if len(earlier.values) == 1 else tuple(earlier.values)
+
+
+class _BestCost:
+    """The best COMPLETE trial's cost to the target, re-read from the storage at most every
+    `refresh` seconds (other workers may finish better trials while this one trains)."""
+
+    def __init__(self, study: optuna.Study, refresh: float = 15.0) -> None:
+        self.study, self.refresh = study, refresh
+        self.number: int | None = None
+        self._value: float | None = None
+        self._read_at = -math.inf
+
+    def value(self) -> float | None:
+        if time.monotonic() - self._read_at >= self.refresh:
+            self._read_at = time.monotonic()
+            try:
+                trial = self.study.best_trial
+            except ValueError:  # no COMPLETE trial yet
+                return self._value
+            self.number, self._value = trial.number, trial.value
+        return self._value
 
 
 def _same_settings(trial: optuna.Trial, dmd: DMDConfig, training) -> optuna.trial.FrozenTrial | None:

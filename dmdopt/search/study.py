@@ -50,7 +50,9 @@ def prepare_study(config: StudyConfig, *, storage_url: str, cache_dir="dmdopt-ru
     """Create or resume the study, build the dataset, run the reference once."""
     storage = open_storage(storage_url)
     directions = ["minimize"] if config.mode == "cost_to_target" else ["minimize", "minimize"]
-    pruner = optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0)
+    # cost_to_target prunes in the objective (`_BestCost`): a median rule on val error pruned
+    # 22 of 26 trials of a 2,000-step Adam study at step 20, on float noise after one jump
+    pruner = optuna.pruners.NopPruner()
     try:
         study = optuna.create_study(study_name=config.name, storage=storage,
                                     sampler=make_sampler(config), pruner=pruner,
@@ -200,7 +202,7 @@ def worker_loop(config: StudyConfig, *, storage_url: str, n_trials: int | None,
     _quiet_interrupts()
     storage = open_storage(storage_url)
     study = optuna.load_study(study_name=config.name, storage=storage, sampler=make_sampler(config),
-                              pruner=optuna.pruners.MedianPruner(n_startup_trials=3))
+                              pruner=optuna.pruners.NopPruner())
     dataset = _load_dataset(config, cache_dir, progress)
     objective = Objective(config, dataset, study.user_attrs["reference"])
     if tracker is None:

@@ -187,6 +187,21 @@ def test_single_objective_mode_prunes_or_reaches_target(study_dir):
     assert isinstance(study.sampler._factory(0), optuna.samplers.RandomSampler)
 
 
+def test_cost_to_target_prunes_only_trials_that_can_no_longer_win(study_dir):
+    config = config_for(study_dir, n_trials=8, extra='mode = "cost_to_target"',
+                        training='optimizer = "adam"\nlr = 0.003\nmax_steps = 70\neval_every = 5')
+    study = run(config)
+    target = study.user_attrs["reference"]["val_rel_l2"]
+    trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
+    pruned = [t for t in trials if t.state == TrialState.PRUNED]
+    assert pruned, [t.value for t in trials]  # the rule did something in this study
+    for t in pruned:  # one worker: the bound is the best of the trials finished before it
+        bound = min(o.value for o in trials if o.state == TrialState.COMPLETE and o.number < t.number)
+        assert t.user_attrs["pruned_at_cost"] >= bound
+        assert t.intermediate_values[max(t.intermediate_values)] > target  # short of the target
+        assert "can" not in t.user_attrs["fail_reason"] and f"{bound:.0f}" in t.user_attrs["fail_reason"]
+
+
 def _quota_study(tmp_path, n_complete: int):
     """A real SQLite study with `n_complete` finished trials and one killed trial after them."""
     from optuna.distributions import FloatDistribution
