@@ -29,9 +29,11 @@ def hypervolume_history(trials: list, ref_point: list[float]) -> list[list[float
     from optuna._hypervolume import compute_hypervolume
 
     history, points = [], []
-    for t in sorted(trials, key=lambda t: t.datetime_complete or t.datetime_start):
-        if t.state != TrialState.COMPLETE or t.values is None or len(t.values) != 2:
-            continue
+    # COMPLETE trials only, and before sorting: a WAITING trial (a dead worker's, re-queued)
+    # has neither datetime, and comparing None with a datetime raised in every summary
+    done = [t for t in trials if t.state == TrialState.COMPLETE and t.values is not None
+            and len(t.values) == 2]
+    for t in sorted(done, key=lambda t: t.datetime_complete or t.datetime_start):
         if all(v < r for v, r in zip(t.values, ref_point, strict=True)):
             points.append(list(t.values))
         hv = compute_hypervolume(np.asarray(points), np.asarray(ref_point)) if points else 0.0
@@ -66,7 +68,10 @@ def summarize(study: optuna.Study, *, storage_url: str | None = None, policy: st
     for t in trials:
         rows.append({
             "number": t.number, "state": t.state.name, "params": _params(t),
-            "values": list(t.values) if t.values is not None else None,
+            # a PRUNED trial's values are Optuna's last reported intermediate value (a val
+            # error here), not the objectives: only a COMPLETE trial has objective values
+            "values": list(t.values) if t.values is not None and t.state == TrialState.COMPLETE
+            else None,
             "user_attrs": dict(t.user_attrs),
             "datetime_start": t.datetime_start.isoformat() if t.datetime_start else None,
             "datetime_complete": t.datetime_complete.isoformat() if t.datetime_complete else None,

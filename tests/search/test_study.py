@@ -344,3 +344,31 @@ def test_sigterm_to_the_launcher_stops_its_workers_like_ctrl_c(study_dir):
         assert not _alive(pid), f"worker {pid} still running after the launcher was stopped"
     states = [t.state for t in load_study("tiny", storage).get_trials(deepcopy=False)]
     assert TrialState.RUNNING not in states and states.count(TrialState.FAIL) >= 2
+
+
+def test_summary_of_a_study_with_a_waiting_and_a_pruned_trial(tmp_path):
+    """A re-queued trial (WAITING, no datetimes) must not break the summary, and a PRUNED
+    trial's Optuna value (its last reported val error) is not an objective value."""
+    from optuna.distributions import FloatDistribution
+
+    study = optuna.create_study(study_name="w", storage=f"sqlite:///{tmp_path}/w.db",
+                                directions=["minimize", "minimize"])
+    study.set_user_attr("reference", {"cost_bpe": 100.0, "val_rel_l2": 0.5})
+    dist = {"window": FloatDistribution(5, 60)}
+    study.add_trial(optuna.trial.create_trial(params={"window": 20}, distributions=dist,
+                                              values=[50.0, 0.4]))
+    study.add_trial(optuna.trial.create_trial(params={"window": 30}, distributions=dist,
+                                              state=TrialState.PRUNED, intermediate_values={10: 0.6}))
+    study.enqueue_trial({"window": 40})
+    summary = summarize(study)
+    by_number = {r["number"]: r for r in summary["trials"]}
+    assert [r["state"] for r in summary["trials"]] == ["COMPLETE", "PRUNED", "WAITING"]
+    assert by_number[1]["values"] is None and by_number[0]["values"] == [50.0, 0.4]
+    assert summary["pareto"] == [0] and len(summary["hypervolume_history"]) == 1
+
+    single = optuna.create_study(study_name="p", storage=f"sqlite:///{tmp_path}/w.db")
+    trial = single.ask(dist)
+    trial.report(0.6, 10)
+    single.tell(trial, state=TrialState.PRUNED)  # Optuna stores 0.6 as the trial's value
+    assert single.trials[0].values == [0.6]
+    assert summarize(single)["trials"][0]["values"] is None
