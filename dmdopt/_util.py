@@ -81,6 +81,12 @@ class Terminated(KeyboardInterrupt):
 
 
 def _raise_terminated(signum, frame):
+    # One-shot: `timeout`, `kill -TERM -PGID` and Slurm signal the workers directly *and* the
+    # launcher passes SIGTERM on; a second `Terminated` landing inside Optuna's FAIL bookkeeping
+    # left the trial RUNNING behind a long traceback.
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise Terminated
 
 

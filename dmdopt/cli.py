@@ -36,6 +36,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
 def _workers(text: str) -> int | str:
     return "auto" if text == "auto" else _positive_int(text)
 
@@ -141,6 +151,7 @@ def _print_metrics(metrics: dict) -> None:
 
 def cmd_study_run(args) -> int:
     from dmdopt._util import sigterm_as_interrupt
+    from dmdopt.errors import WorkersFailed
     from dmdopt.search import load_study_file, run_study
 
     config = load_study_file(args.file)
@@ -153,6 +164,9 @@ def cmd_study_run(args) -> int:
         print("interrupted: finished trials are kept; run the same command again to resume",
               file=sys.stderr)
         return 130
+    except WorkersFailed as exc:
+        print(f"dmdopt: error: {exc}", file=sys.stderr)
+        return 1
     from dmdopt._util import mask_url
 
     print(f"done. next: dmdopt study pareto {config.name}"
@@ -314,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = ssub.add_parser("run", help="create or resume the study in FILE")
     p.add_argument("file")
     p.add_argument("--n-trials", type=_positive_int)
-    p.add_argument("--timeout", type=float)
+    p.add_argument("--timeout", type=_positive_seconds)
     p.add_argument("--storage", help="Optuna storage URL (default: the study file's)")
     p.add_argument("--workers", type=_workers, default=1, help="processes on this machine, or 'auto'")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///dmdopt-runs/mlflow.db)")

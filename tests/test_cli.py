@@ -24,6 +24,7 @@ def test_help_lists_commands():
     ["study", "run"],
     ["nonsense"],
     ["study", "run", "x.toml", "--workers", "-3"],
+    ["study", "run", "x.toml", "--timeout", "-5"],
     ["bench", "--methods", "lbfgs"],
     ["bench", "--dmd", "growing=grow"],
     ["bench", "--lr", "gd=fast"],

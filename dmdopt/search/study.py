@@ -12,14 +12,16 @@ import logging
 import multiprocessing as mp
 import os
 import socket
+import sys
 import time
+from contextlib import suppress
 
 import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from dmdopt._util import Terminated, mask_url, sigterm_as_interrupt
-from dmdopt.errors import UserError
+from dmdopt.errors import UserError, WorkersFailed
 from dmdopt.search.config import StudyConfig
 from dmdopt.search.objective import METRIC_NAMES, Objective, reference_run
 from dmdopt.search.sampler import make_sampler
@@ -77,6 +79,15 @@ def prepare_study(config: StudyConfig, *, storage_url: str, cache_dir="dmdopt-ru
     if study.user_attrs.get("reference") is None:
         echo(f"reference: plain {config.training.optimizer} for {config.training.max_steps} steps ...")
         reference = reference_run(config, dataset)
+        start, final = reference["curve"][0][1], reference["val_rel_l2"]
+        if not final < start and not study.get_trials(deepcopy=False):
+            # every trial would "reach" this error at cost 0 (an infinite speed-up): no study
+            optuna.delete_study(study_name=config.name, storage=storage)
+            t = config.training
+            raise UserError(
+                f"training: plain {t.optimizer} at lr {t.lr:g} for {t.max_steps} steps ends at "
+                f"validation error {final:.4g}, no better than where it started ({start:.4g}); "
+                "lower training.lr or change training.max_steps")
         # Workers starting together on a new study each train the reference; the first one
         # stored wins, so every worker (and every plot) uses the same reference.
         if study.user_attrs.get("reference") is None:
@@ -115,7 +126,10 @@ class _Tracking:
 
     def start(self, study: optuna.Study) -> None:
         if self.tracker is not None:
-            self.tracker.ensure_parent(summarize(study, storage_url=self.storage_url))
+            summary = summarize(study, storage_url=self.storage_url)
+            self.tracker.ensure_parent(summary)
+            # a resume: trials an interrupt or a killed worker ended never reached a callback
+            self.tracker.log_missing(summary)
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         if self.tracker is None or _is_surplus(trial):
@@ -217,7 +231,13 @@ def worker_loop(config: StudyConfig, *, storage_url: str, n_trials: int | None,
         if n_trials is not None and _quota_full_ahead(study, trial.number, n_trials):
             trial.set_user_attr("fail_reason", "surplus: the study already had enough trials")
             raise optuna.TrialPruned("surplus")
-        values = objective(trial)
+        current["id"] = trial._trial_id
+        try:
+            values = objective(trial)
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: say so on the trial (and in MLflow)
+            with suppress(Exception):
+                trial.set_user_attr("fail_reason", "interrupted (Ctrl-C or SIGTERM)")
+            raise
         # Checked again at the end: a dead worker's trial may have been re-queued (it keeps
         # its place in the order) while this one trained. Rare; costs one trial's work.
         if n_trials is not None and _quota_full_ahead(study, trial.number, n_trials):
@@ -231,6 +251,7 @@ def worker_loop(config: StudyConfig, *, storage_url: str, n_trials: int | None,
         tracker(study_, trial)
 
     ran = 0
+    current: dict[str, int] = {}  # storage id of the trial this worker runs
     started = time.monotonic()
     poll = max(1.0, min(float(storage.get_heartbeat_interval() or 5), 5.0))
     while True:
@@ -249,7 +270,17 @@ def worker_loop(config: StudyConfig, *, storage_url: str, n_trials: int | None,
                 time.sleep(poll if left is None else min(poll, left))
                 _fail_stale_trials(study)
                 continue
-        study.optimize(guarded, n_trials=1, catch=(Exception,), callbacks=[after])
+        current.clear()
+        try:
+            study.optimize(guarded, n_trials=1, catch=(Exception,), callbacks=[after])
+        except (ValueError, optuna.exceptions.UpdateFinishedTrialError):
+            # This worker stalled past the grace period (SIGSTOP, swap, a lost database
+            # link): the others failed its trial as stale and re-queued it, so Optuna can no
+            # longer tell it. Go on with the next trial; anything else is a real error.
+            if "id" not in current or not storage.get_trial(current["id"]).state.is_finished():
+                raise
+            echo(f"trial {storage.get_trial(current['id']).number}: given up by the other workers "
+                 "while this one was stalled (heartbeat older than the grace period); going on")
         ran += 1
         if n_trials is not None and ran >= 3 * n_trials:
             echo(f"stopping: this worker ran {ran} trials without the study completing {n_trials}")
@@ -278,7 +309,7 @@ def _worker_entry(path_or_raw, storage_url, n_trials, timeout, cache_dir, tracki
                     cache_dir=cache_dir, tracking=tracking, tracking_uri=tracking_uri,
                     echo=lambda line: print(prefix + line, flush=True))
     except KeyboardInterrupt:
-        pass
+        sys.exit(130)
 
 
 def visible_gpus() -> int:
@@ -333,9 +364,9 @@ def run_study(config: StudyConfig, *, n_trials: int | None = None, storage: str 
                                    tracking, tracking_uri, (i % gpus) if gpus > 1 else None,
                                    cpu_threads))
                  for i in range(workers)]
-        for p in procs:
-            p.start()
         try:
+            for p in procs:
+                p.start()
             for p in procs:
                 p.join()
         except KeyboardInterrupt as exc:
@@ -344,6 +375,14 @@ def run_study(config: StudyConfig, *, n_trials: int | None = None, storage: str 
                     if p.is_alive():
                         p.terminate()
             for p in procs:
-                p.join(timeout=30)
+                if p.pid is not None:
+                    p.join(timeout=30)
             raise
+        died = [p.exitcode for p in procs if p.exitcode != 0]
+        complete = _count(study, (TrialState.COMPLETE,))
+        if died and (n_trials is None or complete < n_trials):
+            codes = ", ".join(f"signal {-c}" if c < 0 else f"exit code {c}" for c in died)
+            raise WorkersFailed(f"{len(died)} of {workers} worker process(es) died ({codes}) with "
+                                f"{complete} of {n_trials or '?'} trials complete; finished trials "
+                                "are kept: run the same command again to resume")
     return study

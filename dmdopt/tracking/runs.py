@@ -410,8 +410,9 @@ class StudyTracker:
         return parent_id
 
     @tolerant
-    def sync(self, summary: dict) -> int:
-        """Log every finished trial MLflow lacks, refresh the parent; returns children added."""
+    def log_missing(self, summary: dict) -> int:
+        """Log every finished trial MLflow lacks (trials ended by Ctrl-C or SIGTERM, whose
+        callback never ran; a gap while the server was down); returns children added."""
         parent_id = self._parent(summary)
         have = self.logged_trials()
         added = 0
@@ -419,5 +420,13 @@ class StudyTracker:
             if _loggable(trial) and trial["number"] not in have:
                 self._create_child(summary, trial, parent_id)
                 added += 1
+        return added
+
+    @tolerant
+    def sync(self, summary: dict) -> int:
+        """`log_missing`, then refresh the parent; returns children added."""
+        added = self.log_missing(summary)
+        if added is None:  # the server is unreachable (already reported)
+            return None
         self.refresh_parent(summary)
         return added

@@ -126,3 +126,33 @@ def test_dead_tracking_server_loses_nothing_and_sync_backfills(tmp_path, monkeyp
     assert "0 trial run(s) added" in capsys.readouterr().out
     runs = _search_runs(uri, "offline")
     assert len([r for r in runs if r.data.tags.get("mlflow.parentRunId")]) == 2
+
+
+def test_an_interrupted_trial_reaches_mlflow_when_the_study_resumes(tmp_path, monkeypatch):
+    """Ctrl-C / SIGTERM end a trial without Optuna's callback: the resume logs it (FAILED,
+    reason "interrupted") beside the trials that finished normally."""
+    from dmdopt.search import objective as objective_module
+
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "s.toml"
+    path.write_text(tiny_study_toml("cut", n_trials=2))
+    config = load_study_file(path)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    real_train, calls = objective_module.train, {"n": 0}
+
+    def interrupted_train(**kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:  # call 1 is the reference, call 2 trial 0, call 3 trial 1
+            raise KeyboardInterrupt
+        return real_train(**kwargs)
+
+    monkeypatch.setattr(objective_module, "train", interrupted_train)
+    with pytest.raises(KeyboardInterrupt):
+        run_study(config, tracking=True, tracking_uri=uri, progress=False, echo=lambda *_: None)
+    monkeypatch.setattr(objective_module, "train", real_train)
+    run_study(config, tracking=True, tracking_uri=uri, progress=False, echo=lambda *_: None)
+    children = {int(r.data.tags["dmdopt.trial_number"]): r for r in _search_runs(uri, "cut")
+                if r.data.tags.get("mlflow.parentRunId")}
+    assert sorted(children) == [0, 1, 2]
+    assert children[1].info.status == "FAILED"
+    assert children[1].data.tags["dmdopt.fail_reason"] == "interrupted (Ctrl-C or SIGTERM)"

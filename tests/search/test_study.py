@@ -35,7 +35,8 @@ def complete(study):
 def run(config, **kwargs):
     kwargs.setdefault("tracking", False)
     kwargs.setdefault("progress", False)
-    return run_study(config, echo=lambda *_: None, **kwargs)
+    kwargs.setdefault("echo", lambda *_: None)
+    return run_study(config, **kwargs)
 
 
 def test_study_runs_and_records_reference_and_objectives(study_dir):
@@ -304,22 +305,25 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.slow
-def test_sigterm_to_the_launcher_stops_its_workers_like_ctrl_c(study_dir):
+@pytest.mark.parametrize("target", ["launcher", "group"])
+def test_sigterm_stops_the_workers_like_ctrl_c(study_dir, target):
     """`kill PID` of `dmdopt study run --workers 2` (a scheduler's stop, a preempted machine)
-    must not leave its worker processes training on; their trials are marked FAIL, the
-    finished ones are kept and a re-run resumes."""
+    must not leave its worker processes training on, and `timeout` / `kill -TERM -PGID` /
+    Slurm, which signal every process of the group (the launcher then passes it on: a second
+    SIGTERM), must not break Optuna's bookkeeping: no trial left RUNNING, no traceback."""
     import os
     import signal
     import subprocess
     import sys
     import time
 
-    training = 'optimizer = "adam"\nlr = 0.01\nmax_steps = 4000\neval_every = 100'
+    training = 'optimizer = "adam"\nlr = 0.001\nmax_steps = 4000\neval_every = 100'
     (study_dir / "s.toml").write_text(tiny_study_toml(n_trials=6, training=training))
     cmd = [sys.executable, "-m", "dmdopt", "study", "run", "s.toml", "--workers", "2",
            "--no-mlflow", "--quiet"]
     proc = subprocess.Popen(cmd, cwd=study_dir, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            start_new_session=True)
     storage = "sqlite:///dmdopt-runs/optuna.db"
     deadline = time.monotonic() + 240
     workers: set[int] = set()
@@ -332,7 +336,10 @@ def test_sigterm_to_the_launcher_stops_its_workers_like_ctrl_c(study_dir):
             continue
         workers = {int(t.user_attrs["worker"].rsplit(":", 1)[1]) for t in trials
                    if t.state == TrialState.RUNNING and "dmd" in t.user_attrs}
-    proc.send_signal(signal.SIGTERM)  # to the launcher only, as `kill PID` does
+    if target == "launcher":
+        proc.send_signal(signal.SIGTERM)  # as `kill PID` does
+    else:
+        os.killpg(proc.pid, signal.SIGTERM)  # as `timeout` and `kill -TERM -PGID` do
     out, err = proc.communicate(timeout=90)
     assert proc.returncode == 130, err
     assert "interrupted" in err and "Traceback" not in err
@@ -372,3 +379,79 @@ def test_summary_of_a_study_with_a_waiting_and_a_pruned_trial(tmp_path):
     single.tell(trial, state=TrialState.PRUNED)  # Optuna stores 0.6 as the trial's value
     assert single.trials[0].values == [0.6]
     assert summarize(single)["trials"][0]["values"] is None
+
+
+@pytest.mark.slow
+def test_workers_killed_before_the_quota_is_an_error_not_done(study_dir):
+    """Workers dying (OOM killer, SIGKILL) must not end `study run` with "done" and exit 0."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    training = 'optimizer = "adam"\nlr = 0.001\nmax_steps = 4000\neval_every = 100'
+    (study_dir / "s.toml").write_text(tiny_study_toml(n_trials=6, training=training))
+    cmd = [sys.executable, "-m", "dmdopt", "study", "run", "s.toml", "--workers", "2",
+           "--no-mlflow", "--quiet"]
+    proc = subprocess.Popen(cmd, cwd=study_dir, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.monotonic() + 240
+    workers: set[int] = set()
+    while len(workers) < 2:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.5)
+        try:
+            trials = load_study("tiny", "sqlite:///dmdopt-runs/optuna.db").get_trials(deepcopy=False)
+        except Exception:  # noqa: BLE001 - the study is not created yet
+            continue
+        workers = {int(t.user_attrs["worker"].rsplit(":", 1)[1]) for t in trials
+                   if t.state == TrialState.RUNNING and "dmd" in t.user_attrs}
+    for pid in workers:
+        os.kill(pid, signal.SIGKILL)
+    out, err = proc.communicate(timeout=90)
+    assert proc.returncode == 1, (out, err)
+    assert "done" not in out
+    assert err.count("\n") == 1 and "2 of 2 worker process(es) died (signal 9, signal 9)" in err
+
+
+def test_a_trial_given_up_by_other_workers_does_not_stop_this_one(study_dir, monkeypatch, capfd):
+    """A worker stalled past the grace period (SIGSTOP, swap, a lost database link) finds its
+    trial failed by the others; Optuna then cannot tell it. The worker goes on."""
+    config = config_for(study_dir, n_trials=2)
+    real_train = objective_module.train
+    calls = {"n": 0}
+
+    def stalled_train(**kwargs):
+        calls["n"] += 1
+        result = real_train(**kwargs)
+        if calls["n"] == 2:  # trial 0 (call 1 is the reference): failed by "another worker"
+            study = load_study("tiny", config.storage)
+            (running,) = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            study._storage.set_trial_state_values(running._trial_id, TrialState.FAIL)
+        return result
+
+    monkeypatch.setattr(objective_module, "train", stalled_train)
+    study = run(config, echo=print)
+    assert "trial 0: given up by the other workers" in capfd.readouterr().out
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    assert states[0] == TrialState.FAIL and states.count(TrialState.COMPLETE) == 2
+
+
+def test_a_reference_that_ends_no_better_than_it_started_is_a_user_error(study_dir, monkeypatch):
+    from dmdopt.errors import UserError
+    from dmdopt.search import study as study_module
+
+    config = config_for(study_dir)
+    real = study_module.reference_run
+
+    def worse(config, dataset):
+        reference = real(config, dataset)
+        return reference | {"val_rel_l2": reference["curve"][0][1] * 1.2}
+
+    monkeypatch.setattr(study_module, "reference_run", worse)
+    with pytest.raises(UserError, match=r"training: plain adam at lr 0.01 for 60 steps ends at "
+                       r"validation error .*, no better than where it started"):
+        run(config)
+    monkeypatch.setattr(study_module, "reference_run", real)
+    assert len(complete(run(config))) == 3  # the same file runs once the cause is fixed
