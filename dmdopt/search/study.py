@@ -1,7 +1,9 @@
 """Running a study: storage, sampler, the reference run, workers, resume, tracking.
 
 `run_study(config)` is idempotent: re-running resumes (finished trials are kept; the study
-stops once `n_trials` trials are COMPLETE, counted over every worker on every machine).
+stops once `n_trials` trials have a result -- COMPLETE, or PRUNED by `cost_to_target`'s cost
+bound (`_has_result`) -- counted over every worker on every machine; FAIL trials do not count,
+so a killed worker's trial is re-run).
 """
 
 from __future__ import annotations
@@ -163,9 +165,22 @@ def _quota_full_ahead(study: optuna.Study, number: int, n_trials: int) -> bool:
     total order, so concurrent workers agree on which trials are surplus."""
     trials = study.get_trials(deepcopy=False)
     mine = next(_quota_place(t) for t in trials if t.number == number)
-    live = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)
-    ahead = [t for t in trials if t.state in live and _quota_place(t) < mine]
+    live = (TrialState.RUNNING, TrialState.WAITING)
+    ahead = [t for t in trials if (t.state in live or _has_result(t)) and _quota_place(t) < mine]
     return len(ahead) >= n_trials
+
+
+def _has_result(trial: optuna.trial.FrozenTrial) -> bool:
+    """Counts toward `n_trials`: COMPLETE, or PRUNED by the cost bound (an evaluated setting:
+    in `cost_to_target` most trials end so once a good one exists, and counting only COMPLETE
+    ones ran 3x the quota), but not a surplus trial pruned before training."""
+    return trial.state == TrialState.COMPLETE or (trial.state == TrialState.PRUNED
+                                                  and not _is_surplus(trial))
+
+
+def _count_results(study: optuna.Study) -> int:
+    return sum(_has_result(t) for t in study.get_trials(
+        deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
 
 
 def _is_surplus(trial: optuna.trial.FrozenTrial) -> bool:
@@ -210,7 +225,7 @@ def worker_loop(config: StudyConfig, *, storage_url: str, n_trials: int | None,
                 timeout: float | None, cache_dir="dmdopt-runs/data", tracking: bool = True,
                 tracking_uri: str | None = None, echo=print, progress: bool = False,
                 tracker: _Tracking | None = None) -> int:
-    """One worker: run trials until `n_trials` are COMPLETE in the storage (all workers
+    """One worker: run trials until `n_trials` have a result in the storage (all workers
     together) or `timeout` seconds passed. Returns the trials this worker ran."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     _quiet_interrupts()
@@ -259,7 +274,7 @@ def worker_loop(config: StudyConfig, *, storage_url: str, n_trials: int | None,
         if left is not None and left <= 0:
             break
         if n_trials is not None:
-            complete = _count(study, (TrialState.COMPLETE,))
+            complete = _count_results(study)
             if complete >= n_trials:
                 break
             if complete + _count(study, (TrialState.RUNNING,)) >= n_trials and not _count(
@@ -285,7 +300,7 @@ def worker_loop(config: StudyConfig, *, storage_url: str, n_trials: int | None,
         if n_trials is not None and ran >= 3 * n_trials:
             echo(f"stopping: this worker ran {ran} trials without the study completing {n_trials}")
             break
-        if n_trials is not None and _count(study, (TrialState.COMPLETE,)) >= n_trials:
+        if n_trials is not None and _count_results(study) >= n_trials:
             break
     return ran
 
@@ -324,7 +339,7 @@ def run_study(config: StudyConfig, *, n_trials: int | None = None, storage: str 
               workers: int | str = 1, timeout: float | None = None, cache_dir="dmdopt-runs/data",
               tracking: bool = True, tracking_uri: str | None = None, progress: bool = True,
               echo=print) -> optuna.Study:
-    """Create or resume `config`'s study and run it to `n_trials` COMPLETE trials.
+    """Create or resume `config`'s study and run it to `n_trials` trials with a result.
 
     workers: an int, or "auto" = one per visible GPU (at least 1). With several GPUs each
     worker process sees exactly one (CUDA_VISIBLE_DEVICES).
@@ -340,8 +355,8 @@ def run_study(config: StudyConfig, *, n_trials: int | None = None, storage: str 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study, _ = prepare_study(config, storage_url=storage_url, cache_dir=cache_dir,
                              progress=progress, echo=echo)
-    done = _count(study, (TrialState.COMPLETE,))
-    echo(f"study {config.name}: {done} complete trial(s) in {mask_url(storage_url)}; "
+    done = _count_results(study)
+    echo(f"study {config.name}: {done} finished trial(s) in {mask_url(storage_url)}; "
          f"target {n_trials if n_trials is not None else 'until timeout'}; {workers} worker(s)")
     tracker = _Tracking(config.name, storage_url, tracking_uri, tracking)
     try:
@@ -379,10 +394,10 @@ def run_study(config: StudyConfig, *, n_trials: int | None = None, storage: str 
                     p.join(timeout=30)
             raise
         died = [p.exitcode for p in procs if p.exitcode != 0]
-        complete = _count(study, (TrialState.COMPLETE,))
+        complete = _count_results(study)
         if died and (n_trials is None or complete < n_trials):
             codes = ", ".join(f"signal {-c}" if c < 0 else f"exit code {c}" for c in died)
             raise WorkersFailed(f"{len(died)} of {workers} worker process(es) died ({codes}) with "
-                                f"{complete} of {n_trials or '?'} trials complete; finished trials "
+                                f"{complete} of {n_trials or '?'} trials finished; finished trials "
                                 "are kept: run the same command again to resume")
     return study

@@ -196,6 +196,7 @@ def test_cost_to_target_prunes_only_trials_that_can_no_longer_win(study_dir):
     trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
     pruned = [t for t in trials if t.state == TrialState.PRUNED]
     assert pruned, [t.value for t in trials]  # the rule did something in this study
+    assert len(trials) == 8  # pruned trials are evaluated settings: they count toward n_trials
     for t in pruned:  # one worker: the bound is the best of the trials finished before it
         bound = min(o.value for o in trials if o.state == TrialState.COMPLETE and o.number < t.number)
         assert t.user_attrs["pruned_at_cost"] >= bound
