@@ -305,15 +305,13 @@ def _alive(pid: int) -> bool:
         return False
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("target", ["launcher", "group"])
-def test_sigterm_stops_the_workers_like_ctrl_c(study_dir, target):
-    """`kill PID` of `dmdopt study run --workers 2` (a scheduler's stop, a preempted machine)
-    must not leave its worker processes training on, and `timeout` / `kill -TERM -PGID` /
-    Slurm, which signal every process of the group (the launcher then passes it on: a second
-    SIGTERM), must not break Optuna's bookkeeping: no trial left RUNNING, no traceback."""
+BUSY_STORAGE = "sqlite:///dmdopt-runs/optuna.db"
+
+
+def _two_busy_workers(study_dir):
+    """`dmdopt study run --workers 2` in its own session, once both workers train a trial
+    (4,000-step trials: they are still training when the caller acts). -> (launcher, pids)."""
     import os
-    import signal
     import subprocess
     import sys
     import time
@@ -325,18 +323,32 @@ def test_sigterm_stops_the_workers_like_ctrl_c(study_dir, target):
     proc = subprocess.Popen(cmd, cwd=study_dir, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
                             start_new_session=True)
-    storage = "sqlite:///dmdopt-runs/optuna.db"
     deadline = time.monotonic() + 240
     workers: set[int] = set()
-    while len(workers) < 2:  # both workers are training a trial
+    while len(workers) < 2:
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
         time.sleep(0.5)
         try:
-            trials = load_study("tiny", storage).get_trials(deepcopy=False)
+            trials = load_study("tiny", BUSY_STORAGE).get_trials(deepcopy=False)
         except Exception:  # noqa: BLE001 - the study is not created yet
             continue
         workers = {int(t.user_attrs["worker"].rsplit(":", 1)[1]) for t in trials
                    if t.state == TrialState.RUNNING and "dmd" in t.user_attrs}
+    return proc, workers
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["launcher", "group"])
+def test_sigterm_stops_the_workers_like_ctrl_c(study_dir, target):
+    """`kill PID` of `dmdopt study run --workers 2` (a scheduler's stop, a preempted machine)
+    must not leave its worker processes training on, and `timeout` / `kill -TERM -PGID` /
+    Slurm, which signal every process of the group (the launcher then passes it on: a second
+    SIGTERM), must not break Optuna's bookkeeping: no trial left RUNNING, no traceback."""
+    import os
+    import signal
+    import time
+
+    proc, workers = _two_busy_workers(study_dir)
     if target == "launcher":
         proc.send_signal(signal.SIGTERM)  # as `kill PID` does
     else:
@@ -350,7 +362,7 @@ def test_sigterm_stops_the_workers_like_ctrl_c(study_dir, target):
                 break
             time.sleep(0.25)
         assert not _alive(pid), f"worker {pid} still running after the launcher was stopped"
-    states = [t.state for t in load_study("tiny", storage).get_trials(deepcopy=False)]
+    states = [t.state for t in load_study("tiny", BUSY_STORAGE).get_trials(deepcopy=False)]
     assert TrialState.RUNNING not in states and states.count(TrialState.FAIL) >= 2
 
 
@@ -387,27 +399,8 @@ def test_workers_killed_before_the_quota_is_an_error_not_done(study_dir):
     """Workers dying (OOM killer, SIGKILL) must not end `study run` with "done" and exit 0."""
     import os
     import signal
-    import subprocess
-    import sys
-    import time
 
-    training = 'optimizer = "adam"\nlr = 0.001\nmax_steps = 4000\neval_every = 100'
-    (study_dir / "s.toml").write_text(tiny_study_toml(n_trials=6, training=training))
-    cmd = [sys.executable, "-m", "dmdopt", "study", "run", "s.toml", "--workers", "2",
-           "--no-mlflow", "--quiet"]
-    proc = subprocess.Popen(cmd, cwd=study_dir, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    deadline = time.monotonic() + 240
-    workers: set[int] = set()
-    while len(workers) < 2:
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-        time.sleep(0.5)
-        try:
-            trials = load_study("tiny", "sqlite:///dmdopt-runs/optuna.db").get_trials(deepcopy=False)
-        except Exception:  # noqa: BLE001 - the study is not created yet
-            continue
-        workers = {int(t.user_attrs["worker"].rsplit(":", 1)[1]) for t in trials
-                   if t.state == TrialState.RUNNING and "dmd" in t.user_attrs}
+    proc, workers = _two_busy_workers(study_dir)
     for pid in workers:
         os.kill(pid, signal.SIGKILL)
     out, err = proc.communicate(timeout=90)
