@@ -9,6 +9,7 @@ in dmdopt.model), so loading needs dmdopt installed and gives back the same clas
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 
 import mlflow
@@ -48,6 +49,25 @@ def _tracking_uri(uri: str) -> Iterator[None]:
         yield
 
 
+class _NoPickleCaution(logging.Filter):
+    """MLflow warns on every pickled save that unpickling can run code. dmdopt pickles on
+    purpose (the docstring above says why) and only ever loads models it logged itself, so the
+    caution is dropped from `dmdopt train`'s output; every other MLflow warning stays."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Saving pytorch model by Pickle")
+
+
+@contextlib.contextmanager
+def _quiet_pickle_caution() -> Iterator[None]:
+    logger, caution = logging.getLogger("mlflow.pytorch"), _NoPickleCaution()
+    logger.addFilter(caution)
+    try:
+        yield
+    finally:
+        logger.removeFilter(caution)
+
+
 def _signature(model: nn.Module) -> ModelSignature | None:
     """Tensor signature from the regressor's scaling buffers (no input example needed)."""
     x_mean, y_mean = getattr(model, "x_mean", None), getattr(model, "y_mean", None)
@@ -74,7 +94,8 @@ def log_model_run(*, tracking_uri: str | None, experiment: str, run_name: str, m
         log_batch(client, run_id, params=flatten(params or {}),
                    metrics=[Metric(k, float(v), now, 0) for k, v in (metrics or {}).items()])
         with _tracking_uri(uri), mlflow.start_run(run_id=run_id,
-                                                  nested=mlflow.active_run() is not None):
+                                                  nested=mlflow.active_run() is not None), \
+                _quiet_pickle_caution():
             mlflow.pytorch.log_model(
                 model, name=MODEL_NAME, signature=_signature(model),
                 # MLflow 3.17 defaults to "pt2" (torch.export: needs an input example and loads

@@ -191,7 +191,7 @@ def test_children_from_two_processes_share_one_parent(mlflow_store, make_summary
     assert set(children["tags.mlflow.parentRunId"]) == set(parents["run_id"])
 
 
-def test_model_round_trip(mlflow_store):
+def test_model_round_trip(mlflow_store, capfd):
     import torch  # here, not at the top: spawned workers re-import this module
 
     from dmdopt.model import ModelConfig, Regressor
@@ -210,6 +210,9 @@ def test_model_round_trip(mlflow_store):
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
     assert mlflow.active_run() is None
+    # pickling is deliberate (the real class comes back): MLflow's caution about it is not shown
+    err = capfd.readouterr().err
+    assert "Pickle" not in err and "pickle" not in err
 
 
 def test_ui_refuses_remote_hosts_without_opt_in(tmp_path):
