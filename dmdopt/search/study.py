@@ -55,7 +55,7 @@ def prepare_study(config: StudyConfig, *, storage_url: str, cache_dir="dmdopt-ru
     storage = open_storage(storage_url)
     directions = ["minimize"] if config.mode == "cost_to_target" else ["minimize", "minimize"]
     # cost_to_target prunes in the objective (`_BestCost`): a median rule on val error pruned
-    # 22 of 26 trials of a 2,000-step Adam study at step 20, on float noise after one jump
+    # 22 of the first 26 trials of a 2,000-step Adam study, 17 at step 20, on one jump's float noise
     pruner = optuna.pruners.NopPruner()
     try:
         study = optuna.create_study(study_name=config.name, storage=storage,
