@@ -90,10 +90,18 @@ def _raise_terminated(signum, frame):
     raise Terminated
 
 
-def sigterm_as_interrupt() -> None:
-    """From now on SIGTERM raises `Terminated` in this process (main thread only)."""
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM raises `Terminated` (main thread only); the caller's own
+    handler is restored after it (a notebook or a test calling `dmdopt.cli.main`)."""
     import signal
     import threading
 
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _raise_terminated)
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

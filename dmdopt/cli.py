@@ -155,11 +155,12 @@ def cmd_study_run(args) -> int:
     from dmdopt.search import load_study_file, run_study
 
     config = load_study_file(args.file)
-    sigterm_as_interrupt()  # `kill`, a scheduler's stop: like Ctrl-C, and passed on to workers
     try:
-        run_study(config, n_trials=args.n_trials, storage=args.storage, workers=args.workers,
-                  timeout=args.timeout, cache_dir=args.cache_dir, tracking=not args.no_mlflow,
-                  tracking_uri=args.tracking_uri, progress=not args.quiet)
+        # `kill`, a scheduler's stop: like Ctrl-C, and passed on to the workers
+        with sigterm_as_interrupt():
+            run_study(config, n_trials=args.n_trials, storage=args.storage, workers=args.workers,
+                      timeout=args.timeout, cache_dir=args.cache_dir, tracking=not args.no_mlflow,
+                      tracking_uri=args.tracking_uri, progress=not args.quiet)
     except KeyboardInterrupt:
         print("interrupted: finished trials are kept; run the same command again to resume",
               file=sys.stderr)
@@ -267,9 +268,9 @@ def cmd_ui(args) -> int:
 
     proc = start_ui(host=args.host, port=args.port, allow_remote=args.allow_remote)
 
-    sigterm_as_interrupt()  # SIGTERM (a job scheduler, `timeout`): same as Ctrl-C
     try:
-        return proc.wait()
+        with sigterm_as_interrupt():  # SIGTERM (a job scheduler, `timeout`): same as Ctrl-C
+            return proc.wait()
     except KeyboardInterrupt:
         stop_ui(proc)  # the server runs in its own process group: end it and its workers
         return 0

@@ -81,3 +81,16 @@ def test_unwritable_cache_dir_is_one_line_before_any_solving(tmp_path, capsys):
                  "--cache-dir", str(blocked / "data")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "cache_dir" in err and err.count("\n") == 0
+
+
+def test_study_run_gives_back_the_callers_sigterm_handler(tmp_path, monkeypatch):
+    """`main` may run inside a notebook or a test: its SIGTERM handling ends with the command."""
+    import signal
+
+    from study_files import tiny_study_toml
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "s.toml").write_text(tiny_study_toml(n_trials=1))
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["study", "run", "s.toml", "--no-mlflow", "--quiet"]) == 0
+    assert signal.getsignal(signal.SIGTERM) is before

@@ -205,7 +205,7 @@ def parse_study(data: dict, *, where: str = "study file") -> StudyConfig:
     if n_trials is not None and n_trials < 1:
         raise UserError(f"{w}: n_trials must be >= 1, got {n_trials!r}")
     timeout = _take(study, "timeout", (int, float), w, None)
-    if timeout is not None and timeout <= 0:
+    if timeout is not None and not 0 < timeout < float("inf"):  # also refuses nan
         raise UserError(f"{w}: timeout must be > 0 seconds, got {timeout!r}")
     sampler = _take(study, "sampler", (str,), w, "nsga2")
     if sampler not in SAMPLERS:

@@ -6,8 +6,9 @@ random streams coincide: two workers starting together propose the same settings
 them twice (measured: trials 0/1 and 2/3 of a two-worker TPE study were identical pairs).
 `TrialSeededSampler` gives every trial a fresh inner sampler seeded with (study seed, trial
 number). The storage hands out trial numbers, so they are unique across all workers, and a
-one-worker study stays reproducible run for run. The inner samplers keep no state worth
-sharing between trials: TPE, NSGA-II and GP read the history from the storage each time.
+one-worker study stays reproducible run for run. TPE and NSGA-II read the history (and
+NSGA-II its generations) from the storage each time; GP loses only its warm start of the
+kernel parameters (Optuna caches them on the instance), so each fit starts cold.
 """
 
 from __future__ import annotations

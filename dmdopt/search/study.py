@@ -82,9 +82,13 @@ def prepare_study(config: StudyConfig, *, storage_url: str, cache_dir="dmdopt-ru
         echo(f"reference: plain {config.training.optimizer} for {config.training.max_steps} steps ...")
         reference = reference_run(config, dataset)
         start, final = reference["curve"][0][1], reference["val_rel_l2"]
-        if not final < start and not study.get_trials(deepcopy=False):
-            # every trial would "reach" this error at cost 0 (an infinite speed-up): no study
-            optuna.delete_study(study_name=config.name, storage=storage)
+        if not final < start and config.target_error is None:
+            # every trial would "reach" this error at cost 0 (an infinite speed-up): no study.
+            # Delete the empty one so that the corrected file runs under the same name (another
+            # machine may have deleted it first, or started trials: then leave it).
+            with suppress(Exception):
+                if not study.get_trials(deepcopy=False):
+                    optuna.delete_study(study_name=config.name, storage=storage)
             t = config.training
             raise UserError(
                 f"training: plain {t.optimizer} at lr {t.lr:g} for {t.max_steps} steps ends at "
@@ -173,9 +177,11 @@ def _quota_full_ahead(study: optuna.Study, number: int, n_trials: int) -> bool:
 def _has_result(trial: optuna.trial.FrozenTrial) -> bool:
     """Counts toward `n_trials`: COMPLETE, or PRUNED by the cost bound (an evaluated setting:
     in `cost_to_target` most trials end so once a good one exists, and counting only COMPLETE
-    ones ran 3x the quota), but not a surplus trial pruned before training."""
-    return trial.state == TrialState.COMPLETE or (trial.state == TrialState.PRUNED
-                                                  and not _is_surplus(trial))
+    ones ran 3x the quota). Not a surplus trial, nor one an earlier pruner stopped (studies
+    made before the bound keep their old count)."""
+    return trial.state == TrialState.COMPLETE or (
+        trial.state == TrialState.PRUNED and "pruned_at_cost" in trial.user_attrs
+        and not _is_surplus(trial))
 
 
 def _count_results(study: optuna.Study) -> int:
@@ -253,13 +259,23 @@ def worker_loop(config: StudyConfig, *, storage_url: str, n_trials: int | None,
             with suppress(Exception):
                 trial.set_user_attr("fail_reason", "interrupted (Ctrl-C or SIGTERM)")
             raise
+        except optuna.TrialPruned:  # by the cost bound: a result, so it faces the check below
+            _surplus_at_end(trial)
+            raise
+        _surplus_at_end(trial)
+        if storage.get_trial(trial._trial_id).state.is_finished():
+            # failed as stale by the others after the objective's last write: Optuna's tell
+            # would hit its "Should not reach" assertion; raise what it handles instead
+            raise optuna.exceptions.UpdateFinishedTrialError(f"trial {trial.number} was given up")
+        return values
+
+    def _surplus_at_end(trial: optuna.Trial) -> None:
         # Checked again at the end: a dead worker's trial may have been re-queued (it keeps
         # its place in the order) while this one trained. Rare; costs one trial's work.
         if n_trials is not None and _quota_full_ahead(study, trial.number, n_trials):
             trial.set_user_attr("fail_reason", "surplus: a re-queued trial filled the quota "
                                 "while this one trained")
             raise optuna.TrialPruned("surplus")
-        return values
 
     def after(study_: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         _echo_trial(study_, trial, echo)
@@ -292,7 +308,7 @@ def worker_loop(config: StudyConfig, *, storage_url: str, n_trials: int | None,
             # This worker stalled past the grace period (SIGSTOP, swap, a lost database
             # link): the others failed its trial as stale and re-queued it, so Optuna can no
             # longer tell it. Go on with the next trial; anything else is a real error.
-            if "id" not in current or not storage.get_trial(current["id"]).state.is_finished():
+            if "id" not in current or storage.get_trial(current["id"]).state != TrialState.FAIL:
                 raise
             echo(f"trial {storage.get_trial(current['id']).number}: given up by the other workers "
                  "while this one was stalled (heartbeat older than the grace period); going on")
@@ -316,7 +332,7 @@ def _worker_entry(path_or_raw, storage_url, n_trials, timeout, cache_dir, tracki
         torch.set_num_threads(cpu_threads)
     from dmdopt.search.config import parse_study
 
-    sigterm_as_interrupt()
+    sigterm_as_interrupt().__enter__()  # for the whole life of this worker process
     config = parse_study(path_or_raw)
     prefix = f"[worker {os.getpid()}] "
     try:
@@ -397,7 +413,8 @@ def run_study(config: StudyConfig, *, n_trials: int | None = None, storage: str 
         complete = _count_results(study)
         if died and (n_trials is None or complete < n_trials):
             codes = ", ".join(f"signal {-c}" if c < 0 else f"exit code {c}" for c in died)
+            of = f" of {n_trials}" if n_trials is not None else ""
             raise WorkersFailed(f"{len(died)} of {workers} worker process(es) died ({codes}) with "
-                                f"{complete} of {n_trials or '?'} trials finished; finished trials "
-                                "are kept: run the same command again to resume")
+                                f"{complete}{of} trials finished; finished trials are kept: run "
+                                "the same command again to resume")
     return study

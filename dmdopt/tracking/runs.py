@@ -413,12 +413,14 @@ class StudyTracker:
     def log_missing(self, summary: dict) -> int:
         """Log every finished trial MLflow lacks (trials ended by Ctrl-C or SIGTERM, whose
         callback never ran; a gap while the server was down); returns children added."""
-        parent_id = self._parent(summary)
+        self._parent(summary)
         have = self.logged_trials()
         added = 0
         for trial in summary.get("trials") or []:
-            if _loggable(trial) and trial["number"] not in have:
-                self._create_child(summary, trial, parent_id)
+            # log_trial searches for the trial's run again right before creating it: other
+            # launchers resuming at the same moment, or a worker's callback, may have logged it
+            if (_loggable(trial) and trial["number"] not in have
+                    and self.log_trial(summary, trial["number"]) is not None):
                 added += 1
         return added
 
