@@ -332,13 +332,13 @@ def _worker_entry(path_or_raw, storage_url, n_trials, timeout, cache_dir, tracki
         torch.set_num_threads(cpu_threads)
     from dmdopt.search.config import parse_study
 
-    sigterm_as_interrupt().__enter__()  # for the whole life of this worker process
     config = parse_study(path_or_raw)
     prefix = f"[worker {os.getpid()}] "
     try:
-        worker_loop(config, storage_url=storage_url, n_trials=n_trials, timeout=timeout,
-                    cache_dir=cache_dir, tracking=tracking, tracking_uri=tracking_uri,
-                    echo=lambda line: print(prefix + line, flush=True))
+        with sigterm_as_interrupt():  # for the whole life of this worker process
+            worker_loop(config, storage_url=storage_url, n_trials=n_trials, timeout=timeout,
+                        cache_dir=cache_dir, tracking=tracking, tracking_uri=tracking_uri,
+                        echo=lambda line: print(prefix + line, flush=True))
     except KeyboardInterrupt:
         sys.exit(130)
 
