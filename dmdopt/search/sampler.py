@@ -74,17 +74,21 @@ class TrialSeededSampler(BaseSampler):
         thread workers, which trial numbers already tell apart)."""
 
 
-def _inner_factory(config: StudyConfig) -> Callable[[int], BaseSampler]:
+def _inner_factory(config: StudyConfig, n_trials: int | None) -> Callable[[int], BaseSampler]:
     if config.sampler == "random":
         return lambda seed: optuna.samplers.RandomSampler(seed=seed)
     if config.sampler == "tpe":
         return lambda seed: optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=6)
     if config.sampler == "gp":
         return lambda seed: optuna.samplers.GPSampler(seed=seed, n_startup_trials=6)
-    population = max(4, min(16, (config.n_trials or 32) // 4))
+    population = max(4, min(16, (n_trials or config.n_trials or 32) // 4))
     return lambda seed: optuna.samplers.NSGAIISampler(seed=seed, population_size=population)
 
 
-def make_sampler(config: StudyConfig) -> BaseSampler:
-    """The sampler named in `[study] sampler`, seeded per trial from `[study] seed`."""
-    return TrialSeededSampler(_inner_factory(config), config.seed)
+def make_sampler(config: StudyConfig, *, n_trials: int | None = None) -> BaseSampler:
+    """The sampler named in `[study] sampler`, seeded per trial from `[study] seed`.
+
+    `n_trials` sizes NSGA-II's population (a quarter of it, 4..16); pass the value the study
+    was created with, so that a resume with another `n_trials` (the config digest ignores
+    it) keeps the population of the generations already run."""
+    return TrialSeededSampler(_inner_factory(config, n_trials), config.seed)

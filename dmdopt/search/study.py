@@ -236,8 +236,10 @@ def worker_loop(config: StudyConfig, *, storage_url: str, n_trials: int | None,
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     _quiet_interrupts()
     storage = open_storage(storage_url)
-    study = optuna.load_study(study_name=config.name, storage=storage, sampler=make_sampler(config),
+    study = optuna.load_study(study_name=config.name, storage=storage,
                               pruner=optuna.pruners.NopPruner())
+    created = ((study.user_attrs.get("config") or {}).get("study") or {}).get("n_trials")
+    study.sampler = make_sampler(config, n_trials=created)
     dataset = _load_dataset(config, cache_dir, progress)
     objective = Objective(config, dataset, study.user_attrs["reference"])
     if tracker is None:

@@ -60,3 +60,18 @@ def test_a_worker_seeded_once_would_repeat_its_twin():
 def test_trial_seeds_differ_by_number_and_seed():
     seeds = {trial_seed(s, n) for s in (0, 1) for n in range(100)}
     assert len(seeds) == 200 and all(0 <= s < 2**32 for s in seeds)
+
+
+def test_nsga2_population_follows_the_n_trials_the_study_was_created_with(tmp_path):
+    """A resume may raise `n_trials` (the config digest ignores it); the generations already
+    run keep their population size."""
+    from study_files import tiny_study_toml
+
+    from dmdopt.search import load_study_file
+    from dmdopt.search.sampler import make_sampler
+
+    path = tmp_path / "s.toml"
+    path.write_text(tiny_study_toml(n_trials=40).replace('sampler = "random"', 'sampler = "nsga2"'))
+    config = load_study_file(path)
+    assert make_sampler(config)._factory(0).population_size == 10
+    assert make_sampler(config, n_trials=8)._factory(0).population_size == 4

@@ -485,3 +485,19 @@ def test_only_cost_bound_prunes_count_toward_the_quota(tmp_path):
                                                   state=state, user_attrs=attrs,
                                                   value=1.0 if state == TrialState.COMPLETE else None))
     assert _count_results(study) == 2
+
+
+def test_a_resume_with_more_trials_keeps_the_nsga2_population(study_dir):
+    """The config digest ignores n_trials, so a resume may raise it; NSGA-II's generations
+    must keep the population they started with (4 here, not 40 // 4 = 10)."""
+    from optuna.samplers import NSGAIISampler
+
+    nsga2 = 'sampler = "nsga2"'
+    path = study_dir / "s.toml"
+    path.write_text(tiny_study_toml(n_trials=4).replace('sampler = "random"', nsga2))
+    run(load_study_file(path))
+    path.write_text(tiny_study_toml(n_trials=40).replace('sampler = "random"', nsga2))
+    study = run(load_study_file(path), n_trials=6)
+    key = NSGAIISampler._get_generation_key()  # "NSGAIISampler:generation" in trial system attrs
+    generations = [t.system_attrs.get(key) for t in study.get_trials(deepcopy=False)]
+    assert generations[:4] == [0, 0, 0, 0] and generations[4:] == [1, 1]
