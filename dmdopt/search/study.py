@@ -177,7 +177,7 @@ def _quota_full_ahead(study: optuna.Study, number: int, n_trials: int) -> bool:
 def _has_result(trial: optuna.trial.FrozenTrial) -> bool:
     """Counts toward `n_trials`: COMPLETE, or PRUNED by the cost bound (an evaluated setting:
     in `cost_to_target` most trials end so once a good one exists, and counting only COMPLETE
-    ones ran 3x the quota). Not a surplus trial, nor one an earlier pruner stopped (studies
+    ones would run such a study far past its quota). Not a surplus trial, nor one an earlier pruner stopped (studies
     made before the bound keep their old count)."""
     return trial.state == TrialState.COMPLETE or (
         trial.state == TrialState.PRUNED and "pruned_at_cost" in trial.user_attrs
