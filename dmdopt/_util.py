@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -84,8 +86,6 @@ def _raise_terminated(signum, frame):
     # One-shot: `timeout`, `kill -TERM -PGID` and Slurm signal the workers directly *and* the
     # launcher passes SIGTERM on; a second `Terminated` landing inside Optuna's FAIL bookkeeping
     # left the trial RUNNING behind a long traceback.
-    import signal
-
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise Terminated
 
@@ -94,9 +94,6 @@ def _raise_terminated(signum, frame):
 def sigterm_as_interrupt() -> Iterator[None]:
     """Within the block, SIGTERM raises `Terminated` (main thread only); the caller's own
     handler is restored after it (a notebook or a test calling `dmdopt.cli.main`)."""
-    import signal
-    import threading
-
     if threading.current_thread() is not threading.main_thread():
         yield
         return

@@ -177,8 +177,8 @@ def _quota_full_ahead(study: optuna.Study, number: int, n_trials: int) -> bool:
 def _has_result(trial: optuna.trial.FrozenTrial) -> bool:
     """Counts toward `n_trials`: COMPLETE, or PRUNED by the cost bound (an evaluated setting:
     in `cost_to_target` most trials end so once a good one exists, and counting only COMPLETE
-    ones would run such a study far past its quota). Not a surplus trial, nor one an earlier pruner stopped (studies
-    made before the bound keep their old count)."""
+    ones would run such a study far past its quota). Not a surplus trial, nor one an earlier
+    pruner stopped (studies made before the bound keep their old count)."""
     return trial.state == TrialState.COMPLETE or (
         trial.state == TrialState.PRUNED and "pruned_at_cost" in trial.user_attrs
         and not _is_surplus(trial))
@@ -310,10 +310,11 @@ def worker_loop(config: StudyConfig, *, storage_url: str, n_trials: int | None,
             # This worker stalled past the grace period (SIGSTOP, swap, a lost database
             # link): the others failed its trial as stale and re-queued it, so Optuna can no
             # longer tell it. Go on with the next trial; anything else is a real error.
-            if "id" not in current or storage.get_trial(current["id"]).state != TrialState.FAIL:
+            given_up = storage.get_trial(current["id"]) if "id" in current else None
+            if given_up is None or given_up.state != TrialState.FAIL:
                 raise
-            echo(f"trial {storage.get_trial(current['id']).number}: given up by the other workers "
-                 "while this one was stalled (heartbeat older than the grace period); going on")
+            echo(f"trial {given_up.number}: given up by the other workers while this one was "
+                 "stalled (heartbeat older than the grace period); going on")
         ran += 1
         if n_trials is not None and ran >= 3 * n_trials:
             echo(f"stopping: this worker ran {ran} trials without the study completing {n_trials}")
