@@ -82,11 +82,19 @@ class Terminated(KeyboardInterrupt):
     terminal's Ctrl-C reaches by itself."""
 
 
+_TERM = {"deferred": 0, "pending": False}
+"""SIGTERM state of this process: inside `deferred_sigterm` blocks (a count, they nest) a
+signal is only noted (`pending`) and raised as `Terminated` when the outermost block ends."""
+
+
 def _raise_terminated(signum, frame):
     # One-shot: `timeout`, `kill -TERM -PGID` and Slurm signal the workers directly *and* the
     # launcher passes SIGTERM on; a second `Terminated` landing inside Optuna's FAIL bookkeeping
     # left the trial RUNNING behind a long traceback.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if _TERM["deferred"]:
+        _TERM["pending"] = True
+        return
     raise Terminated
 
 
@@ -97,8 +105,50 @@ def sigterm_as_interrupt() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    _TERM["pending"] = False
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        # getsignal/signal give None for a handler installed from C: restore the default then
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+        _TERM["pending"] = False
+
+
+@contextmanager
+def deferred_sigterm() -> Iterator[None]:
+    """SIGTERM inside the block is raised as `Terminated` only when it ends (Ctrl-C is not
+    deferred). Wraps Optuna's trial bookkeeping: a `Terminated` raised while Optuna records a
+    result leaves the trial RUNNING behind an `UnboundLocalError` from Optuna's own `finally`;
+    the objective itself runs inside `raising_sigterm`, where it is stopped at once."""
+    _TERM["deferred"] += 1
+    try:
+        yield
+    finally:
+        _TERM["deferred"] -= 1
+    if not _TERM["deferred"] and _TERM["pending"]:
+        _TERM["pending"] = False
+        raise Terminated
+
+
+@contextmanager
+def raising_sigterm() -> Iterator[None]:
+    """Undo an enclosing `deferred_sigterm` for this block (the training inside a trial): a
+    SIGTERM noted before it or arriving within it raises `Terminated` here."""
+    saved = _TERM["deferred"]
+    _TERM["deferred"] = 0
+    try:
+        if _TERM["pending"]:
+            _TERM["pending"] = False
+            raise Terminated
+        yield
+    finally:
+        _TERM["deferred"] = saved
+
+
+def check_sigterm() -> None:
+    """Raise `Terminated` if a SIGTERM was noted inside a `deferred_sigterm` block that ended
+    by an exception of its own (the loop calling this is at a safe point)."""
+    if _TERM["pending"] and not _TERM["deferred"]:
+        _TERM["pending"] = False
+        raise Terminated

@@ -99,7 +99,8 @@ class Objective:
             bound = best.value()
             if bound is not None and point["val_error"] > target and point["cost"] >= bound:
                 reason = (f"pruned at step {point['step']}: {point['cost']:.0f} bpe spent, short of "
-                          f"the target, and trial {best.number} reached it with {bound:.0f}")
+                          f"the target, past the {bound:.0f} bpe of the best trial so far "
+                          f"({best.number})")
                 trial.set_user_attr("fail_reason", reason)
                 trial.set_user_attr("pruned_at_cost", point["cost"])
                 raise optuna.TrialPruned(reason)

@@ -74,21 +74,28 @@ class TrialSeededSampler(BaseSampler):
         thread workers, which trial numbers already tell apart)."""
 
 
-def _inner_factory(config: StudyConfig, n_trials: int | None) -> Callable[[int], BaseSampler]:
+def nsga2_population(n_trials: int | None) -> int:
+    """NSGA-II's population for a study of `n_trials` trials: a quarter of it, 4..16 (8 for a
+    study bounded by time only). A study stores the value it was created with (user attribute
+    `nsga2_population`) so that every resume and worker keeps the same generations."""
+    return max(4, min(16, (n_trials or 32) // 4))
+
+
+def _inner_factory(config: StudyConfig, population: int | None) -> Callable[[int], BaseSampler]:
     if config.sampler == "random":
         return lambda seed: optuna.samplers.RandomSampler(seed=seed)
     if config.sampler == "tpe":
         return lambda seed: optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=6)
     if config.sampler == "gp":
         return lambda seed: optuna.samplers.GPSampler(seed=seed, n_startup_trials=6)
-    population = max(4, min(16, (n_trials or config.n_trials or 32) // 4))
-    return lambda seed: optuna.samplers.NSGAIISampler(seed=seed, population_size=population)
+    size = population or nsga2_population(config.n_trials)
+    return lambda seed: optuna.samplers.NSGAIISampler(seed=seed, population_size=size)
 
 
-def make_sampler(config: StudyConfig, *, n_trials: int | None = None) -> BaseSampler:
+def make_sampler(config: StudyConfig, *, population: int | None = None) -> BaseSampler:
     """The sampler named in `[study] sampler`, seeded per trial from `[study] seed`.
 
-    `n_trials` sizes NSGA-II's population (a quarter of it, 4..16); pass the value the study
-    was created with, so that a resume with another `n_trials` (the config digest ignores
-    it) keeps the population of the generations already run."""
-    return TrialSeededSampler(_inner_factory(config, n_trials), config.seed)
+    `population` is NSGA-II's (default: `nsga2_population` of the file's `n_trials`); pass the
+    value the study was created with, so that a resume with another `n_trials` (the config
+    digest ignores it, and `--n-trials` may override it) keeps the generations already run."""
+    return TrialSeededSampler(_inner_factory(config, population), config.seed)

@@ -22,11 +22,18 @@ import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
-from dmdopt._util import Terminated, mask_url, sigterm_as_interrupt
+from dmdopt._util import (
+    Terminated,
+    check_sigterm,
+    deferred_sigterm,
+    mask_url,
+    raising_sigterm,
+    sigterm_as_interrupt,
+)
 from dmdopt.errors import UserError, WorkersFailed
 from dmdopt.search.config import StudyConfig
 from dmdopt.search.objective import METRIC_NAMES, Objective, reference_run
-from dmdopt.search.sampler import make_sampler
+from dmdopt.search.sampler import make_sampler, nsga2_population
 from dmdopt.search.storage import open_storage
 from dmdopt.search.summary import summarize
 
@@ -50,8 +57,12 @@ def _load_dataset(config: StudyConfig, cache_dir: str | os.PathLike, progress: b
 
 
 def prepare_study(config: StudyConfig, *, storage_url: str, cache_dir="dmdopt-runs/data",
-                  progress: bool = True, echo=print) -> tuple[optuna.Study, object]:
-    """Create or resume the study, build the dataset, run the reference once."""
+                  progress: bool = True, echo=print,
+                  n_trials: int | None = None) -> tuple[optuna.Study, object]:
+    """Create or resume the study, build the dataset, run the reference once.
+
+    `n_trials`: the effective quota (`--n-trials` or the file's); a new study stores the NSGA-II
+    population it implies, which its workers and resumes keep."""
     storage = open_storage(storage_url)
     directions = ["minimize"] if config.mode == "cost_to_target" else ["minimize", "minimize"]
     # cost_to_target prunes in the objective (`_BestCost`): a median rule on val error pruned
@@ -68,6 +79,8 @@ def prepare_study(config: StudyConfig, *, storage_url: str, cache_dir="dmdopt-ru
     if existing is None:
         study.set_user_attr("config_digest", digest)
         study.set_user_attr("config", json.loads(json.dumps(config.raw, default=str)))
+        quota = n_trials if n_trials is not None else config.n_trials
+        study.set_user_attr("nsga2_population", nsga2_population(quota))
         if config.mode == "cost_to_target":
             study.set_metric_names(["cost_bpe"])
         else:
@@ -102,6 +115,15 @@ def prepare_study(config: StudyConfig, *, storage_url: str, cache_dir="dmdopt-ru
     echo(f"reference: cost {reference['cost_bpe']:.0f} bpe, val error {reference['val_rel_l2']:.4f}, "
          f"wall {reference['wall_time']:.1f} s")
     return study, dataset
+
+
+def study_sampler(study: optuna.Study, config: StudyConfig):
+    """The sampler of an existing study, with the NSGA-II population it was created with."""
+    population = study.user_attrs.get("nsga2_population")
+    if population is None:  # a study from before the attribute: its creating file's n_trials
+        created = ((study.user_attrs.get("config") or {}).get("study") or {}).get("n_trials")
+        population = nsga2_population(created)
+    return make_sampler(config, population=population)
 
 
 def _count(study: optuna.Study, states: tuple[TrialState, ...]) -> int:
@@ -190,8 +212,10 @@ def _count_results(study: optuna.Study) -> int:
 
 
 def _is_surplus(trial: optuna.trial.FrozenTrial) -> bool:
-    """A trial pruned before training because the quota was already full: not a result."""
-    return str(trial.user_attrs.get("fail_reason", "")).startswith("surplus")
+    """A trial pruned before training because the quota was already full: not a result.
+    (A retry copies its dead origin's user attributes, reason included: hence the state.)"""
+    return (trial.state == TrialState.PRUNED
+            and str(trial.user_attrs.get("fail_reason", "")).startswith("surplus"))
 
 
 def _echo_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial, echo=print) -> None:
@@ -238,8 +262,7 @@ def worker_loop(config: StudyConfig, *, storage_url: str, n_trials: int | None,
     storage = open_storage(storage_url)
     study = optuna.load_study(study_name=config.name, storage=storage,
                               pruner=optuna.pruners.NopPruner())
-    created = ((study.user_attrs.get("config") or {}).get("study") or {}).get("n_trials")
-    study.sampler = make_sampler(config, n_trials=created)
+    study.sampler = study_sampler(study, config)
     dataset = _load_dataset(config, cache_dir, progress)
     objective = Objective(config, dataset, study.user_attrs["reference"])
     if tracker is None:
@@ -256,7 +279,8 @@ def worker_loop(config: StudyConfig, *, storage_url: str, n_trials: int | None,
             raise optuna.TrialPruned("surplus")
         current["id"] = trial._trial_id
         try:
-            values = objective(trial)
+            with raising_sigterm():  # training stops at once; Optuna's bookkeeping waits
+                values = objective(trial)
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM: say so on the trial (and in MLflow)
             with suppress(Exception):
                 trial.set_user_attr("fail_reason", "interrupted (Ctrl-C or SIGTERM)")
@@ -288,6 +312,7 @@ def worker_loop(config: StudyConfig, *, storage_url: str, n_trials: int | None,
     started = time.monotonic()
     poll = max(1.0, min(float(storage.get_heartbeat_interval() or 5), 5.0))
     while True:
+        check_sigterm()
         left = None if timeout is None else timeout - (time.monotonic() - started)
         if left is not None and left <= 0:
             break
@@ -305,8 +330,12 @@ def worker_loop(config: StudyConfig, *, storage_url: str, n_trials: int | None,
                 continue
         current.clear()
         try:
-            study.optimize(guarded, n_trials=1, catch=(Exception,), callbacks=[after])
-        except (ValueError, optuna.exceptions.UpdateFinishedTrialError):
+            # SIGTERM waits while Optuna records a trial (see `deferred_sigterm`)
+            with deferred_sigterm():
+                study.optimize(guarded, n_trials=1, catch=(Exception,), callbacks=[after])
+        except (ValueError, optuna.exceptions.UpdateFinishedTrialError, AssertionError):
+            # AssertionError: Optuna's "Should not reach" when the others failed the trial
+            # between the check in `guarded` and Optuna's tell (re-raised unless it is FAIL).
             # This worker stalled past the grace period (SIGSTOP, swap, a lost database
             # link): the others failed its trial as stale and re-queued it, so Optuna can no
             # longer tell it. Go on with the next trial; anything else is a real error.
@@ -373,7 +402,7 @@ def run_study(config: StudyConfig, *, n_trials: int | None = None, storage: str 
         raise UserError(f"--workers must be a positive integer or 'auto', got {workers!r}")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study, _ = prepare_study(config, storage_url=storage_url, cache_dir=cache_dir,
-                             progress=progress, echo=echo)
+                             progress=progress, echo=echo, n_trials=n_trials)
     done = _count_results(study)
     echo(f"study {config.name}: {done} finished trial(s) in {mask_url(storage_url)}; "
          f"target {n_trials if n_trials is not None else 'until timeout'}; {workers} worker(s)")
@@ -408,9 +437,16 @@ def run_study(config: StudyConfig, *, n_trials: int | None = None, storage: str 
                 for p in procs:
                     if p.is_alive():
                         p.terminate()
+            # Workers mark their trials FAIL and exit within seconds; give them 30 s in all,
+            # then stop the rest, so that none is left training once the launcher is gone.
+            deadline = time.monotonic() + 30
             for p in procs:
                 if p.pid is not None:
-                    p.join(timeout=30)
+                    p.join(timeout=max(0.0, deadline - time.monotonic()))
+            for p in procs:
+                if p.pid is not None and p.is_alive():
+                    p.terminate()
+                    p.join(timeout=5)
             raise
         died = [p.exitcode for p in procs if p.exitcode != 0]
         complete = _count_results(study)

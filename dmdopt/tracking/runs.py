@@ -197,7 +197,8 @@ def _quiet_terminate(client: MlflowClient, run_id: str, status: str, **kwargs: A
 def _loggable(trial: dict) -> bool:
     """Finished trials, except those pruned as surplus before training (not results)."""
     reason = str((trial.get("user_attrs") or {}).get("fail_reason", ""))
-    return trial.get("state") in FINISHED_STATES and not reason.startswith("surplus")
+    surplus = trial.get("state") == "PRUNED" and reason.startswith("surplus")
+    return trial.get("state") in FINISHED_STATES and not surplus
 
 
 # ---------------------------------------------------------------- the tracker
@@ -410,17 +411,21 @@ class StudyTracker:
         return parent_id
 
     @tolerant
+    @tolerant
     def log_missing(self, summary: dict) -> int:
         """Log every finished trial MLflow lacks (trials ended by Ctrl-C or SIGTERM, whose
-        callback never ran; a gap while the server was down); returns children added."""
+        callback never ran; a gap while the server was down); returns children added, or
+        None at the first error (reported once: a server gone mid-way would otherwise cost
+        every remaining trial its own retry cycle, and a sync would claim success)."""
         self._parent(summary)
         have = self.logged_trials()
         added = 0
+        log_trial = StudyTracker.log_trial.__wrapped__  # errors stop the loop, not one trial
         for trial in summary.get("trials") or []:
             # log_trial searches for the trial's run again right before creating it: other
             # launchers resuming at the same moment, or a worker's callback, may have logged it
             if (_loggable(trial) and trial["number"] not in have
-                    and self.log_trial(summary, trial["number"]) is not None):
+                    and log_trial(self, summary, trial["number"]) is not None):
                 added += 1
         return added
 

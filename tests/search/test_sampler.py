@@ -62,16 +62,27 @@ def test_trial_seeds_differ_by_number_and_seed():
     assert len(seeds) == 200 and all(0 <= s < 2**32 for s in seeds)
 
 
-def test_nsga2_population_follows_the_n_trials_the_study_was_created_with(tmp_path):
-    """A resume may raise `n_trials` (the config digest ignores it); the generations already
-    run keep their population size."""
+def test_nsga2_population_follows_the_n_trials_the_study_was_created_with(tmp_path, monkeypatch):
+    """A resume may raise `n_trials` (the config digest ignores it) and `--n-trials` may
+    override the file's: the generations keep the population the study was created with."""
     from study_files import tiny_study_toml
 
     from dmdopt.search import load_study_file
-    from dmdopt.search.sampler import make_sampler
+    from dmdopt.search.study import prepare_study, study_sampler
 
-    path = tmp_path / "s.toml"
-    path.write_text(tiny_study_toml(n_trials=40).replace('sampler = "random"', 'sampler = "nsga2"'))
-    config = load_study_file(path)
-    assert make_sampler(config)._factory(0).population_size == 10
-    assert make_sampler(config, n_trials=8)._factory(0).population_size == 4
+    monkeypatch.chdir(tmp_path)  # the embedded storage, dmdopt-runs/optuna.db, goes here
+
+    def config_with(n_trials: int):
+        path = tmp_path / f"s{n_trials}.toml"
+        path.write_text(tiny_study_toml(n_trials=n_trials).replace('sampler = "random"',
+                                                                   'sampler = "nsga2"'))
+        return load_study_file(path)
+
+    created = config_with(40)
+    study, _ = prepare_study(created, storage_url=created.storage, progress=False,
+                             echo=lambda *_: None, n_trials=8)
+    assert study.user_attrs["nsga2_population"] == 4  # from --n-trials 8, not the file's 40
+    resumed = config_with(64)  # the same study, a larger n_trials in its file
+    assert study_sampler(study, resumed)._factory(0).population_size == 4
+    study.set_user_attr("nsga2_population", None)  # a study from before the attribute:
+    assert study_sampler(study, resumed)._factory(0).population_size == 10  # its file's 40

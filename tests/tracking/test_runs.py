@@ -100,6 +100,29 @@ def test_sync_is_idempotent(mlflow_store, make_summary, study_name):
     assert len(_runs(mlflow_store, study_name)) == n_runs
 
 
+def test_sync_stops_at_the_first_error_and_does_not_claim_success(mlflow_store, make_summary,
+                                                                  study_name, monkeypatch):
+    """A server lost part-way through a backfill: each further trial would wait out its own
+    retry cycle, and the sync would report the trials as added. It stops and says None."""
+    summary = make_summary(study_name)
+    tracker = StudyTracker(mlflow_store, study_name)
+    real, calls = tracker._create_child, []
+
+    def dying(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:
+            raise ConnectionError("server gone")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tracker, "_create_child", dying)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert tracker.sync(summary) is None
+    assert len(calls) == 2 < len(FINISHED)
+    assert len(_runs(mlflow_store, study_name, "child")) == 1
+    assert StudyTracker(mlflow_store, study_name).sync(summary) == len(FINISHED) - 1  # the rest
+
+
 def test_racing_parents_resolve_to_the_earliest(mlflow_store, make_summary, study_name,
                                                 monkeypatch):
     summary = make_summary(study_name)
