@@ -75,6 +75,23 @@ def atomic_file(final: str | Path, mode: str = "w") -> Iterator[IO]:
         raise
 
 
+def unwritable(path: str | Path) -> str | None:
+    """Why `path` cannot be written by `atomic_file` (None if it can), checked before long
+    work so that a bad output path fails first, not after the work it was meant to keep.
+    Creates the missing parent folders, as `atomic_file` would, and a probe file it removes."""
+    path = Path(path)
+    if path.is_dir():
+        return "it is a directory"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".probe")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (`kill`, a job scheduler's stop, a preempted machine), handled like Ctrl-C:
     the running trial is marked FAIL, finished ones are kept. A subclass so that a process

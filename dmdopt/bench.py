@@ -36,7 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
-from dmdopt._util import atomic_file
+from dmdopt._util import atomic_file, unwritable
 
 METHODS = ("adam", "gd", "sgd_momentum")
 """Benchmark method names: Adam; SGD without momentum (GD); SGD with momentum 0.9."""
@@ -152,8 +152,12 @@ def run_benchmark(*, seeds: int = 3, steps: int | None = None, json_path=None,
     _table(rows, methods, echo)
     if json_path is not None:
         path = Path(json_path)
-        with atomic_file(path) as fh:
-            fh.write(json.dumps(rows, indent=2, default=_json_default))
+        try:
+            with atomic_file(path) as fh:
+                fh.write(json.dumps(rows, indent=2, default=_json_default))
+        except OSError as exc:  # checked before the run (`unwritable`); the disk may fill since
+            from dmdopt.errors import UserError
+            raise UserError(f"--json: cannot write {path}: {exc.strerror or exc}") from None
         echo(f"wrote {path}")
     return rows
 
@@ -309,6 +313,8 @@ def run_from_args(args, error: Callable[[str], NoReturn]) -> list[dict]:
             dmd = DMDConfig.from_dict(fields)
         except (TypeError, ValueError) as exc:
             error(f"--dmd: {exc}")
+    if args.json is not None and (why := unwritable(args.json)) is not None:
+        error(f"--json: cannot write {args.json}: {why}")  # now, not after the whole run
     t0 = time.perf_counter()
     rows = run_benchmark(seeds=args.seeds, steps=args.steps, json_path=args.json,
                          quick=args.quick, methods=methods, dmd=dmd, lrs=lrs, jobs=args.jobs)

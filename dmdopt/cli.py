@@ -257,7 +257,10 @@ def cmd_dashboard(args) -> int:
     from dmdopt.tracking.dashboard import write_dashboard
 
     name, _, summary = _summary(args)
-    write_dashboard(summary, args.output)
+    try:
+        write_dashboard(summary, args.output)
+    except OSError as exc:
+        raise UserError(f"--output: cannot write {args.output}: {exc.strerror or exc}") from None
     print(f"dashboard of {name} written to {args.output}")
     return 0
 

@@ -94,3 +94,20 @@ def test_study_run_gives_back_the_callers_sigterm_handler(tmp_path, monkeypatch)
     before = signal.getsignal(signal.SIGTERM)
     assert main(["study", "run", "s.toml", "--no-mlflow", "--quiet"]) == 0
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_bench_refuses_an_unwritable_json_path_before_running(tmp_path, monkeypatch, capsys):
+    """The rows of a 37-minute benchmark must not be lost to a bad --json path at its end."""
+    import dmdopt.bench
+
+    def no_run(**kwargs):
+        raise AssertionError("the benchmark ran before its output path was checked")
+
+    monkeypatch.setattr(dmdopt.bench, "run_benchmark", no_run)
+    blocker = tmp_path / "tuned.toml"
+    blocker.write_text("a file, not a folder\n")
+    with pytest.raises(SystemExit) as info:
+        main(["bench", "--quick", "--seeds", "1", "--methods", "gd", "--json", str(blocker / "b.json")])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--json" in err and "b.json" in err

@@ -86,7 +86,8 @@ def open_storage(url: str, *, heartbeat_interval: int | None = None,
                 heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY),
             )
         except ImportError as exc:
-            raise UserError(f"storage: driver missing for {mask_url(url)!r}: {exc}") from None
+            hint = (" (pip install 'dmdopt[postgres]')" if url.startswith("postgres") else "")
+            raise UserError(f"storage: driver missing for {mask_url(url)!r}{hint}: {exc}") from None
         except Exception as exc:  # sqlalchemy OperationalError & co: unreachable / bad credentials
             if _schema_race(exc) and attempt + 1 < _SCHEMA_RACE_ATTEMPTS:
                 # Workers started together on an empty database all create Optuna's tables;

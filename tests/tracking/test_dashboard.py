@@ -81,3 +81,15 @@ def test_first_passage_speedup_shown_only_when_it_differs(make_summary, page):
     summary["reference"]["first_passage_bpe"] = 480.0  # the reference touched its error early
     html = render_dashboard(summary)
     assert "speedup 2.00x (against the reference's first passage 1.60x)" in html
+
+
+def test_unwritable_output_is_one_line_exit_2(make_summary, tmp_path, monkeypatch, capsys):
+    """`dmdopt dashboard -o` under a regular file: one line naming the path, exit 2."""
+    from dmdopt import cli
+
+    monkeypatch.setattr(cli, "_summary", lambda args: ("s", None, make_summary("s")))
+    blocker = tmp_path / "tuned.toml"
+    blocker.write_text("a file, not a folder\n")
+    assert cli.main(["dashboard", "s", "-o", str(blocker / "q.html")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--output" in err and str(blocker / "q.html") in err
