@@ -99,9 +99,10 @@ class Terminated(KeyboardInterrupt):
     terminal's Ctrl-C reaches by itself."""
 
 
-_TERM = {"deferred": 0, "pending": False}
-"""SIGTERM state of this process: inside `deferred_sigterm` blocks (a count, they nest) a
-signal is only noted (`pending`) and raised as `Terminated` when the outermost block ends."""
+_TERM: dict = {"deferred": 0, "pending": None, "sigint": None}
+"""Interrupt state of this process. Inside `deferred_interrupts` blocks (a count: they nest) a
+SIGTERM or a first Ctrl-C is only noted (`pending`: the exception to raise) and raised when the
+outermost block ends; `sigint` is the SIGINT handler the outermost block replaced."""
 
 
 def _raise_terminated(signum, frame):
@@ -110,62 +111,86 @@ def _raise_terminated(signum, frame):
     # left the trial RUNNING behind a long traceback.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if _TERM["deferred"]:
-        _TERM["pending"] = True
+        _TERM["pending"] = _TERM["pending"] or Terminated
         return
     raise Terminated
+
+
+def _defer_sigint(signum, frame):
+    if _TERM["pending"] is not None:  # a second Ctrl-C while the first waits: the user insists
+        raise KeyboardInterrupt
+    _TERM["pending"] = KeyboardInterrupt
+
+
+def _raise_pending() -> None:
+    exc, _TERM["pending"] = _TERM["pending"], None
+    if exc is not None:
+        raise exc
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
 
 
 @contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
     """Within the block, SIGTERM raises `Terminated` (main thread only); the caller's own
     handler is restored after it (a notebook or a test calling `dmdopt.cli.main`)."""
-    if threading.current_thread() is not threading.main_thread():
+    if not _main_thread():
         yield
         return
-    _TERM["pending"] = False
+    _TERM["pending"] = None
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         yield
     finally:
         # getsignal/signal give None for a handler installed from C: restore the default then
         signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
-        _TERM["pending"] = False
+        _TERM["pending"] = None
 
 
 @contextmanager
-def deferred_sigterm() -> Iterator[None]:
-    """SIGTERM inside the block is raised as `Terminated` only when it ends (Ctrl-C is not
-    deferred). Wraps Optuna's trial bookkeeping: a `Terminated` raised while Optuna records a
-    result leaves the trial RUNNING behind an `UnboundLocalError` from Optuna's own `finally`;
-    the objective itself runs inside `raising_sigterm`, where it is stopped at once."""
+def deferred_interrupts() -> Iterator[None]:
+    """SIGTERM and a first Ctrl-C inside the block are raised only when it ends (a second
+    Ctrl-C at once). Wraps Optuna's trial bookkeeping and the tracking callback: an interrupt
+    raised while Optuna records a result leaves the trial RUNNING behind an UnboundLocalError
+    from Optuna's own `finally`, and one inside the MLflow callback leaves a half-logged run.
+    The objective itself runs inside `interruptible`, where it is stopped at once."""
+    outer = _TERM["deferred"] == 0
+    if outer and _main_thread() and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        previous = signal.signal(signal.SIGINT, _defer_sigint)  # None: installed from C
+        _TERM["sigint"] = signal.default_int_handler if previous is None else previous
     _TERM["deferred"] += 1
     try:
         yield
     finally:
         _TERM["deferred"] -= 1
-    if not _TERM["deferred"] and _TERM["pending"]:
-        _TERM["pending"] = False
-        raise Terminated
+        if outer and _TERM["sigint"] is not None:
+            signal.signal(signal.SIGINT, _TERM["sigint"])
+            _TERM["sigint"] = None
+    if not _TERM["deferred"]:
+        _raise_pending()
 
 
 @contextmanager
-def raising_sigterm() -> Iterator[None]:
-    """Undo an enclosing `deferred_sigterm` for this block (the training inside a trial): a
-    SIGTERM noted before it or arriving within it raises `Terminated` here."""
-    saved = _TERM["deferred"]
+def interruptible() -> Iterator[None]:
+    """Undo an enclosing `deferred_interrupts` for this block (the training inside a trial): an
+    interrupt noted before it, or arriving within it, raises here."""
+    saved, handler = _TERM["deferred"], None
+    if saved and _TERM["sigint"] is not None:
+        handler = signal.signal(signal.SIGINT, _TERM["sigint"])
     _TERM["deferred"] = 0
     try:
-        if _TERM["pending"]:
-            _TERM["pending"] = False
-            raise Terminated
+        _raise_pending()
         yield
     finally:
         _TERM["deferred"] = saved
+        if handler is not None:
+            signal.signal(signal.SIGINT, handler)
 
 
-def check_sigterm() -> None:
-    """Raise `Terminated` if a SIGTERM was noted inside a `deferred_sigterm` block that ended
-    by an exception of its own (the loop calling this is at a safe point)."""
-    if _TERM["pending"] and not _TERM["deferred"]:
-        _TERM["pending"] = False
-        raise Terminated
+def raise_pending_interrupt() -> None:
+    """Raise an interrupt noted inside a `deferred_interrupts` block that ended by an
+    exception of its own (the loop calling this is at a safe point)."""
+    if not _TERM["deferred"]:
+        _raise_pending()

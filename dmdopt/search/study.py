@@ -24,10 +24,10 @@ from optuna.trial import TrialState
 
 from dmdopt._util import (
     Terminated,
-    check_sigterm,
-    deferred_sigterm,
+    deferred_interrupts,
+    interruptible,
     mask_url,
-    raising_sigterm,
+    raise_pending_interrupt,
     sigterm_as_interrupt,
 )
 from dmdopt.errors import UserError, WorkersFailed
@@ -279,7 +279,7 @@ def worker_loop(config: StudyConfig, *, storage_url: str, n_trials: int | None,
             raise optuna.TrialPruned("surplus")
         current["id"] = trial._trial_id
         try:
-            with raising_sigterm():  # training stops at once; Optuna's bookkeeping waits
+            with interruptible():  # training stops at once; Optuna's bookkeeping waits
                 values = objective(trial)
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM: say so on the trial (and in MLflow)
             with suppress(Exception):
@@ -312,7 +312,7 @@ def worker_loop(config: StudyConfig, *, storage_url: str, n_trials: int | None,
     started = time.monotonic()
     poll = max(1.0, min(float(storage.get_heartbeat_interval() or 5), 5.0))
     while True:
-        check_sigterm()
+        raise_pending_interrupt()
         left = None if timeout is None else timeout - (time.monotonic() - started)
         if left is not None and left <= 0:
             break
@@ -330,8 +330,8 @@ def worker_loop(config: StudyConfig, *, storage_url: str, n_trials: int | None,
                 continue
         current.clear()
         try:
-            # SIGTERM waits while Optuna records a trial (see `deferred_sigterm`)
-            with deferred_sigterm():
+            # SIGTERM and Ctrl-C wait while Optuna records a trial (see `deferred_interrupts`)
+            with deferred_interrupts():
                 study.optimize(guarded, n_trials=1, catch=(Exception,), callbacks=[after])
         except (ValueError, optuna.exceptions.UpdateFinishedTrialError, AssertionError):
             # AssertionError: Optuna's "Should not reach" when the others failed the trial

@@ -368,42 +368,47 @@ def test_sigterm_stops_the_workers_like_ctrl_c(study_dir, target):
     assert TrialState.RUNNING not in states and states.count(TrialState.FAIL) >= 2
 
 
-def test_sigterm_while_optuna_records_a_trial_waits_for_the_record():
-    """A SIGTERM landing while Optuna writes a finished trial must not leave it RUNNING (Optuna's
-    own `finally` then raised an UnboundLocalError that hid the interrupt): the worker loop
-    defers it to the end of the bookkeeping, while one during training stops the trial."""
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGINT"])
+def test_an_interrupt_while_optuna_records_a_trial_waits_for_the_record(signum):
+    """SIGTERM or Ctrl-C landing while Optuna writes a finished trial must not leave it RUNNING
+    (Optuna's own `finally` then raised an UnboundLocalError that hid the interrupt): the
+    worker loop defers it to the end of the bookkeeping, while one during training stops the
+    trial at once, and the caller's SIGINT handler is back afterwards."""
     import os
     import signal
 
-    from dmdopt._util import Terminated, deferred_sigterm, raising_sigterm, sigterm_as_interrupt
+    from dmdopt._util import deferred_interrupts, interruptible, sigterm_as_interrupt
 
+    sig = getattr(signal, signum)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     storage = optuna.storages.InMemoryStorage()
     study = optuna.create_study(storage=storage)
     write = storage.set_trial_state_values
 
     def signalled_write(*args, **kwargs):
-        os.kill(os.getpid(), signal.SIGTERM)  # delivered here, mid-bookkeeping
+        os.kill(os.getpid(), sig)  # delivered here, mid-bookkeeping
         return write(*args, **kwargs)
 
+    sigint_before = signal.getsignal(signal.SIGINT)
     storage.set_trial_state_values = signalled_write
     with sigterm_as_interrupt():
-        with pytest.raises(Terminated), deferred_sigterm():
+        with pytest.raises(KeyboardInterrupt), deferred_interrupts():
             study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1, catch=(Exception,))
     assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE]
 
     storage.set_trial_state_values = write
 
     def training(trial):
-        with raising_sigterm():
+        with interruptible():
             trial.suggest_float("x", 0, 1)
-            os.kill(os.getpid(), signal.SIGTERM)
-            raise AssertionError("SIGTERM during training must stop it")
+            os.kill(os.getpid(), sig)
+            raise AssertionError("an interrupt during training must stop it")
 
     with sigterm_as_interrupt():
-        with pytest.raises(Terminated), deferred_sigterm():
+        with pytest.raises(KeyboardInterrupt), deferred_interrupts():
             study.optimize(training, n_trials=1, catch=(Exception,))
     assert [t.state for t in study.get_trials()][-1] == TrialState.FAIL
+    assert signal.getsignal(signal.SIGINT) is sigint_before
 
 
 def test_summary_of_a_study_with_a_waiting_and_a_pruned_trial(tmp_path):
