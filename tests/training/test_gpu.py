@@ -1,5 +1,6 @@
 """CUDA runs (marked `gpu`; skipped without a device): training and DMD on the GPU agree with
-the CPU, snapshots stay on the device, and a study trial records the CUDA device."""
+the CPU, and snapshots stay on the device. They need torch, numpy, scipy and scikit-learn only
+(no Optuna or MLflow), so `benchmarks/device_check.sh` runs them on a bare CUDA image."""
 
 from __future__ import annotations
 
