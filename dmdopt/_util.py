@@ -99,10 +99,9 @@ class Terminated(KeyboardInterrupt):
     terminal's Ctrl-C reaches by itself."""
 
 
-_TERM: dict = {"deferred": 0, "pending": None, "sigint": None}
-"""Interrupt state of this process. Inside `deferred_interrupts` blocks (a count: they nest) a
-SIGTERM or a first Ctrl-C is only noted (`pending`: the exception to raise) and raised when the
-outermost block ends; `sigint` is the SIGINT handler the outermost block replaced."""
+_TERM: dict = {"deferred": False, "pending": None}
+"""Interrupt state of the main thread. Inside a `deferred_interrupts` block a SIGTERM or a
+first Ctrl-C is only noted (`pending`: the exception to raise) and raised when the block ends."""
 
 
 def _raise_terminated(signum, frame):
@@ -118,6 +117,7 @@ def _raise_terminated(signum, frame):
 
 def _defer_sigint(signum, frame):
     if _TERM["pending"] is not None:  # a second Ctrl-C while the first waits: the user insists
+        _TERM["pending"] = None
         raise KeyboardInterrupt
     _TERM["pending"] = KeyboardInterrupt
 
@@ -155,38 +155,52 @@ def deferred_interrupts() -> Iterator[None]:
     Ctrl-C at once). Wraps Optuna's trial bookkeeping and the tracking callback: an interrupt
     raised while Optuna records a result leaves the trial RUNNING behind an UnboundLocalError
     from Optuna's own `finally`, and one inside the MLflow callback leaves a half-logged run.
-    The objective itself runs inside `interruptible`, where it is stopped at once."""
-    outer = _TERM["deferred"] == 0
-    if outer and _main_thread() and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
-        previous = signal.signal(signal.SIGINT, _defer_sigint)  # None: installed from C
-        _TERM["sigint"] = signal.default_int_handler if previous is None else previous
-    _TERM["deferred"] += 1
-    try:
+    The objective itself runs inside `interruptible`, where it is stopped at once.
+
+    Main thread only (signals are handled nowhere else); a block inside another one does
+    nothing. Ctrl-C is deferred only where Python's own SIGINT handler is in place: a caller's
+    handler (or SIG_IGN) is left alone."""
+    if not _main_thread() or _TERM["deferred"]:
         yield
+        return
+    ours = signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    try:  # state changes inside the try: a signal between two statements still reaches finally
+        _TERM["deferred"] = True
+        if ours:
+            signal.signal(signal.SIGINT, _defer_sigint)
+        yield
+    except KeyboardInterrupt:  # an interrupt is leaving the block: the noted one goes with it
+        _TERM["pending"] = None
+        raise
     finally:
-        _TERM["deferred"] -= 1
-        if outer and _TERM["sigint"] is not None:
-            signal.signal(signal.SIGINT, _TERM["sigint"])
-            _TERM["sigint"] = None
-    if not _TERM["deferred"]:
-        _raise_pending()
+        try:
+            if ours:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+        finally:
+            _TERM["deferred"] = False
+    _raise_pending()
 
 
 @contextmanager
 def interruptible() -> Iterator[None]:
     """Undo an enclosing `deferred_interrupts` for this block (the training inside a trial): an
     interrupt noted before it, or arriving within it, raises here."""
-    saved, handler = _TERM["deferred"], None
-    if saved and _TERM["sigint"] is not None:
-        handler = signal.signal(signal.SIGINT, _TERM["sigint"])
-    _TERM["deferred"] = 0
+    if not _main_thread() or not _TERM["deferred"]:
+        yield
+        return
+    ours = signal.getsignal(signal.SIGINT) is _defer_sigint
     try:
+        _TERM["deferred"] = False
+        if ours:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         _raise_pending()
         yield
     finally:
-        _TERM["deferred"] = saved
-        if handler is not None:
-            signal.signal(signal.SIGINT, handler)
+        try:
+            if ours:
+                signal.signal(signal.SIGINT, _defer_sigint)
+        finally:
+            _TERM["deferred"] = True
 
 
 def raise_pending_interrupt() -> None:

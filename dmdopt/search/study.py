@@ -344,6 +344,18 @@ def worker_loop(config: StudyConfig, *, storage_url: str, n_trials: int | None,
                 raise
             echo(f"trial {given_up.number}: given up by the other workers while this one was "
                  "stalled (heartbeat older than the grace period); going on")
+        except UnboundLocalError as exc:
+            # A second Ctrl-C (which is not deferred) inside Optuna's tell breaks its `finally`
+            # and leaves the trial RUNNING: finish that bookkeeping, then stop as asked.
+            if not isinstance(exc.__context__, KeyboardInterrupt) or "id" not in current:
+                raise
+            with suppress(Exception):
+                if not storage.get_trial(current["id"]).state.is_finished():
+                    storage.set_trial_user_attr(current["id"], "fail_reason",
+                                                "interrupted (Ctrl-C or SIGTERM)")
+                    storage.set_trial_state_values(current["id"], TrialState.FAIL)
+            raise KeyboardInterrupt from None
+        raise_pending_interrupt()  # one noted while a caught error ended the block
         ran += 1
         if n_trials is not None and ran >= 3 * n_trials:
             echo(f"stopping: this worker ran {ran} trials without the study completing {n_trials}")
@@ -445,7 +457,7 @@ def run_study(config: StudyConfig, *, n_trials: int | None = None, storage: str 
                     p.join(timeout=max(0.0, deadline - time.monotonic()))
             for p in procs:
                 if p.pid is not None and p.is_alive():
-                    p.terminate()
+                    p.kill()  # SIGTERM was theirs already: it is one-shot, then ignored
                     p.join(timeout=5)
             raise
         died = [p.exitcode for p in procs if p.exitcode != 0]

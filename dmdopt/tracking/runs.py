@@ -411,7 +411,6 @@ class StudyTracker:
         return parent_id
 
     @tolerant
-    @tolerant
     def log_missing(self, summary: dict) -> int:
         """Log every finished trial MLflow lacks (trials ended by Ctrl-C or SIGTERM, whose
         callback never ran; a gap while the server was down); returns children added, or

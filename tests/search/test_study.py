@@ -411,6 +411,50 @@ def test_an_interrupt_while_optuna_records_a_trial_waits_for_the_record(signum):
     assert signal.getsignal(signal.SIGINT) is sigint_before
 
 
+def test_deferred_interrupts_leave_no_state_behind():
+    """A second Ctrl-C raises at once and leaves nothing pending for the next study; a caller's
+    own SIGINT handler is called, not replaced; off the main thread the blocks do nothing."""
+    import os
+    import signal
+    import threading
+
+    from dmdopt import _util
+    from dmdopt._util import deferred_interrupts, interruptible, raise_pending_interrupt
+
+    with pytest.raises(KeyboardInterrupt), deferred_interrupts():
+        os.kill(os.getpid(), signal.SIGINT)  # noted
+        os.kill(os.getpid(), signal.SIGINT)  # the user insists: raised here
+        raise AssertionError("the second Ctrl-C must raise at once")
+    assert _util._TERM == {"deferred": False, "pending": None}
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    raise_pending_interrupt()  # a later study starts clean
+
+    with deferred_interrupts(), interruptible(), deferred_interrupts():
+        pass  # nested the way worker_loop nests them: each restores what it found
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert _util._TERM == {"deferred": False, "pending": None}
+
+    calls = []
+    previous = signal.signal(signal.SIGINT, lambda *_: calls.append(1))
+    try:
+        with deferred_interrupts():
+            os.kill(os.getpid(), signal.SIGINT)
+        assert calls == [1]
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+    seen = []
+
+    def in_thread():
+        with deferred_interrupts():
+            seen.append(dict(_util._TERM))
+
+    thread = threading.Thread(target=in_thread)
+    thread.start()
+    thread.join()
+    assert seen == [{"deferred": False, "pending": None}]
+
+
 def test_summary_of_a_study_with_a_waiting_and_a_pruned_trial(tmp_path):
     """A re-queued trial (WAITING, no datetimes) must not break the summary, and a PRUNED
     trial's Optuna value (its last reported val error) is not an objective value."""
