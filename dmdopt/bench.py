@@ -143,7 +143,11 @@ def run_benchmark(*, seeds: int = 3, steps: int | None = None, json_path=None,
                     pair_rows, line = future.result()
                     rows.extend(pair_rows)
                     echo(line)
-            except BaseException:  # an error or Ctrl-C: don't wait for the pairs not started
+            except BaseException:  # an error, Ctrl-C or SIGTERM: stop the pairs running too
+                # (the executor has no public terminate before Python 3.14; a pair left
+                # running trains on for minutes after its launcher is gone)
+                for proc in list((getattr(pool, "_processes", None) or {}).values()):
+                    proc.terminate()
                 pool.shutdown(wait=False, cancel_futures=True)
                 raise
         order = {m: i for i, m in enumerate(methods)}
@@ -324,7 +328,16 @@ def run_from_args(args, error: Callable[[str], NoReturn]) -> list[dict]:
 
 def main(argv=None) -> None:  # pragma: no cover - thin wrapper for benchmarks/bench_dmd.py
     import argparse
+    import sys
+
+    from dmdopt._util import sigterm_as_interrupt
 
     parser = argparse.ArgumentParser(description="plain vs DMD-accelerated training")
     add_arguments(parser)
-    run_from_args(parser.parse_args(argv), parser.error)
+    args = parser.parse_args(argv)
+    try:
+        with sigterm_as_interrupt():  # `kill`, a scheduler's stop: the --jobs workers stop too
+            run_from_args(args, parser.error)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

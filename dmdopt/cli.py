@@ -280,9 +280,15 @@ def cmd_ui(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    from dmdopt._util import sigterm_as_interrupt
     from dmdopt.bench import run_from_args
 
-    run_from_args(args, args.parser_error)
+    try:
+        with sigterm_as_interrupt():  # `kill`, a scheduler's stop: the --jobs workers stop too
+            run_from_args(args, args.parser_error)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from dmdopt.cli import main
 
 
@@ -55,3 +57,56 @@ def test_parallel_jobs_give_the_rows_of_a_sequential_run(tmp_path, monkeypatch):
     assert ([[r.get(k) for k in keys] for r in parallel]
             == [[r.get(k) for k in keys] for r in sequential])
     assert {r["lr"] for r in sequential if r["method"].startswith("gd")} == {4.0}  # --lr override
+
+
+
+def _state(pid: int) -> str | None:
+    """The process's state letter and parent pid from /proc, or None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return fields[0], int(fields[1])
+
+
+def _children(pid: int) -> list[int]:
+    """Live (not zombie) processes whose parent is `pid`."""
+    import os
+
+    found = [(int(e), _state(int(e))) for e in os.listdir("/proc") if e.isdigit()]
+    return [child for child, st in found if st and st[1] == pid and st[0] != "Z"]
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_parallel_bench_stops_its_workers(tmp_path):
+    """`kill PID` of `dmdopt bench --jobs 2` used to leave both pair workers training on."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "dmdopt", "bench", "--quick", "--seeds", "2",
+                             "--methods", "gd", "--jobs", "2", "--steps", "20000"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=os.environ | {"PYTHONUNBUFFERED": "1"})
+    for line in proc.stdout:  # the dataset is built (by workers of its own) before this line
+        if line.startswith("DMD:"):
+            break
+    for _ in range(120):  # then the two pair workers start (beside multiprocessing's tracker)
+        if len(_children(proc.pid)) >= 3:
+            break
+        time.sleep(0.5)
+    kids = _children(proc.pid)
+    assert len(kids) >= 3, "the workers did not start"
+    time.sleep(2)  # into their training
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    for _ in range(40):
+        alive = [k for k in kids if (_state(k) or ("Z",))[0] != "Z"]
+        if not alive:
+            break
+        time.sleep(0.25)
+    assert not alive, f"bench workers {alive} still running after the launcher was stopped"
