@@ -111,3 +111,6 @@ def test_bench_refuses_an_unwritable_json_path_before_running(tmp_path, monkeypa
     assert info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--json" in err and "b.json" in err
+    with pytest.raises(SystemExit) as info:  # a folder's name, written as a file before
+        main(["bench", "--json", f"{tmp_path}/out/"])
+    assert info.value.code == 2 and "directory" in capsys.readouterr().err
