@@ -172,6 +172,11 @@ def deferred_interrupts() -> Iterator[None]:
     except KeyboardInterrupt:  # an interrupt is leaving the block: the noted one goes with it
         _TERM["pending"] = None
         raise
+    except Exception as exc:  # an error is leaving it: the interrupt the user asked for wins
+        pending, _TERM["pending"] = _TERM["pending"], None
+        if pending is not None:
+            raise pending from exc
+        raise
     finally:
         try:
             if ours:
@@ -201,10 +206,3 @@ def interruptible() -> Iterator[None]:
                 signal.signal(signal.SIGINT, _defer_sigint)
         finally:
             _TERM["deferred"] = True
-
-
-def raise_pending_interrupt() -> None:
-    """Raise an interrupt noted inside a `deferred_interrupts` block that ended by an
-    exception of its own (the loop calling this is at a safe point)."""
-    if not _TERM["deferred"]:
-        _raise_pending()

@@ -27,7 +27,6 @@ from dmdopt._util import (
     deferred_interrupts,
     interruptible,
     mask_url,
-    raise_pending_interrupt,
     sigterm_as_interrupt,
 )
 from dmdopt.errors import UserError, WorkersFailed
@@ -312,7 +311,6 @@ def worker_loop(config: StudyConfig, *, storage_url: str, n_trials: int | None,
     started = time.monotonic()
     poll = max(1.0, min(float(storage.get_heartbeat_interval() or 5), 5.0))
     while True:
-        raise_pending_interrupt()
         left = None if timeout is None else timeout - (time.monotonic() - started)
         if left is not None and left <= 0:
             break
@@ -355,7 +353,6 @@ def worker_loop(config: StudyConfig, *, storage_url: str, n_trials: int | None,
                                                 "interrupted (Ctrl-C or SIGTERM)")
                     storage.set_trial_state_values(current["id"], TrialState.FAIL)
             raise KeyboardInterrupt from None
-        raise_pending_interrupt()  # one noted while a caught error ended the block
         ran += 1
         if n_trials is not None and ran >= 3 * n_trials:
             echo(f"stopping: this worker ran {ran} trials without the study completing {n_trials}")

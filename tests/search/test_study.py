@@ -419,7 +419,7 @@ def test_deferred_interrupts_leave_no_state_behind():
     import threading
 
     from dmdopt import _util
-    from dmdopt._util import deferred_interrupts, interruptible, raise_pending_interrupt
+    from dmdopt._util import deferred_interrupts, interruptible
 
     with pytest.raises(KeyboardInterrupt), deferred_interrupts():
         os.kill(os.getpid(), signal.SIGINT)  # noted
@@ -427,7 +427,14 @@ def test_deferred_interrupts_leave_no_state_behind():
         raise AssertionError("the second Ctrl-C must raise at once")
     assert _util._TERM == {"deferred": False, "pending": None}
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    raise_pending_interrupt()  # a later study starts clean
+    with deferred_interrupts():
+        pass  # a later study starts clean: nothing left to raise
+
+    with pytest.raises(KeyboardInterrupt) as info, deferred_interrupts():
+        os.kill(os.getpid(), signal.SIGINT)  # noted, then an error (a stalled worker's) ends it
+        raise ValueError("the trial was given up")
+    assert isinstance(info.value.__cause__, ValueError)  # the interrupt is not lost to it
+    assert _util._TERM == {"deferred": False, "pending": None}
 
     with deferred_interrupts(), interruptible(), deferred_interrupts():
         pass  # nested the way worker_loop nests them: each restores what it found
