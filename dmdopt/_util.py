@@ -79,9 +79,10 @@ def unwritable(path: str | Path) -> str | None:
     """Why `path` cannot be written by `atomic_file` (None if it can), checked before long
     work so that a bad output path fails first, not after the work it was meant to keep.
     Creates the missing parent folders, as `atomic_file` would, and a probe file it removes."""
-    if str(path).endswith(("/", os.sep)) or Path(path).is_dir():
-        return "it is a directory"
+    named_as_folder = str(path).endswith(("/", os.sep))  # Path() drops the trailing slash
     path = Path(path)
+    if named_as_folder or path.is_dir():
+        return "it is a directory"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".probe")

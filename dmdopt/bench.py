@@ -36,7 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
-from dmdopt._util import atomic_file, unwritable
+from dmdopt._util import atomic_file, sigterm_as_interrupt, unwritable
 
 METHODS = ("adam", "gd", "sgd_momentum")
 """Benchmark method names: Adam; SGD without momentum (GD); SGD with momentum 0.9."""
@@ -282,7 +282,8 @@ def add_arguments(parser) -> None:
 
 def run_from_args(args, error: Callable[[str], NoReturn]) -> list[dict]:
     """Run the benchmark from parsed `add_arguments` options; `error(msg)` reports bad input
-    (argparse's `parser.error`: one line, exit 2)."""
+    (argparse's `parser.error`: one line, exit 2). SIGTERM raises `KeyboardInterrupt` here,
+    like Ctrl-C, after the --jobs workers are stopped."""
     from dmdopt.training.config import DMDConfig
 
     if args.seeds < 1 or (args.steps is not None and args.steps < 1) or args.jobs < 1:
@@ -320,8 +321,9 @@ def run_from_args(args, error: Callable[[str], NoReturn]) -> list[dict]:
     if args.json is not None and (why := unwritable(args.json)) is not None:
         error(f"--json: cannot write {args.json}: {why}")  # now, not after the whole run
     t0 = time.perf_counter()
-    rows = run_benchmark(seeds=args.seeds, steps=args.steps, json_path=args.json,
-                         quick=args.quick, methods=methods, dmd=dmd, lrs=lrs, jobs=args.jobs)
+    with sigterm_as_interrupt():  # `kill`, a scheduler's stop: the --jobs workers stop too
+        rows = run_benchmark(seeds=args.seeds, steps=args.steps, json_path=args.json,
+                             quick=args.quick, methods=methods, dmd=dmd, lrs=lrs, jobs=args.jobs)
     print(f"total {time.perf_counter() - t0:.0f} s")
     return rows
 
@@ -330,14 +332,11 @@ def main(argv=None) -> None:  # pragma: no cover - thin wrapper for benchmarks/b
     import argparse
     import sys
 
-    from dmdopt._util import sigterm_as_interrupt
-
     parser = argparse.ArgumentParser(description="plain vs DMD-accelerated training")
     add_arguments(parser)
     args = parser.parse_args(argv)
     try:
-        with sigterm_as_interrupt():  # `kill`, a scheduler's stop: the --jobs workers stop too
-            run_from_args(args, parser.error)
+        run_from_args(args, parser.error)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)

@@ -280,13 +280,11 @@ def cmd_ui(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from dmdopt._util import sigterm_as_interrupt
     from dmdopt.bench import run_from_args
 
     try:
-        with sigterm_as_interrupt():  # `kill`, a scheduler's stop: the --jobs workers stop too
-            run_from_args(args, args.parser_error)
-    except KeyboardInterrupt:
+        run_from_args(args, args.parser_error)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (see run_from_args)
         print("interrupted", file=sys.stderr)
         return 130
     return 0
