@@ -49,6 +49,10 @@ def config_digest(config: StudyConfig) -> str:
     return hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+INTERRUPTED = "interrupted (Ctrl-C or SIGTERM)"
+"""The `fail_reason` of a trial stopped by the user (shown in MLflow and the trial lines)."""
+
+
 def _load_dataset(config: StudyConfig, cache_dir: str | os.PathLike, progress: bool):
     from dmdopt.problem import ProblemConfig, load_dataset
 
@@ -282,7 +286,7 @@ def worker_loop(config: StudyConfig, *, storage_url: str, n_trials: int | None,
                 values = objective(trial)
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM: say so on the trial (and in MLflow)
             with suppress(Exception):
-                trial.set_user_attr("fail_reason", "interrupted (Ctrl-C or SIGTERM)")
+                trial.set_user_attr("fail_reason", INTERRUPTED)
             raise
         except optuna.TrialPruned:  # by the cost bound: a result, so it faces the check below
             _surplus_at_end(trial)
@@ -349,8 +353,7 @@ def worker_loop(config: StudyConfig, *, storage_url: str, n_trials: int | None,
                 raise
             with suppress(Exception):
                 if not storage.get_trial(current["id"]).state.is_finished():
-                    storage.set_trial_user_attr(current["id"], "fail_reason",
-                                                "interrupted (Ctrl-C or SIGTERM)")
+                    storage.set_trial_user_attr(current["id"], "fail_reason", INTERRUPTED)
                     storage.set_trial_state_values(current["id"], TrialState.FAIL)
             raise KeyboardInterrupt from None
         ran += 1

@@ -7,6 +7,7 @@ import math
 import optuna
 import pytest
 from optuna.trial import TrialState
+from processes import alive
 from study_files import tiny_study_toml
 
 from dmdopt.search import load_study_file, run_study
@@ -298,15 +299,6 @@ def test_a_retry_ending_logs_its_dead_origin_too(tmp_path):
     assert [n for n, _, _ in logged] == [0]
 
 
-def _alive(pid: int) -> bool:
-    """A process that exists and is not a zombie (a container's init may never reap it)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 BUSY_STORAGE = "sqlite:///dmdopt-runs/optuna.db"
 
 
@@ -360,10 +352,10 @@ def test_sigterm_stops_the_workers_like_ctrl_c(study_dir, target):
     assert "interrupted" in err and "Traceback" not in err
     for pid in workers:
         for _ in range(40):
-            if not _alive(pid):
+            if not alive(pid):
                 break
             time.sleep(0.25)
-        assert not _alive(pid), f"worker {pid} still running after the launcher was stopped"
+        assert not alive(pid), f"worker {pid} still running after the launcher was stopped"
     states = [t.state for t in load_study("tiny", BUSY_STORAGE).get_trials(deepcopy=False)]
     assert TrialState.RUNNING not in states and states.count(TrialState.FAIL) >= 2
 

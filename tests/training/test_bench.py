@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from processes import alive, children
 
 from dmdopt.cli import main
 
@@ -60,24 +61,6 @@ def test_parallel_jobs_give_the_rows_of_a_sequential_run(tmp_path, monkeypatch):
 
 
 
-def _state(pid: int) -> str | None:
-    """The process's state letter and parent pid from /proc, or None when it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            fields = fh.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return fields[0], int(fields[1])
-
-
-def _children(pid: int) -> list[int]:
-    """Live (not zombie) processes whose parent is `pid`."""
-    import os
-
-    found = [(int(e), _state(int(e))) for e in os.listdir("/proc") if e.isdigit()]
-    return [child for child, st in found if st and st[1] == pid and st[0] != "Z"]
-
-
 @pytest.mark.slow
 def test_sigterm_to_a_parallel_bench_stops_its_workers(tmp_path):
     """`kill PID` of `dmdopt bench --jobs 2` used to leave both pair workers training on."""
@@ -95,18 +78,18 @@ def test_sigterm_to_a_parallel_bench_stops_its_workers(tmp_path):
         if line.startswith("DMD:"):
             break
     for _ in range(120):  # then the two pair workers start (beside multiprocessing's tracker)
-        if len(_children(proc.pid)) >= 3:
+        if len(children(proc.pid)) >= 3:
             break
         time.sleep(0.5)
-    kids = _children(proc.pid)
+    kids = children(proc.pid)
     assert len(kids) >= 3, "the workers did not start"
     time.sleep(2)  # into their training
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "Traceback" not in err, err
     for _ in range(40):
-        alive = [k for k in kids if (_state(k) or ("Z",))[0] != "Z"]
-        if not alive:
+        running = [k for k in kids if alive(k)]
+        if not running:
             break
         time.sleep(0.25)
-    assert not alive, f"bench workers {alive} still running after the launcher was stopped"
+    assert not running, f"bench workers {running} still running after the launcher was stopped"
