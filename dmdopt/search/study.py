@@ -34,7 +34,7 @@ from dmdopt.search.config import StudyConfig
 from dmdopt.search.objective import METRIC_NAMES, Objective, reference_run
 from dmdopt.search.sampler import make_sampler, nsga2_population
 from dmdopt.search.storage import open_storage
-from dmdopt.search.summary import summarize
+from dmdopt.search.summary import is_surplus, summarize
 
 log = logging.getLogger("dmdopt")
 
@@ -163,7 +163,7 @@ class _Tracking:
             self.tracker.log_missing(summary)
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        if self.tracker is None or _is_surplus(trial):
+        if self.tracker is None or is_surplus(trial):
             return
         try:
             summary = summarize(study, storage_url=self.storage_url)
@@ -206,19 +206,12 @@ def _has_result(trial: optuna.trial.FrozenTrial) -> bool:
     pruner stopped (studies made before the bound keep their old count)."""
     return trial.state == TrialState.COMPLETE or (
         trial.state == TrialState.PRUNED and "pruned_at_cost" in trial.user_attrs
-        and not _is_surplus(trial))
+        and not is_surplus(trial))
 
 
 def _count_results(study: optuna.Study) -> int:
     return sum(_has_result(t) for t in study.get_trials(
         deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
-
-
-def _is_surplus(trial: optuna.trial.FrozenTrial) -> bool:
-    """A trial pruned before training because the quota was already full: not a result.
-    (A retry copies its dead origin's user attributes, reason included: hence the state.)"""
-    return (trial.state == TrialState.PRUNED
-            and str(trial.user_attrs.get("fail_reason", "")).startswith("surplus"))
 
 
 def _echo_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial, echo=print) -> None:

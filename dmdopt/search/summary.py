@@ -9,6 +9,13 @@ from optuna.trial import TrialState
 from dmdopt._util import mask_url
 
 
+def is_surplus(trial: optuna.trial.FrozenTrial) -> bool:
+    """A trial pruned before training because the quota was already full: not a result.
+    (A retry copies its dead origin's user attributes, reason included: hence the state.)"""
+    return (trial.state == TrialState.PRUNED
+            and str(trial.user_attrs.get("fail_reason", "")).startswith("surplus"))
+
+
 def _params(trial: optuna.trial.FrozenTrial) -> dict:
     params = dict(trial.params)
     if params.pop("horizon_inf", False):
@@ -67,7 +74,8 @@ def summarize(study: optuna.Study, *, storage_url: str | None = None, policy: st
     rows = []
     for t in trials:
         rows.append({
-            "number": t.number, "state": t.state.name, "params": _params(t),
+            "number": t.number, "state": t.state.name, "surplus": is_surplus(t),
+            "params": _params(t),
             # a PRUNED trial's values are Optuna's last reported intermediate value (a val
             # error here), not the objectives: only a COMPLETE trial has objective values
             "values": list(t.values) if t.values is not None and t.state == TrialState.COMPLETE

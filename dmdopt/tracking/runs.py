@@ -195,10 +195,9 @@ def _quiet_terminate(client: MlflowClient, run_id: str, status: str, **kwargs: A
 
 
 def _loggable(trial: dict) -> bool:
-    """Finished trials, except those pruned as surplus before training (not results)."""
-    reason = str((trial.get("user_attrs") or {}).get("fail_reason", ""))
-    surplus = trial.get("state") == "PRUNED" and reason.startswith("surplus")
-    return trial.get("state") in FINISHED_STATES and not surplus
+    """Finished trials, except those pruned as surplus before training (not results; the
+    summary flags them, see CONTRACT.md)."""
+    return trial.get("state") in FINISHED_STATES and not trial.get("surplus", False)
 
 
 # ---------------------------------------------------------------- the tracker

@@ -17,7 +17,7 @@ _names = itertools.count()
 
 def _trial(number: int, state: str, window: int, rank: float, horizon: float | str,
            cost: float | None = None, err: float | None = None) -> dict:
-    trial = {"number": number, "state": state,
+    trial = {"number": number, "state": state, "surplus": False,
              "params": {"window": window, "rank": rank, "horizon": horizon},
              "values": [cost, err] if cost is not None else None, "user_attrs": {},
              "datetime_start": f"2026-01-01T10:{number:02d}:00",

@@ -100,6 +100,21 @@ def test_sync_is_idempotent(mlflow_store, make_summary, study_name):
     assert len(_runs(mlflow_store, study_name)) == n_runs
 
 
+def test_surplus_trials_get_no_run(mlflow_store, make_summary, study_name):
+    """A trial the summary flags as surplus (pruned before training, the quota full) is no
+    result: no child run, by the callback or by a sync; an ordinary PRUNED trial gets one."""
+    summary = make_summary(study_name)
+    pruned = {"number": 5, "state": "PRUNED", "params": {"window": 9, "rank": 3, "horizon": 5.0},
+              "values": None, "user_attrs": {"fail_reason": "surplus: full"},
+              "datetime_start": "2026-01-01T10:05:00", "datetime_complete": "2026-01-01T10:05:01"}
+    summary["trials"] += [dict(pruned, surplus=True),
+                          dict(pruned, number=6, surplus=False, user_attrs={"pruned_at_cost": 9.0})]
+    tracker = StudyTracker(mlflow_store, study_name)
+    assert tracker.log_trial(summary, 5) is None
+    assert tracker.sync(summary) == len(FINISHED) + 1
+    assert sorted(tracker.logged_trials()) == sorted([*FINISHED, 6])
+
+
 def test_sync_stops_at_the_first_error_and_does_not_claim_success(mlflow_store, make_summary,
                                                                   study_name, monkeypatch):
     """A server lost part-way through a backfill: each further trial would wait out its own
