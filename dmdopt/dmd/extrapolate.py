@@ -50,7 +50,7 @@ import torch
 from torch import Tensor
 
 from .operator import DMDOperator, dmd_from_gram
-from .pod import _rows_single, column_gram, combine_columns, parse_rank
+from .pod import _rows_single, column_gram, combine_columns, parse_rank, rows_gram
 
 __all__ = [
     "GROWING_POLICIES",
@@ -190,18 +190,29 @@ class DMDFit:
         return coeff if bool(torch.isfinite(coeff).all()) else None
 
     @torch.no_grad()
+    def displacement(self, horizon: int | float | str, *, tol: float = NEUTRAL_TOL,
+                     growing: str = "drop") -> Tensor | None:
+        """predict(horizon) - x_{m-1}, (p,) in the basis' precision, or None when nothing is
+        extrapolated (or it is not finite).
+
+        Why: a caller holding the state in a finer dtype than the snapshots (float32 weights,
+        bfloat16 snapshots) adds this to its own copy, so only the move is rounded, not the
+        state (predict starts from the rounded last snapshot)."""
+        coeff = self._coefficients(parse_horizon(horizon), tol, growing)
+        if coeff is None or self.basis is None:
+            return None
+        out = self.basis @ coeff.to(self.basis.device, self.basis.dtype)
+        return out if bool(torch.isfinite(out).all()) else None
+
+    @torch.no_grad()
     def predict(self, horizon: int | float | str, *, tol: float = NEUTRAL_TOL,
                 growing: str = "drop") -> Tensor:
         """The state `horizon` steps after the last snapshot, (p,), the snapshots' dtype/device."""
-        h = parse_horizon(horizon)
-        coeff = self._coefficients(h, tol, growing)
-        if coeff is None or self.basis is None:
+        move = self.displacement(horizon, tol=tol, growing=growing)
+        if move is None:
             return self.last.clone()
-        out = self.last.to(self.basis.dtype) + self.basis @ coeff.to(
-            self.basis.device, self.basis.dtype
-        )
-        out = out.to(self.last.dtype)  # checked after the cast: float16 overflows at 65504
-        if not bool(torch.isfinite(out).all()):
+        out = (self.last.to(move.dtype) + move).to(self.last.dtype)
+        if not bool(torch.isfinite(out).all()):  # after the cast: float16 overflows at 65504
             return self.last.clone()
         return out
 
@@ -241,7 +252,7 @@ def fit_dmd(snapshots: Tensor, *, rank: int | float | str) -> DMDFit:
     # the Gram and the basis (see pod._rows_single); float64 keeps the all-float64 path.
     rows32 = _rows_single(snapshots, True)
     if rows32 is not None:
-        gram = (rows32 @ rows32.T).to("cpu", torch.float64)
+        gram = rows_gram(rows32, rank, n_rows=p, n_pod=m - 2)
     else:
         gram = column_gram(snapshots, differences=True)  # (m-1) x (m-1), D = [d_0 .. d_{m-2}]
     if not bool(torch.isfinite(gram).all()):

@@ -51,6 +51,7 @@ error in 600 steps vs 0.70x the cost with 'keep').
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Callable
@@ -153,6 +154,16 @@ class DMDAccelerator:
             p.copy_(flat[offset:offset + n].view_as(p).to(p.dtype))
             offset += n
 
+    @staticmethod
+    def _moved(now: torch.Tensor, move: torch.Tensor | None) -> torch.Tensor:
+        """The weights `now` + a DMD displacement, in the weights' own dtype: with half
+        snapshots only the move is rounded, never the weights. No (or a non-finite) move:
+        the weights themselves."""
+        if move is None:
+            return now
+        flat = now + move.to(now.device, now.dtype)
+        return flat if bool(torch.isfinite(flat).all()) else now
+
     def _loss(self, closure: Callable[[], torch.Tensor]) -> float:
         t0 = time.perf_counter()
         with torch.no_grad():
@@ -215,7 +226,7 @@ class DMDAccelerator:
         current = [self._flat(g) for g in self.groups]  # exact rollback point (a copy)
         targets = None
         if math.isinf(cfg.horizon):
-            targets = [f.predict(math.inf).to(now.device, now.dtype)
+            targets = [self._moved(now, f.displacement(math.inf))
                        for f, now in zip(fits, current, strict=True)]
         self.stats["dmd_seconds"] += time.perf_counter() - t0
         base_loss = self._loss(closure)
@@ -231,8 +242,8 @@ class DMDAccelerator:
                     flat = targets[i] if factor == 1.0 else torch.lerp(now, targets[i], factor)
                     if factor != 1.0:
                         self._charge(3 * p)
-                else:  # predict() returns a finite state (else the last snapshot)
-                    flat = fit.predict(horizon, growing=self.growing).to(now.device, now.dtype)
+                else:
+                    flat = self._moved(now, fit.displacement(horizon, growing=self.growing))
                     if n_cand:  # the first predict is in dmd_flops already
                         self._charge(2 * p * r + p)
                 candidate.append(flat)
@@ -269,12 +280,13 @@ class DMDAccelerator:
 
     # -------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
+        """A copy: later steps change neither the buffers nor the stats it holds."""
         return {"buffers": [b.clone() for b in self.buffers], "filled": self.filled,
-                "steps_seen": self.steps_seen, "stats": dict(self.stats)}
+                "steps_seen": self.steps_seen, "stats": copy.deepcopy(self.stats)}
 
     def load_state_dict(self, state: dict) -> None:
         for buf, saved in zip(self.buffers, state["buffers"], strict=True):
             buf.copy_(saved)
         self.filled = state["filled"]
         self.steps_seen = state["steps_seen"]
-        self.stats = dict(state["stats"])
+        self.stats = copy.deepcopy(state["stats"])

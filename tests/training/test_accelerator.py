@@ -192,6 +192,35 @@ def test_state_dict_round_trip():
     assert other.stats == acc.stats
     acc.buffers[0].zero_()  # the saved state is a copy
     assert not torch.equal(other.buffers[0], acc.buffers[0])
+    horizons = list(state["stats"]["chosen_horizons"])
+    for _ in range(10):  # two more windows: neither the saved state nor `other` sees them
+        opt.zero_grad()
+        ((model(x) - y) ** 2).mean().backward()
+        opt.step()
+        acc.step(lambda: ((model(x) - y) ** 2).mean())
+    assert acc.stats["jumps_accepted"] + acc.stats["jumps_rejected"] == 3
+    assert state["stats"]["chosen_horizons"] == horizons == other.stats["chosen_horizons"]
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_snapshots_round_the_move_not_the_weights(dtype):
+    """With half-precision snapshots a kept jump moves the float32 weights by the DMD
+    displacement; it must not replace them by their half-precision rounding."""
+    model, x, y = _cnn_problem(8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    acc = DMDAccelerator(model, opt, DMDConfig(window=5, rank=2, horizon=5, snapshot_dtype=dtype))
+    losses = iter([1.0] + [0.5] * 100)  # base loss 1, every candidate 0.5: the first is kept
+    for _ in range(5):
+        opt.zero_grad()
+        ((model(x) - y) ** 2).mean().backward()
+        opt.step()
+        before = _params(model)
+        kept = acc.step(lambda: torch.tensor(next(losses)))
+    assert kept is True
+    half = getattr(torch, dtype)
+    for p, b in zip(model.parameters(), before, strict=True):
+        assert not torch.equal(p, p.to(half).float())  # not rounded to the snapshots' dtype
+        assert float((p.detach() - b).abs().max()) < 0.1  # moved by a DMD step, not blown away
 
 
 @pytest.mark.parametrize("policy", ["reset", "keep"])
