@@ -64,6 +64,22 @@ def test_train_on_an_absent_gpu_is_one_line(capsys):
     assert err.count("\n") == 0 and "training.device" in err and "Traceback" not in err
 
 
+def test_study_on_an_absent_gpu_is_one_line_and_creates_nothing(tmp_path, monkeypatch, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible here")
+    from study_files import tiny_study_toml
+
+    monkeypatch.chdir(tmp_path)
+    training = 'optimizer = "adam"\nlr = 0.01\nmax_steps = 60\neval_every = 10\ndevice = "cuda"'
+    (tmp_path / "s.toml").write_text(tiny_study_toml(n_trials=1, training=training))
+    db = tmp_path / "o.db"
+    assert main(["study", "run", "s.toml", "--storage", f"sqlite:///{db}", "--no-mlflow",
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "training.device" in err and "Traceback" not in err
+    assert not db.exists()
+
+
 def test_data_and_train_run(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert main(["data", "--grid", "16", "--samples", "40", "--workers", "1", "--quiet"]) == 0

@@ -41,7 +41,7 @@ def make_trial(number: int, cost: float, err: float, *, window: int = 12, rank=5
 
 @pytest.fixture
 def summary() -> dict:
-    trials = [make_trial(0, 50.0, 0.30, window=5, rank=4, horizon=50.0),
+    trials = [make_trial(0, 50.0, 0.30, window=5, rank=3, horizon=50.0),
               make_trial(1, 100.0, 0.10, window=8, rank=0.99),
               make_trial(2, 150.0, 0.05),
               make_trial(3, 400.0, 0.04, window=20, rank=0, horizon=10.0),
@@ -129,7 +129,7 @@ def test_export_refusals_leave_the_destination_alone(summary, tmp_path):
         export_tuned_config(summary, path, number=99)
     with pytest.raises(UserError, match="budget=10"):
         export_tuned_config(summary, path, policy="budget=10")
-    summary["trials"][2]["user_attrs"]["dmd"]["rank"] = 50  # > window - 1
+    summary["trials"][2]["user_attrs"]["dmd"]["rank"] = 50  # > window - 2
     with pytest.raises(UserError, match="dmd.rank"):
         export_tuned_config(summary, path)
     assert path.read_bytes() == before

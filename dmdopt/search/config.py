@@ -1,6 +1,6 @@
 """Study files: TOML data describing one study, validated on load.
 
-Every mistake (unknown key, wrong type, empty or inverted range, rank above window - 1) is a
+Every mistake (unknown key, wrong type, empty or inverted range, rank above window - 2) is a
 `UserError` naming the key and the value; nothing is created before the file validated.
 """
 
@@ -37,7 +37,7 @@ class FloatRange:
 
 @dataclass(frozen=True)
 class RankSpace:
-    """Either an integer range (capped at window - 1 per trial) or an energy-fraction range."""
+    """Either an integer range (capped at window - 2 per trial) or an energy-fraction range."""
 
     kind: str  # "int" | "energy"
     low: float
@@ -150,9 +150,10 @@ def _parse_space(table: Any, where: str) -> SearchSpace:
     if kind == "int":
         if rlo < 0:
             raise UserError(f"{where}.rank.low must be >= 0, got {rlo!r}")
-        if rlo > window.high - 1:
+        if rlo > window.high - 2:  # a window of m snapshots has m - 2 difference pairs
             raise UserError(
-                f"{where}.rank.low={rlo!r} exceeds window.high - 1 = {window.high - 1} (rank < window)"
+                f"{where}.rank.low={rlo!r} exceeds window.high - 2 = {window.high - 2} "
+                "(a window supports at most window - 2 DMD modes)"
             )
     elif not (0 < rlo <= rhi <= 1):
         raise UserError(f"{where}.rank: an energy range must lie in (0, 1], got [{rlo!r}, {rhi!r}]")

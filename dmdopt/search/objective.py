@@ -39,7 +39,8 @@ def curve_summary(result: TrainResult) -> list[list[float]]:
 
 
 def suggest_dmd(trial: optuna.Trial, config: StudyConfig) -> DMDConfig:
-    """Sample window, rank, horizon (and optional knobs); rank is clipped to window - 1.
+    """Sample window, rank, horizon (and optional knobs); rank is clipped to window - 2
+    (the DMD modes a window of snapshots supports).
 
     The rank range is static (samplers model it independently of window); the rank actually
     used is recorded as the user attribute `rank_effective` and in `dmd`.
@@ -48,7 +49,7 @@ def suggest_dmd(trial: optuna.Trial, config: StudyConfig) -> DMDConfig:
     window = trial.suggest_int("window", space.window.low, space.window.high, log=space.window.log)
     if space.rank.kind == "int":
         rank: int | float = trial.suggest_int("rank", int(space.rank.low), int(space.rank.high))
-        rank = min(rank, window - 1)
+        rank = min(rank, window - 2)
     else:
         rank = trial.suggest_float("rank", space.rank.low, space.rank.high)
     horizon: float = trial.suggest_float("horizon", space.horizon.low, space.horizon.high, log=True)

@@ -35,6 +35,7 @@ from dmdopt.search.objective import METRIC_NAMES, Objective, reference_run
 from dmdopt.search.sampler import make_sampler, nsga2_population
 from dmdopt.search.storage import open_storage
 from dmdopt.search.summary import is_surplus, summarize
+from dmdopt.training.loop import resolve_device
 
 log = logging.getLogger("dmdopt")
 
@@ -405,6 +406,10 @@ def run_study(config: StudyConfig, *, n_trials: int | None = None, storage: str 
         workers = max(1, gpus)
     if not isinstance(workers, int) or workers < 1:
         raise UserError(f"--workers must be a positive integer or 'auto', got {workers!r}")
+    try:  # a GPU study on a machine without one: this machine's mistake, before any storage
+        resolve_device(config.training.device)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study, _ = prepare_study(config, storage_url=storage_url, cache_dir=cache_dir,
                              progress=progress, echo=echo, n_trials=n_trials)

@@ -7,6 +7,7 @@ written (a TOML file, a tuned config, a trial) with the field's name in the mess
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -67,17 +68,15 @@ class TrainConfig:
         if not _is_int(self.max_steps) or self.max_steps < 1:
             raise ValueError(f"training.max_steps must be a positive integer, got {self.max_steps!r}")
         if self.target_error is not None and (
-            not _is_number(self.target_error) or not self.target_error > 0
+            not _is_number(self.target_error) or not 0 < self.target_error < math.inf
         ):
-            raise ValueError(f"training.target_error must be > 0, got {self.target_error!r}")
+            raise ValueError(f"training.target_error must be a finite number > 0, got {self.target_error!r}")
         if not _is_int(self.eval_every) or self.eval_every < 1:
             raise ValueError(f"training.eval_every must be a positive integer, got {self.eval_every!r}")
-        if not _is_int(self.seed):
-            raise ValueError(f"training.seed must be an integer, got {self.seed!r}")
-        if not isinstance(self.device, str) or not (
-            self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")
-        ):
-            raise ValueError(f"training.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if not _is_int(self.seed) or not 0 <= self.seed < 2**63:  # torch and numpy both take it
+            raise ValueError(f"training.seed must be an integer in [0, 2**63), got {self.seed!r}")
+        if not isinstance(self.device, str) or not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
+            raise ValueError(f"training.device must be auto, cpu, mps, cuda or cuda:N, got {self.device!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -136,9 +135,10 @@ class DMDConfig:
         if _is_int(rank):
             if rank < 0:
                 raise ValueError(f"dmd.rank must be >= 0, got {rank!r}")
-            if rank > self.window - 1:
+            if rank > self.window - 2:  # m snapshots: m - 1 differences, m - 2 DMD pairs
                 raise ValueError(
-                    f"dmd.rank must be at most window - 1 = {self.window - 1}, got {rank!r}"
+                    f"dmd.rank must be at most window - 2 = {self.window - 2} (the DMD modes a "
+                    f"window supports), got {rank!r}"
                 )
         elif _is_number(rank):
             if not 0 < rank <= 1:
@@ -147,8 +147,9 @@ class DMDConfig:
             raise ValueError(f"dmd.rank must be an integer or a fraction in (0, 1], got {rank!r}")
         object.__setattr__(self, "horizon", parse_horizon(self.horizon))
         factors = tuple(self.line_search)
-        if any(not _is_number(f) or not f > 0 for f in factors):
-            raise ValueError(f"dmd.line_search factors must be positive numbers, got {self.line_search!r}")
+        if any(not _is_number(f) or not 0 < f < math.inf for f in factors):
+            raise ValueError(
+                f"dmd.line_search factors must be finite positive numbers, got {self.line_search!r}")
         object.__setattr__(self, "line_search", tuple(float(f) for f in factors))
         if self.grouping not in GROUPINGS:
             raise ValueError(f"dmd.grouping must be one of {GROUPINGS}, got {self.grouping!r}")

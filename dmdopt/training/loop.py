@@ -75,6 +75,8 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"training.device is {name!r} but no CUDA device is visible")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("training.device is 'mps' but this torch has no usable MPS device")
     device = torch.device(name)
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise ValueError(f"training.device is {name!r} but only {torch.cuda.device_count()} "
@@ -168,7 +170,9 @@ def train(
                              "first_loss": None, "stopped_by": None}
     ckpt = Path(checkpoint_path) if checkpoint_path else None
     if ckpt is not None and ckpt.exists():
-        saved = torch.load(ckpt, map_location=device, weights_only=False)
+        # onto the CPU: the RNG states must stay there (a CUDA run's resume failed otherwise);
+        # the loads below copy weights, moments and snapshots onto the training device
+        saved = torch.load(ckpt, map_location="cpu", weights_only=False)
         net.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         if accelerator is not None and saved.get("accelerator") is not None:
@@ -179,6 +183,16 @@ def train(
         if accelerator is not None:
             accelerator.cost = cost
         state = saved["state"]
+        # A run cut by its budget off the evaluation schedule (max_steps not a multiple of
+        # eval_every) ended with a point an uninterrupted longer run never records, and may
+        # have met its target there. Extending it drops that point, so the curve and the stop
+        # are those of the uninterrupted run.
+        last = state["curve"][-1] if state["curve"] else None
+        if (last is not None and state["step"] < config.max_steps
+                and last["step"] == state["step"] and state["step"] % config.eval_every):
+            state["curve"].pop()
+            if state.get("stopped_by") == "target":
+                state["stopped_by"] = None
 
     def save_checkpoint() -> None:
         with atomic_file(ckpt, "wb") as fh:  # a kill mid-save leaves the previous checkpoint

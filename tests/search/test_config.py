@@ -38,7 +38,7 @@ BAD = [
     ("wrong type", tiny_study_toml().replace("n_trials = 3", 'n_trials = "three"'), "n_trials"),
     ("inverted range", tiny_study_toml().replace("low = 5\nhigh = 12", "low = 12\nhigh = 5"), "inverted"),
     ("empty horizon (non-positive)", tiny_study_toml().replace("low = 5.0", "low = 0.0"), "horizon.low"),
-    ("rank above window-1", tiny_study_toml().replace("low = 1\nhigh = 6", "low = 20\nhigh = 30"), "rank"),
+    ("rank above window-2", tiny_study_toml().replace("low = 1\nhigh = 6", "low = 20\nhigh = 30"), "rank"),
     ("unknown sampler", tiny_study_toml().replace('sampler = "random"', 'sampler = "grid"'), "sampler"),
     ("bad training value", tiny_study_toml(training="lr = -1.0"), "training.lr"),
     ("unknown training key", tiny_study_toml(training="learning_rate = 0.1"), "learning_rate"),
@@ -86,4 +86,4 @@ def test_searched_growing_policy_reaches_the_dmd_config(tmp_path):
     trial = optuna.trial.FixedTrial({"window": 6, "rank": 6, "horizon": 10.0,
                                      "horizon_inf": False, "growing": "drift"})
     dmd = suggest_dmd(trial, config)
-    assert (dmd.growing, dmd.window, dmd.rank) == ("drift", 6, 5)  # rank clipped to window - 1
+    assert (dmd.growing, dmd.window, dmd.rank) == ("drift", 6, 4)  # rank clipped to window - 2

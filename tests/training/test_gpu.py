@@ -44,3 +44,19 @@ def test_accelerator_keeps_snapshots_on_the_device():
         acc.step(lambda: ((model(x) - y) ** 2).mean())
     assert acc.stats["jumps_accepted"] + acc.stats["jumps_rejected"] == 4
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_checkpoint_resumes_on_cuda(tiny_dataset, tmp_path):
+    """A CUDA run resumes from its checkpoint (the RNG states are loaded onto the CPU, where
+    torch requires them) and ends where the uninterrupted run ends."""
+    dmd = DMDConfig(window=5, rank=3, horizon=20)
+    cfg = dict(optimizer="adam", lr=0.01, eval_every=10, batch_size=16, device="cuda")
+    straight = train(dataset=tiny_dataset, model=SMALL, training=TrainConfig(max_steps=40, **cfg), dmd=dmd)
+    ckpt = tmp_path / "run.pt"
+    train(dataset=tiny_dataset, model=SMALL, training=TrainConfig(max_steps=20, **cfg), dmd=dmd,
+          checkpoint_path=ckpt, checkpoint_every=10)
+    resumed = train(dataset=tiny_dataset, model=SMALL, training=TrainConfig(max_steps=40, **cfg),
+                    dmd=dmd, checkpoint_path=ckpt, checkpoint_every=10)
+    assert resumed.device.startswith("cuda")
+    assert [p["step"] for p in resumed.curve] == [p["step"] for p in straight.curve]
+    assert resumed.val_error == pytest.approx(straight.val_error, rel=1e-3)

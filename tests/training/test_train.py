@@ -78,6 +78,30 @@ def test_minibatch_and_target_error_stop(tiny_dataset):
     assert result.curve[-1]["val_error"] <= 0.9
 
 
+def test_extending_a_run_cut_off_schedule_matches_the_uninterrupted_run(tiny_dataset, tmp_path):
+    """A 25-step run (eval_every 10) ends with a point at 25, and a target met there; resumed
+    to 40 steps, it must go on as the uninterrupted run does, which evaluates at 30 only."""
+    base = dict(max_steps=40, eval_every=10, lr=3e-3, seed=1)
+    dmd = DMDConfig(window=5, rank=3, horizon=20.0)
+    probe = train(dataset=tiny_dataset, model=SMALL, training=TrainConfig(**base), dmd=dmd)
+    short = train(dataset=tiny_dataset, model=SMALL,
+                  training=TrainConfig(**base | {"max_steps": 25}), dmd=dmd)
+    v20 = next(p["val_error"] for p in probe.curve if p["step"] == 20)
+    assert short.curve[-1]["step"] == 25 and short.val_error < v20  # else the case is not built
+    target = (v20 + short.val_error) / 2
+    straight = train(dataset=tiny_dataset, model=SMALL,
+                     training=TrainConfig(**base, target_error=target), dmd=dmd)
+    ckpt = tmp_path / "run.pt"
+    cut = train(dataset=tiny_dataset, model=SMALL, dmd=dmd, checkpoint_path=ckpt, checkpoint_every=10,
+                training=TrainConfig(**base | {"max_steps": 25}, target_error=target))
+    assert cut.curve[-1]["step"] == 25
+    resumed = train(dataset=tiny_dataset, model=SMALL, dmd=dmd, checkpoint_path=ckpt,
+                    checkpoint_every=10, training=TrainConfig(**base, target_error=target))
+    assert [p["step"] for p in resumed.curve] == [p["step"] for p in straight.curve]
+    assert resumed.stopped_by == straight.stopped_by
+    assert resumed.metrics == straight.metrics
+
+
 def test_divergence_raises(tiny_dataset):
     from dmdopt.training import Diverged
 
@@ -87,17 +111,21 @@ def test_divergence_raises(tiny_dataset):
 
 
 @pytest.mark.parametrize(("field", "value"), [("lr", -1.0), ("optimizer", "lbfgs"), ("max_steps", 0),
-                                              ("batch_size", 0), ("momentum", 1.5), ("device", "tpu")])
+                                              ("batch_size", 0), ("momentum", 1.5), ("device", "tpu"),
+                                              ("device", "cuda:x"), ("device", "cuda: 0"),
+                                              ("device", "cuda:-1"), ("seed", 2**64), ("seed", -1),
+                                              ("target_error", math.inf)])
 def test_train_config_rejects_bad_values(field, value):
     with pytest.raises(ValueError, match=field):
         TrainConfig(**{field: value})
 
 
-@pytest.mark.parametrize(("kwargs", "needle"), [({"window": 2}, "window"), ({"window": 5, "rank": 5}, "rank"),
+@pytest.mark.parametrize(("kwargs", "needle"), [({"window": 2}, "window"), ({"window": 5, "rank": 4}, "rank"),
                                                 ({"rank": -1}, "rank"), ({"rank": 1.5}, "rank"),
                                                 ({"horizon": 0}, "horizon"), ({"horizon": "soon"}, "horizon"),
                                                 ({"grouping": "row"}, "grouping"),
-                                                ({"growing": "grow"}, "growing")])
+                                                ({"growing": "grow"}, "growing"),
+                                                ({"line_search": (1.0, math.inf)}, "line_search")])
 def test_dmd_config_rejects_bad_values(kwargs, needle):
     with pytest.raises(ValueError, match=needle):
         DMDConfig(**kwargs)
