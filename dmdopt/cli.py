@@ -97,7 +97,11 @@ def cmd_train(args) -> int:
         out = run_production(args.config, steps=args.steps, device=args.device,
                              checkpoint_dir=args.checkpoint_dir, tracking_uri=args.tracking_uri,
                              progress=not args.quiet, log_mlflow=not args.no_mlflow)
-        _print_metrics(out)
+        error = out.pop("mlflow_error", None)
+        _print_metrics(out)  # the results first, whatever happens to the logging
+        if error is not None:
+            print(f"dmdopt: error: {error}", file=sys.stderr)
+            return 1
         return 0
     from dmdopt.model import ModelConfig
     from dmdopt.problem import ProblemConfig, load_dataset

@@ -120,7 +120,11 @@ def run_production(
     log_mlflow: bool = True,
 ) -> dict:
     """Train the tuned config; resume from its checkpoint if one exists. Returns metrics,
-    cost, the comparison with the trial, the checkpoint path and the MLflow run id."""
+    cost, the comparison with the trial, the checkpoint path and the MLflow run id.
+
+    With `log_mlflow`, an unusable store is a `UserError` before any training; if logging
+    fails after the training anyway, the result says why under "mlflow_error" (run_id None)
+    instead of raising, so the finished run's figures are not lost."""
     from dmdopt.export import load_tuned_config
     from dmdopt.problem import load_dataset
     from dmdopt.training.loop import resolve_device, train
@@ -157,6 +161,8 @@ def run_production(
     if start and progress:
         print(f"resuming from {ckpt} at step {start}", file=sys.stderr)
 
+    if log_mlflow:  # a bad URI or a dead server is found now, not after the training
+        _check_tracking(tracking_uri)
     dataset = load_dataset(tuned.problem, cache_dir=cache_dir or DEFAULT_DATA_DIR, progress=progress)
     result = train(dataset=dataset, model=tuned.model, training=training, dmd=tuned.dmd,
                    progress=progress, checkpoint_path=ckpt, checkpoint_every=every)
@@ -187,7 +193,30 @@ def run_production(
                 tuned.expected.get("device", "an unknown device"), result.device)
     summary["run_id"] = None
     if log_mlflow:
-        summary["run_id"] = _log_run(tracking_uri=tracking_uri, experiment=experiment, tuned=tuned,
-                                     training=training, result=result, config_path=config_path,
-                                     key=key, summary=summary)
+        try:
+            summary["run_id"] = _log_run(tracking_uri=tracking_uri, experiment=experiment,
+                                         tuned=tuned, training=training, result=result,
+                                         config_path=config_path, key=key, summary=summary)
+        except Exception as exc:  # noqa: BLE001 - the trained model is safe in its checkpoint
+            summary["mlflow_error"] = (
+                f"training finished, but logging it to MLflow failed ({_short(exc)}); the model "
+                f"is in {ckpt}: re-run the same command to log it (it resumes there, no training)")
     return summary
+
+
+def _short(exc: BaseException) -> str:
+    """One line of an exception: its type and the start of its message."""
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+
+
+def _check_tracking(tracking_uri: str | None) -> None:
+    from dmdopt._util import mask_url
+    from dmdopt.tracking.models import check_store
+    from dmdopt.tracking.runs import resolve_tracking_uri
+
+    try:
+        check_store(tracking_uri)
+    except Exception as exc:  # noqa: BLE001 - any failure means the store is unusable
+        raise UserError(f"MLflow tracking at {mask_url(resolve_tracking_uri(tracking_uri))} "
+                        f"cannot be used ({_short(exc)}); fix --tracking-uri or pass "
+                        "--no-mlflow") from None

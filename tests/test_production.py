@@ -156,6 +156,49 @@ def test_bad_arguments_and_checkpoints_are_user_errors(tmp_path, cache_dir, unin
         produce(config, out_dir, cache_dir)
 
 
+def test_an_unusable_tracking_store_fails_before_training(tmp_path, cache_dir, uninterrupted):
+    pytest.importorskip("dmdopt.tracking.models")
+    config = write_config(tmp_path / "tuned.toml", uninterrupted)
+    blocker = tmp_path / "afile"
+    blocker.write_text("")
+    started = time.monotonic()
+    for uri in (f"sqlite:///{blocker}/x.db", "http://127.0.0.1:9"):
+        with pytest.raises(UserError, match="cannot be used.*--no-mlflow"):
+            run_production(config, checkpoint_dir=tmp_path / "ck", cache_dir=cache_dir,
+                           progress=False, tracking_uri=uri)
+    assert time.monotonic() - started < 60  # no minutes of HTTP retries
+    assert not list((tmp_path / "ck").glob("*.pt"))  # nothing trained
+
+
+def test_a_logging_failure_after_training_keeps_the_figures(tmp_path, cache_dir, uninterrupted,
+                                                            monkeypatch, capsys):
+    """The store dies between the check and the end of training: the metrics are printed,
+    then one error line (exit 1); a re-run logs the finished run without training again."""
+    pytest.importorskip("dmdopt.tracking.models")
+    import dmdopt.production
+    from dmdopt.cli import main
+
+    config = write_config(tmp_path / "tuned.toml", uninterrupted)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    real = dmdopt.production._log_run
+
+    def dying(**kwargs):
+        raise ConnectionError("server gone")
+
+    monkeypatch.setattr(dmdopt.production, "_log_run", dying)
+    argv = ["train", "--config", str(config), "--checkpoint-dir", str(tmp_path / "ck"),
+            "--tracking-uri", uri, "--quiet"]
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 1
+    out, err = capsys.readouterr()
+    assert "val_rel_l2" in out and "Traceback" not in err
+    assert err.strip().count("\n") == 0 and "server gone" in err and "re-run" in err
+    monkeypatch.setattr(dmdopt.production, "_log_run", real)
+    assert main(argv) == 0
+    out, _ = capsys.readouterr()
+    assert "resumed_from_step: 40" in out and "run_id: None" not in out
+
+
 @pytest.mark.slow
 def test_mlflow_run_carries_the_source_study_and_trial(tmp_path, cache_dir, uninterrupted):
     pytest.importorskip("dmdopt.tracking.models")

@@ -22,6 +22,7 @@ from mlflow.types.schema import Schema, TensorSpec
 from torch import nn
 
 from dmdopt.tracking.runs import (
+    fail_fast,
     flatten,
     get_or_create_experiment,
     log_batch,
@@ -77,6 +78,15 @@ def _signature(model: nn.Module) -> ModelSignature | None:
                           outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, y_mean.numel()))]))
 
 
+def check_store(tracking_uri: str | None) -> None:
+    """Raise if the tracking store cannot be used (a bad URI, an unreachable server), so that a
+    production run finds out before it trains, not after."""
+    uri = resolve_tracking_uri(tracking_uri)
+    fail_fast(uri)
+    prepare_local_store(uri)
+    MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+
+
 def log_model_run(*, tracking_uri: str | None, experiment: str, run_name: str, model: nn.Module,
                   params: dict | None = None, metrics: dict[str, float] | None = None,
                   tags: dict[str, str] | None = None) -> str:
@@ -84,6 +94,7 @@ def log_model_run(*, tracking_uri: str | None, experiment: str, run_name: str, m
     from mlflow.entities import Metric
 
     uri = resolve_tracking_uri(tracking_uri)
+    fail_fast(uri)
     prepare_local_store(uri)
     client = MlflowClient(tracking_uri=uri)
     run = client.create_run(get_or_create_experiment(client, experiment, uri),

@@ -70,6 +70,14 @@ def local_artifact_root(uri: str) -> Path | None:
     return (Path(db).parent / "mlartifacts").resolve()
 
 
+def fail_fast(uri: str) -> None:
+    """For an HTTP tracking server: no retries and a 5 s timeout (unless the user set them), so
+    a dead server costs seconds, not MLflow's default minutes of back-off."""
+    if uri.startswith(("http://", "https://")):
+        for key, value in _HTTP_DEFAULTS.items():
+            os.environ.setdefault(key, value)
+
+
 def prepare_local_store(uri: str) -> None:
     """Create the folder of a sqlite database: sqlite won't create missing directories."""
     if uri.startswith("sqlite:///") and uri[len("sqlite:///"):] not in ("", ":memory:"):
@@ -211,9 +219,7 @@ class StudyTracker:
         self._experiment_id: str | None = None
         self._parent_id: str | None = None
         self._warned = False
-        if self.tracking_uri.startswith(("http://", "https://")):
-            for key, value in _HTTP_DEFAULTS.items():  # a dead server costs seconds, not minutes
-                os.environ.setdefault(key, value)
+        fail_fast(self.tracking_uri)
 
     # -- plumbing
     def _report(self, what: str, exc: BaseException) -> None:
