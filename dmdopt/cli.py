@@ -90,15 +90,38 @@ def cmd_data(args) -> int:
     return 0
 
 
+_PLAIN_TRAIN_FLAGS = ("optimizer", "lr", "momentum", "batch_size", "eval_every", "seed", "width",
+                      "depth", "activation", "grid", "samples", "dmd_window", "dmd_rank",
+                      "dmd_horizon")
+_CONFIG_TRAIN_FLAGS = ("checkpoint_dir", "tracking_uri")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def cmd_train(args) -> int:
+    given = [n for n in _PLAIN_TRAIN_FLAGS if getattr(args, n) is not None]
+    if args.config and given:
+        raise UserError(f"train: {_flag(given[0])} does not apply with --config (the tuned config "
+                        "fixes it; only --steps and --device override it)")
+    unused = [n for n in _CONFIG_TRAIN_FLAGS if getattr(args, n) is not None]
+    if not args.config and unused:  # (--no-mlflow is harmless there: a plain run logs nothing)
+        raise UserError(f"train: {_flag(unused[0])} applies only with --config (a plain run "
+                        "keeps no checkpoint and logs nothing)")
     if args.config:
-        from dmdopt.production import run_production
+        from dmdopt.production import DEFAULT_CHECKPOINT_DIR, run_production
 
         out = run_production(args.config, steps=args.steps, device=args.device,
-                             checkpoint_dir=args.checkpoint_dir, tracking_uri=args.tracking_uri,
+                             checkpoint_dir=args.checkpoint_dir or DEFAULT_CHECKPOINT_DIR,
+                             tracking_uri=args.tracking_uri, cache_dir=args.cache_dir,
                              progress=not args.quiet, log_mlflow=not args.no_mlflow)
         error = out.pop("mlflow_error", None)
         _print_metrics(out)  # the results first, whatever happens to the logging
+        if out["stopped_by"] == "target":  # e.g. a config exported from a cost_to_target study
+            print(f"note: the run stopped at step {out['steps']}, where it reached "
+                  f"training.target_error; delete that key from {args.config} to train the "
+                  "whole budget (--steps alone does not)", file=sys.stderr)
         if error is not None:
             print(f"dmdopt: error: {error}", file=sys.stderr)
             return 1
@@ -111,16 +134,17 @@ def cmd_train(args) -> int:
     try:
         problem = ProblemConfig(**({"grid": args.grid} if args.grid else {}),
                                 **({"n_samples": args.samples} if args.samples else {}))
-        training = TrainConfig(optimizer=args.optimizer, lr=args.lr, momentum=args.momentum,
-                               batch_size=args.batch_size, max_steps=args.steps or 2000,
-                               seed=args.seed, device=args.device or "auto",
-                               eval_every=args.eval_every)
-        model = ModelConfig(width=args.width, depth=args.depth, activation=args.activation)
+        chosen = lambda *names: {n: getattr(args, n) for n in names if getattr(args, n) is not None}  # noqa: E731
+        training = TrainConfig(**chosen("optimizer", "lr", "momentum", "batch_size", "seed",
+                                        "eval_every"),
+                               max_steps=args.steps or TrainConfig().max_steps,
+                               device=args.device or "auto")
+        model = ModelConfig(**chosen("width", "depth", "activation"))
         dmd = None
-        if args.dmd_window or args.dmd_rank is not None or args.dmd_horizon:
-            dmd = DMDConfig(window=args.dmd_window or 20,
+        if any(getattr(args, n) is not None for n in ("dmd_window", "dmd_rank", "dmd_horizon")):
+            dmd = DMDConfig(window=args.dmd_window if args.dmd_window is not None else 20,
                             rank=_number(args.dmd_rank) if args.dmd_rank is not None else 8,
-                            horizon=args.dmd_horizon or 100.0)
+                            horizon=args.dmd_horizon if args.dmd_horizon is not None else 100.0)
         resolve_device(training.device)  # an absent GPU is the user's mistake: one line, exit 2
     except ValueError as exc:
         raise UserError(str(exc)) from None
@@ -314,23 +338,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="a tuned config written by `dmdopt export`")
     p.add_argument("--steps", type=_positive_int, help="backprop-step budget")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--momentum", type=float, default=0.0)
-    p.add_argument("--batch-size", type=_positive_int)
-    p.add_argument("--eval-every", type=_positive_int, default=50)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--width", type=_positive_int, default=128)
-    p.add_argument("--depth", type=_positive_int, default=3)
-    p.add_argument("--activation", default="tanh")
+    # plain-run flags default to None (TrainConfig's / ModelConfig's defaults apply), so that
+    # `--config` can tell that one was given and refuse it instead of ignoring it
+    p.add_argument("--optimizer", choices=["adam", "sgd"], help="default adam")
+    p.add_argument("--lr", type=float, help="default 1e-3")
+    p.add_argument("--momentum", type=float, help="default 0")
+    p.add_argument("--batch-size", type=_positive_int, help="default: full batch")
+    p.add_argument("--eval-every", type=_positive_int, help="default 50")
+    p.add_argument("--seed", type=int, help="default 0")
+    p.add_argument("--width", type=_positive_int, help="default 128")
+    p.add_argument("--depth", type=_positive_int, help="default 3")
+    p.add_argument("--activation", help="default tanh")
     p.add_argument("--grid", type=_positive_int)
     p.add_argument("--samples", type=_positive_int)
     p.add_argument("--dmd-window", type=_positive_int)
     p.add_argument("--dmd-rank")
     p.add_argument("--dmd-horizon", type=float)
-    p.add_argument("--checkpoint-dir", default="dmdopt-runs/checkpoints")
-    p.add_argument("--tracking-uri")
-    p.add_argument("--no-mlflow", action="store_true")
+    p.add_argument("--checkpoint-dir", help="--config only (default dmdopt-runs/checkpoints)")
+    p.add_argument("--tracking-uri", help="--config only")
+    p.add_argument("--no-mlflow", action="store_true", help="--config only")
     p.add_argument("--cache-dir", default=DEFAULT_CACHE)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_train)

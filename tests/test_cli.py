@@ -38,6 +38,21 @@ def test_bad_arguments_one_line_exit_2(argv, capsys):
     assert err.count("\n") == 0 and err.startswith("dmdopt")
 
 
+@pytest.mark.parametrize(("argv", "needle"), [
+    (["train", "--config", "tuned.toml", "--lr", "5"], "--lr does not apply with --config"),
+    (["train", "--config", "tuned.toml", "--dmd-window", "5"], "--dmd-window does not apply"),
+    (["train", "--steps", "3", "--tracking-uri", "sqlite:///x.db"], "--tracking-uri applies only"),
+    (["train", "--steps", "3", "--checkpoint-dir", "ck"], "--checkpoint-dir applies only"),
+    (["train", "--steps", "3", "--dmd-horizon", "0"], "dmd.horizon"),  # was: DMD silently off
+])
+def test_train_flags_that_do_not_apply_are_refused(argv, needle, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and err.count("\n") == 0
+    assert not list(tmp_path.iterdir())  # refused before any data, checkpoint or store
+
+
 def test_unknown_study_is_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert main(["study", "status", "nosuch"]) == 2
