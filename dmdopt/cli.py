@@ -110,12 +110,14 @@ def cmd_train(args) -> int:
         raise UserError(f"train: {_flag(unused[0])} applies only with --config (a plain run "
                         "keeps no checkpoint and logs nothing)")
     if args.config:
+        from dmdopt._util import sigterm_as_interrupt
         from dmdopt.production import DEFAULT_CHECKPOINT_DIR, run_production
 
-        out = run_production(args.config, steps=args.steps, device=args.device,
-                             checkpoint_dir=args.checkpoint_dir or DEFAULT_CHECKPOINT_DIR,
-                             tracking_uri=args.tracking_uri, cache_dir=args.cache_dir,
-                             progress=not args.quiet, log_mlflow=not args.no_mlflow)
+        with sigterm_as_interrupt():  # a scheduler's stop is a Ctrl-C: "interrupted", exit 130
+            out = run_production(args.config, steps=args.steps, device=args.device,
+                                 checkpoint_dir=args.checkpoint_dir or DEFAULT_CHECKPOINT_DIR,
+                                 tracking_uri=args.tracking_uri, cache_dir=args.cache_dir,
+                                 progress=not args.quiet, log_mlflow=not args.no_mlflow)
         error = out.pop("mlflow_error", None)
         _print_metrics(out)  # the results first, whatever happens to the logging
         if out["stopped_by"] == "target":  # e.g. a config exported from a cost_to_target study
@@ -239,11 +241,17 @@ def cmd_study_pareto(args) -> int:
     if args.csv:
         import csv
 
-        writer = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]))
+        from dmdopt.pareto import CSV_COLUMNS
+
+        writer = csv.DictWriter(sys.stdout, fieldnames=list(CSV_COLUMNS))  # a header even if empty
         writer.writeheader()
         writer.writerows(rows)
         return 0
-    print(f"Pareto front of {name}: {len(rows) - 1} point(s); objectives "
+    points = sum(not r["is_reference"] for r in rows)
+    if summary.get("reference") is None:
+        print(f"study {name} has no reference run yet (its first launcher trains it), so no front",
+              file=sys.stderr)
+    print(f"Pareto front of {name}: {points} point(s); objectives "
           f"{' / '.join(summary['metric_names'])} (cost = bpe to reach the reference's error)")
     print(f"{'trial':>9} {'cost_bpe':>10} {'val_rel_l2':>11} {'speedup':>8} {'fp x':>6} {'window':>7} "
           f"{'rank':>6} {'horizon':>9}")
@@ -261,8 +269,9 @@ def cmd_study_sync(args) -> int:
 
     name, _, summary = _summary(args)
     added = StudyTracker(args.tracking_uri, name).sync(summary)
-    if added is None:
-        raise UserError("sync-mlflow: the MLflow tracking server is unreachable")
+    if added is None:  # the reason was warned (once) by the tracker
+        raise UserError("sync-mlflow: the MLflow tracking store cannot be used (see the warning "
+                        "above); nothing was synced")
     print(f"sync-mlflow: {added} trial run(s) added under the parent of study {name}")
     return 0
 
@@ -275,7 +284,8 @@ def cmd_export(args) -> int:
     _, _, summary = _summary(args, policy=policy, value=value)
     tuned = export_tuned_config(summary, args.output, policy=policy, value=value, number=args.trial)
     exp = tuned.expected
-    print(f"exported trial {tuned.provenance['trial_number']} ({policy}) to {args.output}: "
+    print(f"exported trial {tuned.provenance['trial_number']} "
+          f"({tuned.provenance.get('policy', policy)}) to {args.output}: "
           f"window {tuned.dmd.window} rank {tuned.dmd.rank} horizon {tuned.dmd.horizon:g}; "
           f"expected val error {exp.get('val_rel_l2', math.nan):.4f}, speed-up {exp.get('speedup', math.nan):.2f}x")
     return 0

@@ -53,6 +53,21 @@ def test_train_flags_that_do_not_apply_are_refused(argv, needle, tmp_path, monke
     assert not list(tmp_path.iterdir())  # refused before any data, checkpoint or store
 
 
+def test_pareto_of_a_study_without_reference_or_trials(tmp_path, monkeypatch, capsys):
+    import optuna
+
+    monkeypatch.chdir(tmp_path)
+    storage = f"sqlite:///{tmp_path / 'o.db'}"
+    optuna.create_study(study_name="bare", storage=storage, directions=["minimize", "minimize"])
+    assert main(["study", "pareto", "bare", "--storage", storage, "--csv"]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() == "trial,cost_bpe,val_rel_l2,speedup,speedup_first_passage,window,rank," \
+                          "horizon,is_reference,is_recommended"
+    assert main(["study", "pareto", "bare", "--storage", storage]) == 0
+    out, err = capsys.readouterr()
+    assert "0 point(s)" in out and "no reference run yet" in err
+
+
 def test_unknown_study_is_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert main(["study", "status", "nosuch"]) == 2

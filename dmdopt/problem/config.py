@@ -108,6 +108,20 @@ class ProblemConfig:
                 f"problem.val_fraction + problem.test_fraction must be < 1, got "
                 f"{self.val_fraction!r} + {self.test_fraction!r}"
             )
+        # training fits on train, the learning curve needs val and the metrics test: none may
+        # be empty (the split sizes are those of `sampling.split_indices`)
+        n_test = round(self.n_samples * self.test_fraction)
+        n_val = round(self.n_samples * self.val_fraction)
+        sizes = {"val": (n_val, "val_fraction"), "test": (n_test, "test_fraction"),
+                 "train": (self.n_samples - n_val - n_test, None)}
+        for split, (size, fraction) in sizes.items():
+            if size < 1:
+                how = (f"round({self.n_samples} x {getattr(self, fraction)!r}) = 0 samples"
+                       if fraction else "no samples left")
+                raise ValueError(
+                    f"problem.n_samples = {self.n_samples} leaves the {split} split empty "
+                    f"({how}); raise problem.n_samples"
+                    + (f" or problem.{fraction}" if fraction else ""))
 
     def ranges(self) -> dict[str, tuple[float, float]]:
         """Parameter ranges keyed by name, in :data:`PARAM_NAMES` order."""

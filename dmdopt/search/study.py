@@ -94,18 +94,31 @@ def prepare_study(config: StudyConfig, *, storage_url: str, cache_dir="dmdopt-ru
             f"study {config.name!r} already exists in {mask_url(storage_url)} with a different "
             "configuration; give this one another [study] name or use another storage"
         )
-    dataset = _load_dataset(config, cache_dir, progress)
+
+    def drop_empty_study() -> None:
+        """No reference, no study: delete the empty one so that a corrected file runs under the
+        same name instead of meeting "a different configuration" (another machine may have
+        deleted it first, or started trials: then leave it)."""
+        with suppress(Exception):
+            if study.user_attrs.get("reference") is None and not study.get_trials(deepcopy=False):
+                optuna.delete_study(study_name=config.name, storage=storage)
+
+    try:
+        dataset = _load_dataset(config, cache_dir, progress)
+    except BaseException:  # a crash, an interrupt: nothing was finished, nothing is lost
+        drop_empty_study()
+        raise
     if study.user_attrs.get("reference") is None:
         echo(f"reference: plain {config.training.optimizer} for {config.training.max_steps} steps ...")
-        reference = reference_run(config, dataset)
+        try:
+            reference = reference_run(config, dataset)
+        except BaseException:
+            drop_empty_study()
+            raise
         start, final = reference["curve"][0][1], reference["val_rel_l2"]
         if not final < start and config.target_error is None:
             # every trial would "reach" this error at cost 0 (an infinite speed-up): no study.
-            # Delete the empty one so that the corrected file runs under the same name (another
-            # machine may have deleted it first, or started trials: then leave it).
-            with suppress(Exception):
-                if not study.get_trials(deepcopy=False):
-                    optuna.delete_study(study_name=config.name, storage=storage)
+            drop_empty_study()
             t = config.training
             raise UserError(
                 f"training: plain {t.optimizer} at lr {t.lr:g} for {t.max_steps} steps ends at "

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dmdopt._util import atomic_file
+from dmdopt._util import atomic_file, deferred_interrupts
 from dmdopt.model import ModelConfig, Regressor, build_regressor
 from dmdopt.training.config import DMDConfig, TrainConfig
 from dmdopt.training.cost import CostCounter, flops_per_backprop
@@ -195,7 +195,9 @@ def train(
                 state["stopped_by"] = None
 
     def save_checkpoint() -> None:
-        with atomic_file(ckpt, "wb") as fh:  # a kill mid-save leaves the previous checkpoint
+        # a kill mid-save leaves the previous checkpoint; a Ctrl-C or SIGTERM waits for the
+        # save to end (inside torch.save it surfaced as a RuntimeError from the zip writer)
+        with deferred_interrupts(), atomic_file(ckpt, "wb") as fh:
             torch.save({
                 "model": net.state_dict(), "optimizer": optimizer.state_dict(),
                 "accelerator": accelerator.state_dict() if accelerator is not None else None,

@@ -157,6 +157,14 @@ def test_config_dict_roundtrip_and_validation():
         ProblemConfig.from_dict({"grid": "64"})
     with pytest.raises(ValueError, match="val_fraction"):
         ProblemConfig(val_fraction=0.6, test_fraction=0.5)
+    # every split must hold a sample: training, the learning curve and the metrics need them
+    with pytest.raises(ValueError, match=r"n_samples = 3 leaves the val split empty.*val_fraction"):
+        ProblemConfig(n_samples=3)
+    with pytest.raises(ValueError, match="leaves the test split empty.*test_fraction"):
+        ProblemConfig(n_samples=100, test_fraction=0.0)
+    with pytest.raises(ValueError, match="leaves the train split empty"):
+        ProblemConfig(n_samples=2, val_fraction=0.5, test_fraction=0.4)
+    assert ProblemConfig(n_samples=10).n_samples == 10  # 8 / 1 / 1
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.grid = 8  # type: ignore[misc]
 

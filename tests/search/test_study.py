@@ -40,6 +40,25 @@ def run(config, **kwargs):
     return run_study(config, **kwargs)
 
 
+def test_a_crash_before_the_reference_leaves_no_study_behind(study_dir, monkeypatch):
+    """The empty study of a launch that failed before its reference would make the corrected
+    file meet "a different configuration"; it is deleted, and the corrected file runs."""
+    import dmdopt.search.study as study_module
+
+    def crash(*args, **kwargs):
+        raise MemoryError("no room for the reference")
+
+    config = config_for(study_dir, n_trials=1)
+    with monkeypatch.context() as patch:
+        patch.setattr(study_module, "reference_run", crash)
+        with pytest.raises(MemoryError):
+            run(config)
+    assert not optuna.get_all_study_names(storage=config.storage)
+    corrected = config_for(study_dir, n_trials=1, training='optimizer = "adam"\nlr = 0.02\n'
+                           'max_steps = 60\neval_every = 10')
+    assert len(complete(run(corrected))) == 1
+
+
 def test_study_runs_and_records_reference_and_objectives(study_dir):
     config = config_for(study_dir, n_trials=3)
     study = run(config)

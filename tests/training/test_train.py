@@ -102,6 +102,30 @@ def test_extending_a_run_cut_off_schedule_matches_the_uninterrupted_run(tiny_dat
     assert resumed.metrics == straight.metrics
 
 
+def test_ctrl_c_during_a_checkpoint_save_waits_for_the_save(tiny_dataset, tmp_path, monkeypatch):
+    """Ctrl-C landing inside torch.save broke the zip writer (a RuntimeError, exit 1): it is
+    raised once the save is done, as a KeyboardInterrupt, with that checkpoint complete."""
+    import os
+    import signal
+
+    real_save, saves = torch.save, []
+
+    def save_with_ctrl_c(obj, fh, *args, **kwargs):
+        saves.append(obj["state"]["step"])
+        if len(saves) == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # delivered before the save below starts
+        return real_save(obj, fh, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save_with_ctrl_c)
+    ckpt = tmp_path / "run.pt"
+    with pytest.raises(KeyboardInterrupt):
+        train(dataset=tiny_dataset, model=SMALL, checkpoint_path=ckpt, checkpoint_every=10,
+              training=TrainConfig(max_steps=60, eval_every=10))
+    assert saves == [10, 20]
+    assert torch.load(ckpt, weights_only=False)["state"]["step"] == 20  # the interrupted save
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_divergence_raises(tiny_dataset):
     from dmdopt.training import Diverged
 
