@@ -277,7 +277,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--lr", action="append", default=[], metavar="METHOD=LR",
                         help="override a method's learning rate, e.g. --lr gd=1")
     parser.add_argument("--dmd", default="", metavar="KEY=VALUE,...",
-                        help="DMDConfig fields instead of the defaults, e.g. window=10,rank=8")
+                        help="DMDConfig fields instead of the defaults, e.g. window=10,rank=8; "
+                             "a ladder as line_search=0.25:1:4")
 
 
 def run_from_args(args, error: Callable[[str], NoReturn]) -> list[dict]:
@@ -289,6 +290,8 @@ def run_from_args(args, error: Callable[[str], NoReturn]) -> list[dict]:
     if args.seeds < 1 or (args.steps is not None and args.steps < 1) or args.jobs < 1:
         error("--seeds, --steps and --jobs must be positive integers")
     methods = tuple(m for m in args.methods.split(",") if m)
+    if not methods:
+        error(f"--methods: no method given in {args.methods!r} (known: {', '.join(METHODS)})")
     for method in methods:
         if method not in METHODS:
             error(f"--methods: unknown method {method!r} (known: {', '.join(METHODS)})")
@@ -308,6 +311,13 @@ def run_from_args(args, error: Callable[[str], NoReturn]) -> list[dict]:
         fields = {}
         for item in args.dmd.split(","):
             key, _, value = item.partition("=")
+            if key == "line_search":  # a ladder: factors joined by ':' (',' separates fields)
+                try:
+                    fields[key] = tuple(float(f) for f in value.split(":") if f)
+                except ValueError:
+                    error(f"--dmd: line_search={value!r}: factors are numbers joined by ':', "
+                          "e.g. line_search=0.25:1:4")
+                continue
             for kind in (int, float):  # numbers as numbers; words (inf, drift, global) as text
                 try:
                     fields[key] = value if value == "inf" else kind(value)

@@ -26,6 +26,12 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def _url(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a storage URL, got an empty string")
+    return text
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -377,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file")
     p.add_argument("--n-trials", type=_positive_int)
     p.add_argument("--timeout", type=_positive_seconds)
-    p.add_argument("--storage", help="Optuna storage URL (default: the study file's)")
+    p.add_argument("--storage", type=_url, help="Optuna storage URL (default: the study file's)")
     p.add_argument("--workers", type=_workers, default=1, help="processes on this machine, or 'auto'")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///dmdopt-runs/mlflow.db)")
     p.add_argument("--no-mlflow", action="store_true")
@@ -389,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 ("sync-mlflow", cmd_study_sync, "log trials missing in MLflow")):
         p = ssub.add_parser(cmd, help=helptext)
         p.add_argument("name", help="study name, or its TOML file")
-        p.add_argument("--storage")
+        p.add_argument("--storage", type=_url)
         if cmd == "pareto":
             fmt = p.add_mutually_exclusive_group()
             fmt.add_argument("--json", action="store_true")
@@ -404,13 +410,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", default="knee", help="knee | max-error-ratio=R | budget=C")
     p.add_argument("--value", type=float, help="R or C for --policy max-error-ratio / budget")
     p.add_argument("--trial", type=int, help="export this trial instead of the recommendation")
-    p.add_argument("--storage")
+    p.add_argument("--storage", type=_url)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("dashboard", help="write the study's offline HTML dashboard")
     p.add_argument("name")
     p.add_argument("-o", "--output", required=True)
-    p.add_argument("--storage")
+    p.add_argument("--storage", type=_url)
     p.set_defaults(func=cmd_dashboard)
 
     p = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 against the default store")

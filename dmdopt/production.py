@@ -63,7 +63,10 @@ def _checkpoint_step(path: Path) -> int | None:
         saved = torch.load(path, map_location="cpu", weights_only=True)
         return int(saved["state"]["step"])
     except Exception as exc:
-        raise UserError(f"checkpoint {path} cannot be read ({' '.join(str(exc).split())[:200]}); "
+        # torch's own text goes on to suggest weights_only=False, i.e. running a pickle from a
+        # file that is corrupt or foreign: not advice to pass on. Its first sentence suffices.
+        first = " ".join(str(exc).split()).split(". ")[0][:160]
+        raise UserError(f"checkpoint {path} cannot be read ({type(exc).__name__}: {first}); "
                         "delete it to start over") from None
 
 

@@ -29,6 +29,8 @@ def test_help_lists_commands():
     ["bench", "--dmd", "growing=grow"],
     ["bench", "--lr", "gd=fast"],
     ["bench", "--seeds", "0"],
+    ["bench", "--methods", ","],
+    ["bench", "--dmd", "line_search=fast"],
 ])
 def test_bad_arguments_one_line_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as info:

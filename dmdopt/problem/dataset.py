@@ -236,6 +236,14 @@ def _read_cache(path: Path, config: ProblemConfig, key: str) -> Dataset | None:
     return Dataset(**arrays, config=config, config_hash=key, path=path)
 
 
+def _physical_memory() -> int | None:
+    """Bytes of RAM, or None where the OS does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
 def load_dataset(
     config: ProblemConfig,
     *,
@@ -252,6 +260,13 @@ def load_dataset(
         if cached is not None:
             return cached
 
+    # A dataset that cannot fit is the file's mistake: say so before allocating it.
+    need, total = config.n_samples * config.grid**2 * 4, _physical_memory()
+    if total and need > total // 2:
+        raise UserError(
+            f"problem: {config.n_samples} fields at grid {config.grid} need {need / 2**30:.3g} GiB "
+            f"(n_samples x grid^2 x 4 bytes), over half of this machine's {total / 2**30:.3g} GiB "
+            "of memory; lower problem.grid or problem.n_samples")
     # Check the cache folder is writable *before* minutes of solving, not after.
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -230,7 +230,9 @@ def _count_results(study: optuna.Study) -> int:
 
 def _echo_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial, echo=print) -> None:
     p = trial.params
-    knobs = f"window {p.get('window')} rank {trial.user_attrs.get('rank_effective', p.get('rank'))} " \
+    rank = trial.user_attrs.get("rank_effective", p.get("rank"))
+    rank = format(rank, ".4g") if isinstance(rank, float) else rank  # an energy fraction
+    knobs = f"window {p.get('window')} rank {rank} " \
             f"horizon {'inf' if p.get('horizon_inf') else format(p.get('horizon', float('nan')), '.3g')}"
     if trial.state == TrialState.COMPLETE:
         a = trial.user_attrs

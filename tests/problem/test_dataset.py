@@ -176,3 +176,13 @@ def test_describe(built):
     assert info["splits"] == {"train": 32, "val": 4, "test": 4}
     assert info["field_min"] >= 0 and info["field_max"] > info["field_mean"] > 0
     assert info["ranges"]["diffusivity"]["log"] is True
+
+
+def test_a_dataset_too_big_for_memory_is_refused_before_any_work(tmp_path, monkeypatch):
+    from dmdopt.errors import UserError
+
+    monkeypatch.setattr(dataset_mod, "_physical_memory", lambda: 2**30)  # a 1 GiB machine
+    config = ProblemConfig(grid=1024, n_samples=300)  # 1.17 GiB of fields
+    with pytest.raises(UserError, match=r"300 fields at grid 1024 need 1.17 GiB.*problem.grid"):
+        load_dataset(config, cache_dir=tmp_path, workers=1, progress=False)
+    assert not list(tmp_path.iterdir())

@@ -93,3 +93,13 @@ def test_sigterm_to_a_parallel_bench_stops_its_workers(tmp_path):
             break
         time.sleep(0.25)
     assert not running, f"bench workers {running} still running after the launcher was stopped"
+
+
+def test_dmd_option_takes_a_ladder(monkeypatch):
+    """`--dmd line_search=a:b` is the ladder (',' separates fields, so a list needs its own)."""
+    import dmdopt.bench
+
+    seen = {}
+    monkeypatch.setattr(dmdopt.bench, "run_benchmark", lambda **kw: seen.update(kw) or [])
+    assert main(["bench", "--methods", "gd", "--dmd", "window=10,line_search=0.25:1:4"]) == 0
+    assert seen["dmd"].line_search == (0.25, 1.0, 4.0) and seen["dmd"].window == 10
