@@ -124,8 +124,15 @@ def tuned_config_from_summary(summary: dict, *, policy: str = "knee", value: flo
 
     if number is None:
         policy, value = parse_policy(policy, value)
-        number = recommend(points_from_summary(summary), summary.get("reference"),
-                           policy=policy, value=value)
+        points = points_from_summary(summary)
+        ratio = ((summary.get("config") or {}).get("study") or {}).get("max_error_ratio")
+        complete = sum(t.get("state") == "COMPLETE" for t in summary.get("trials") or [])
+        if not points and complete and ratio is not None:
+            raise UserError(
+                f"none of the {complete} COMPLETE trial(s) ends within the study's "
+                f"max_error_ratio = {ratio:g} of the reference's error, so there is nothing to "
+                "recommend; pick one with --trial N (`dmdopt study status` lists them)")
+        number = recommend(points, summary.get("reference"), policy=policy, value=value)
         policy_text = format_policy(policy, value)
     else:
         policy_text = "manual"

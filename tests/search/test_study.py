@@ -197,6 +197,11 @@ def test_constraint_marks_infeasible_trials(study_dir):
         constraint = t.system_attrs["constraints:max_error_ratio"]
         assert constraint > 0  # error far above 0.001 x reference: infeasible
     assert study.best_trials == []  # Optuna ignores infeasible trials on the front
+    from dmdopt.errors import UserError
+    from dmdopt.export import export_tuned_config
+
+    with pytest.raises(UserError, match=r"none of the 2 COMPLETE.*max_error_ratio = 0.001.*--trial"):
+        export_tuned_config(summarize(study), study_dir / "t.toml")
 
 
 def test_single_objective_mode_prunes_or_reaches_target(study_dir):
