@@ -204,12 +204,17 @@ def test_constraint_marks_infeasible_trials(study_dir):
         export_tuned_config(summarize(study), study_dir / "t.toml")
 
 
-def test_single_objective_mode_prunes_or_reaches_target(study_dir):
+def test_single_objective_mode_prunes_or_reaches_target(study_dir, capsys):
+    from dmdopt.cli import main
+
     config = config_for(study_dir, n_trials=3, extra='mode = "cost_to_target"\ntarget_error = 0.9')
     study = run(config)
     assert len(study.directions) == 1
     done = complete(study)
     assert done and all(t.value <= 2 * 60 * 2 for t in done)
+    capsys.readouterr()
+    assert main(["study", "status", "tiny", "--storage", config.storage]) == 0
+    assert f"best       trial {study.best_trial.number}  cost" in capsys.readouterr().out
     assert isinstance(study.sampler, TrialSeededSampler)
     assert isinstance(study.sampler._factory(0), optuna.samplers.RandomSampler)
 
