@@ -11,6 +11,7 @@ import json
 import math
 import os
 import sys
+import warnings
 
 from dmdopt import bench
 from dmdopt.errors import UserError
@@ -441,6 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    shown = warnings.formatwarning  # a warning is one line here, not a line + its source line
+    warnings.formatwarning = lambda message, category, *_args, **_kw: f"warning: {message}\n"
     try:
         return int(args.func(args) or 0)
     except UserError as exc:
@@ -452,6 +455,8 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    finally:
+        warnings.formatwarning = shown
 
 
 if __name__ == "__main__":

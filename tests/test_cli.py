@@ -70,6 +70,22 @@ def test_pareto_of_a_study_without_reference_or_trials(tmp_path, monkeypatch, ca
     assert "0 point(s)" in out and "no reference run yet" in err
 
 
+def test_sync_to_a_dead_server_is_one_warning_line_and_one_error_line(tmp_path):
+    """The real command line (pytest records warnings itself): Python's default format adds
+    the warning's source line, which reads like a traceback."""
+    import optuna
+
+    storage = f"sqlite:///{tmp_path / 'o.db'}"
+    optuna.create_study(study_name="bare", storage=storage, directions=["minimize", "minimize"])
+    out = subprocess.run([sys.executable, "-m", "dmdopt", "study", "sync-mlflow", "bare",
+                          "--storage", storage, "--tracking-uri", "http://127.0.0.1:9"],
+                         capture_output=True, text=True, cwd=tmp_path)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 2, lines
+    assert lines[0].startswith("warning: MLflow tracking at http://127.0.0.1:9")
+    assert lines[1].startswith("dmdopt: error: sync-mlflow") and "server" not in lines[1]
+
+
 def test_unknown_study_is_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert main(["study", "status", "nosuch"]) == 2

@@ -227,9 +227,9 @@ class StudyTracker:
             self._warned = True
             warnings.warn(
                 f"MLflow tracking at {mask_url(self.tracking_uri)} failed ({what}: "
-                f"{type(exc).__name__}: {exc}); the study continues without it. "
-                "Later tracking errors of this study are logged at debug level; "
-                "`dmdopt study sync-mlflow` fills in what is missing.",
+                f"{type(exc).__name__}: {exc}); tracking is off for the rest of this command "
+                "(later errors are logged at debug level); `dmdopt study sync-mlflow` fills in "
+                "what is missing once the store works.",
                 RuntimeWarning, stacklevel=3)
         log.debug("MLflow %s failed", what, exc_info=exc)
 
