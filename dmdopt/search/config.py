@@ -217,8 +217,11 @@ def parse_study(data: dict, *, where: str = "study file") -> StudyConfig:
     if mode not in MODES:
         raise UserError(f"{w}: mode must be one of {', '.join(MODES)}, got {mode!r}")
     target_error = _take(study, "target_error", (int, float), w, None)
-    if target_error is not None and target_error <= 0:
-        raise UserError(f"{w}: target_error must be > 0, got {target_error!r}")
+    if target_error is not None and not 0 < target_error < float("inf"):
+        raise UserError(f"{w}: target_error must be a finite number > 0, got {target_error!r}")
+    if target_error is not None and mode != "cost_to_target":  # it would be silently unused
+        raise UserError(f"{w}: target_error applies only with mode = \"cost_to_target\" (the "
+                        "two-objective mode measures cost to the reference's own error)")
     max_error_ratio = _take(study, "max_error_ratio", (int, float), w, None)
     if max_error_ratio is not None and max_error_ratio <= 0:
         raise UserError(f"{w}: max_error_ratio must be > 0, got {max_error_ratio!r}")

@@ -38,6 +38,8 @@ BAD = [
     ("wrong type", tiny_study_toml().replace("n_trials = 3", 'n_trials = "three"'), "n_trials"),
     ("inverted range", tiny_study_toml().replace("low = 5\nhigh = 12", "low = 12\nhigh = 5"), "inverted"),
     ("empty horizon (non-positive)", tiny_study_toml().replace("low = 5.0", "low = 0.0"), "horizon.low"),
+    ("target_error in the two-objective mode", tiny_study_toml(extra="target_error = 0.1"),
+     "target_error applies only"),
     ("rank above window-2", tiny_study_toml().replace("low = 1\nhigh = 6", "low = 20\nhigh = 30"), "rank"),
     ("unknown sampler", tiny_study_toml().replace('sampler = "random"', 'sampler = "grid"'), "sampler"),
     ("bad training value", tiny_study_toml(training="lr = -1.0"), "training.lr"),
