@@ -30,6 +30,7 @@ def test_help_lists_commands():
     ["bench", "--lr", "gd=fast"],
     ["bench", "--seeds", "0"],
     ["bench", "--methods", ","],
+    ["study", "status", "x", "--storage", ""],  # not "the study file's storage" by accident
     ["bench", "--dmd", "line_search=fast"],
 ])
 def test_bad_arguments_one_line_exit_2(argv, capsys):
