@@ -229,12 +229,11 @@ def cmd_study_status(args) -> int:
     if ref:
         print(f"reference  cost {ref['cost_bpe']:.1f} bpe  val error {ref['val_rel_l2']:.4f}")
     if len(study.directions) == 1 and counts["COMPLETE"]:  # cost_to_target: no front to show
+        from dmdopt.search.study import trial_knobs
+
         best = study.best_trial
-        p = best.params
-        horizon = "inf" if p.get("horizon_inf") else format(p.get("horizon", math.nan), ".4g")
-        print(f"best       trial {best.number}  cost {best.values[0]:.1f} bpe  window "
-              f"{p.get('window')} rank {best.user_attrs.get('rank_effective', p.get('rank'))} "
-              f"horizon {horizon}  (`dmdopt export {name}` writes it)")
+        print(f"best       trial {best.number}  cost {best.values[0]:.1f} bpe  "
+              f"{trial_knobs(best)}  (`dmdopt export {name}` writes it)")
     return 0
 
 

@@ -228,12 +228,18 @@ def _count_results(study: optuna.Study) -> int:
         deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
 
 
-def _echo_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial, echo=print) -> None:
+def trial_knobs(trial: optuna.trial.FrozenTrial) -> str:
+    """"window W rank R horizon H" of a trial, as the trial lines and `study status` print it:
+    the rank actually used, an energy fraction and the horizon rounded."""
     p = trial.params
     rank = trial.user_attrs.get("rank_effective", p.get("rank"))
     rank = format(rank, ".4g") if isinstance(rank, float) else rank  # an energy fraction
-    knobs = f"window {p.get('window')} rank {rank} " \
-            f"horizon {'inf' if p.get('horizon_inf') else format(p.get('horizon', float('nan')), '.3g')}"
+    horizon = "inf" if p.get("horizon_inf") else format(p.get("horizon", float("nan")), ".3g")
+    return f"window {p.get('window')} rank {rank} horizon {horizon}"
+
+
+def _echo_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial, echo=print) -> None:
+    knobs = trial_knobs(trial)
     if trial.state == TrialState.COMPLETE:
         a = trial.user_attrs
         echo(f"trial {trial.number:>3} complete  cost {trial.values[0]:8.1f} bpe "
