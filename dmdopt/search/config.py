@@ -113,8 +113,10 @@ def _check_keys(table: dict, allowed: set[str], where: str) -> None:
         raise UserError(f"{where}: unknown key {unknown[0]!r}")
 
 
-def _range(table: Any, where: str, *, integer: bool, positive: bool = False) -> tuple:
-    _check_keys(table, {"low", "high", "log", "include_inf", "kind"}, where)
+def _range(table: Any, where: str, *, integer: bool, positive: bool = False,
+           extra: frozenset[str] = frozenset({"log"})) -> tuple:
+    """(low, high, log) of a range table; `extra` names the keys besides low/high it reads."""
+    _check_keys(table, {"low", "high"} | extra, where)
     types = (int,) if integer else (int, float)
     low = _take(table, "low", types, where)
     high = _take(table, "high", types, where)
@@ -146,7 +148,8 @@ def _parse_space(table: Any, where: str) -> SearchSpace:
     kind = rank_t.get("kind", "int") if isinstance(rank_t, dict) else None
     if kind not in ("int", "energy"):
         raise UserError(f"{where}.rank.kind must be 'int' or 'energy', got {kind!r}")
-    rlo, rhi, _ = _range(rank_t, f"{where}.rank", integer=(kind == "int"))
+    # the rank is sampled on a linear scale (small integers, or energies near 1): no `log`
+    rlo, rhi, _ = _range(rank_t, f"{where}.rank", integer=(kind == "int"), extra=frozenset({"kind"}))
     if kind == "int":
         if rlo < 0:
             raise UserError(f"{where}.rank.low must be >= 0, got {rlo!r}")
@@ -160,7 +163,9 @@ def _parse_space(table: Any, where: str) -> SearchSpace:
     rank = RankSpace(kind, rlo, rhi)
 
     h_t = table["horizon"]
-    hlo, hhi, _ = _range(h_t, f"{where}.horizon", integer=False, positive=True)
+    # the horizon is always sampled on a log scale (`HorizonSpace`): `log` is not a choice
+    hlo, hhi, _ = _range(h_t, f"{where}.horizon", integer=False, positive=True,
+                         extra=frozenset({"include_inf"}))
     include_inf = _take(h_t, "include_inf", (bool,), f"{where}.horizon", False)
     horizon = HorizonSpace(float(hlo), float(hhi), include_inf)
 
@@ -223,10 +228,13 @@ def parse_study(data: dict, *, where: str = "study file") -> StudyConfig:
         raise UserError(f"{w}: target_error applies only with mode = \"cost_to_target\" (the "
                         "two-objective mode measures cost to the reference's own error)")
     max_error_ratio = _take(study, "max_error_ratio", (int, float), w, None)
-    if max_error_ratio is not None and max_error_ratio <= 0:
-        raise UserError(f"{w}: max_error_ratio must be > 0, got {max_error_ratio!r}")
+    if max_error_ratio is not None and not 0 < max_error_ratio < float("inf"):  # refuses nan
+        raise UserError(f"{w}: max_error_ratio must be a finite number > 0, got {max_error_ratio!r}")
 
     problem = data.get("problem", {})
+    for table in ("problem", "model", "training", "dmd", "search"):
+        if not isinstance(data.get(table, {}), dict):
+            raise UserError(f"{where}: {table} must be a table, got {data[table]!r}")
     try:
         ProblemConfig.from_dict(problem)
         model = ModelConfig.from_dict(data.get("model", {}))

@@ -146,6 +146,8 @@ class DMDConfig:
         else:
             raise ValueError(f"dmd.rank must be an integer or a fraction in (0, 1], got {rank!r}")
         object.__setattr__(self, "horizon", parse_horizon(self.horizon))
+        if isinstance(self.line_search, (str, bytes)) or not hasattr(self.line_search, "__iter__"):
+            raise ValueError(f"dmd.line_search must be a list of horizon factors, got {self.line_search!r}")
         factors = tuple(self.line_search)
         if any(not _is_number(f) or not 0 < f < math.inf for f in factors):
             raise ValueError(

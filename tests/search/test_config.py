@@ -51,6 +51,22 @@ BAD = [
         "[search.window]", '[search]\ngrowing = ["drop", "grow"]\n\n[search.window]'), "'grow'"),
     ("not TOML", "[study\nname=", "not valid TOML"),
     ("missing window", tiny_study_toml().replace("[search.window]\nlow = 5\nhigh = 12", ""), "window"),
+    # keys a range table does not read were accepted and silently ignored
+    ("log on the horizon (always log)", tiny_study_toml().replace("include_inf = true",
+                                                                  "include_inf = true\nlog = false"),
+     "horizon: unknown key 'log'"),
+    ("log on the rank (always linear)", tiny_study_toml().replace("low = 1\nhigh = 6",
+                                                                  "low = 1\nhigh = 6\nlog = true"),
+     "rank: unknown key 'log'"),
+    ("include_inf on the window", tiny_study_toml().replace("low = 5\nhigh = 12",
+                                                            "low = 5\nhigh = 12\ninclude_inf = true"),
+     "window: unknown key 'include_inf'"),
+    # nan passed `<= 0` and failed every trial after training, at set_constraint
+    ("max_error_ratio nan", tiny_study_toml(extra="max_error_ratio = nan"), "max_error_ratio"),
+    ("problem not a table", "problem = 5\n" + tiny_study_toml().replace(
+        "[problem]\ngrid = 16\nn_samples = 60", ""), "problem must be a table"),
+    ("line_search not a list", tiny_study_toml() + "\n[dmd]\nline_search = 4.0\n",
+     "line_search must be a list"),
 ]
 
 
