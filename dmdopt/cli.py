@@ -231,7 +231,11 @@ def cmd_study_status(args) -> int:
     if len(study.directions) == 1 and counts["COMPLETE"]:  # cost_to_target: no front to show
         from dmdopt.search.study import trial_knobs
 
-        best = study.best_trial
+        try:
+            best = study.best_trial  # the cheapest trial within max_error_ratio, if one is set
+        except ValueError:
+            print("best       none: every COMPLETE trial ends beyond the study's max_error_ratio")
+            return 0
         print(f"best       trial {best.number}  cost {best.values[0]:.1f} bpe  "
               f"{trial_knobs(best)}  (`dmdopt export {name}` writes it)")
     return 0

@@ -122,7 +122,14 @@ def tuned_config_from_summary(summary: dict, *, policy: str = "knee", value: flo
     """The TunedConfig of trial `number`, or of the trial the policy recommends."""
     from dmdopt.search.recommend import format_policy, parse_policy, points_from_summary, recommend
 
-    if number is None:
+    if number is None and summary.get("mode") == "cost_to_target":
+        # one objective: the study's best feasible trial (what `study status` names); the
+        # trade-off policies need a front
+        if not summary.get("pareto"):
+            raise UserError(f"study {summary.get('study_name')!r} has no COMPLETE trial within its "
+                            "constraints to export; pick one with --trial N")
+        number, policy_text = summary["pareto"][0], "best (cost_to_target)"
+    elif number is None:
         policy, value = parse_policy(policy, value)
         points = points_from_summary(summary)
         ratio = ((summary.get("config") or {}).get("study") or {}).get("max_error_ratio")
@@ -153,7 +160,7 @@ def tuned_config_from_summary(summary: dict, *, policy: str = "knee", value: flo
     except (ValueError, TypeError) as exc:
         raise UserError(f"{where}: {exc}") from None
 
-    values = trial.get("values") or []
+    values = trial.get("values") or []  # the point (cost_bpe, val_rel_l2), in either mode
     expected = {
         "cost_bpe": values[0] if values else None,
         "cost_total": attrs.get("cost_total"),

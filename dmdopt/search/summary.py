@@ -25,6 +25,25 @@ def _params(trial: optuna.trial.FrozenTrial) -> dict:
     return params
 
 
+def is_feasible(trial: optuna.trial.FrozenTrial) -> bool:
+    """Within the study's constraints (`max_error_ratio`), as Optuna's best_trial(s) judge it."""
+    return all(v <= 0.0 for v in trial.constraints.values())
+
+
+def _points(trial: optuna.trial.FrozenTrial, single: bool) -> list[float] | None:
+    """A COMPLETE trial's (cost_bpe, val_rel_l2). In a cost_to_target study the objective is
+    the cost to the target, doubled for a trial that never reached it (so it ranks below all
+    that did); the point is the cost it spent and the error it ended at."""
+    if trial.state != TrialState.COMPLETE or trial.values is None:
+        return None
+    if not single:
+        return list(trial.values)
+    attrs = trial.user_attrs
+    if "val_error" not in attrs:
+        return None
+    return [float(attrs.get("cost_total", trial.values[0])), float(attrs["val_error"])]
+
+
 def hypervolume_reference_point(study: optuna.Study) -> list[float]:
     """Fixed per study: 1.5 x the reference's (cost, error), so every history is comparable."""
     ref = study.user_attrs.get("reference") or {}
@@ -38,8 +57,9 @@ def hypervolume_history(trials: list, ref_point: list[float]) -> list[list[float
     history, points = [], []
     # COMPLETE trials only, and before sorting: a WAITING trial (a dead worker's, re-queued)
     # has neither datetime, and comparing None with a datetime raised in every summary
+    # Infeasible trials (beyond max_error_ratio) are off the front, so they add no volume.
     done = [t for t in trials if t.state == TrialState.COMPLETE and t.values is not None
-            and len(t.values) == 2]
+            and len(t.values) == 2 and is_feasible(t)]
     for t in sorted(done, key=lambda t: t.datetime_complete or t.datetime_start):
         if all(v < r for v, r in zip(t.values, ref_point, strict=True)):
             points.append(list(t.values))
@@ -50,8 +70,10 @@ def hypervolume_history(trials: list, ref_point: list[float]) -> list[list[float
 
 def pareto_numbers(study: optuna.Study) -> list[int]:
     if len(study.directions) != 2:
-        best = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
-        return [min(best, key=lambda t: t.value).number] if best else []
+        try:  # Optuna's choice: the cheapest *feasible* trial, as `study status` prints it
+            return [study.best_trial.number]
+        except ValueError:  # no COMPLETE trial, or none within max_error_ratio
+            return []
     # A trial that reused an earlier one's result (same settings) is the same point: listed
     # once, under the earlier number (Optuna's best_trials keeps both).
     front = [t for t in study.best_trials if "duplicate_of" not in t.user_attrs]
@@ -71,14 +93,17 @@ def summarize(study: optuna.Study, *, storage_url: str | None = None, policy: st
         if chain:
             for lost, rerun in zip(chain, chain[1:] + [t.number], strict=True):
                 retried_as[lost] = rerun
+    single = len(study.directions) == 1
     rows = []
     for t in trials:
         rows.append({
             "number": t.number, "state": t.state.name, "surplus": is_surplus(t),
+            "feasible": is_feasible(t),
             "params": _params(t),
             # a PRUNED trial's values are Optuna's last reported intermediate value (a val
-            # error here), not the objectives: only a COMPLETE trial has objective values
-            "values": list(t.values) if t.values is not None and t.state == TrialState.COMPLETE
+            # error here), not the objectives: only a COMPLETE trial has a point
+            "values": _points(t, single),
+            "objective": t.values[0] if single and t.values and t.state == TrialState.COMPLETE
             else None,
             "user_attrs": dict(t.user_attrs),
             "datetime_start": t.datetime_start.isoformat() if t.datetime_start else None,
@@ -91,7 +116,9 @@ def summarize(study: optuna.Study, *, storage_url: str | None = None, policy: st
             rows[-1]["user_attrs"]["fail_reason"] = reason
     summary = {
         "study_name": study.study_name,
-        "metric_names": study.metric_names or ["cost_bpe", "val_rel_l2"],
+        "mode": "cost_to_target" if single else "multi",
+        "objectives": study.metric_names or (["cost_bpe"] if single else ["cost_bpe", "val_rel_l2"]),
+        "metric_names": ["cost_bpe", "val_rel_l2"],  # what each trial's `values` hold
         "storage": mask_url(storage_url),
         "config": study.user_attrs.get("config", {}),
         "reference": study.user_attrs.get("reference"),
@@ -101,7 +128,9 @@ def summarize(study: optuna.Study, *, storage_url: str | None = None, policy: st
         "hypervolume_history": hypervolume_history(trials, ref_point),
         "hypervolume_reference_point": ref_point,
     }
-    if summary["pareto"] and summary["reference"] and len(study.directions) == 2:
+    if single and summary["pareto"]:
+        summary["recommended"] = {"number": summary["pareto"][0], "policy": "best"}
+    elif summary["pareto"] and summary["reference"]:
         try:
             from dmdopt.search.recommend import recommend
             points = [{"number": r["number"], "cost_bpe": r["values"][0], "val_rel_l2": r["values"][1]}

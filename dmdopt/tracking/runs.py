@@ -282,7 +282,8 @@ class StudyTracker:
         tags = {TAG_STUDY: self.study_name, TAG_ROLE: "parent",
                 "dmdopt.storage": mask_url(summary.get("storage")) or "",
                 "dmdopt.sampler": sampler or "",
-                "dmdopt.objectives": ",".join(summary.get("metric_names") or []),
+                "dmdopt.objectives": ",".join(summary.get("objectives")
+                                              or summary.get("metric_names") or []),
                 **{f"dmdopt.version.{k}": v for k, v in versions().items()}}
         commit = git_commit()
         if commit:
@@ -339,6 +340,8 @@ class StudyTracker:
         for name, value in zip(names, trial.get("values") or [], strict=False):
             if (num := _number(value)) is not None:
                 final[name] = num
+        if (num := _number(trial.get("objective"))) is not None:  # cost_to_target's own value
+            final["objective"] = num
         for key in ("cost_bpe", "cost_total", "cost_to_reference", "val_error", "test_error",
                     "speedup", "speedup_first_passage", "wall_time", "jumps_accepted", "jumps_rejected",
                     "reached_reference"):

@@ -1,0 +1,70 @@
+"""The study summary of a constrained `cost_to_target` study, and what status/export make of it.
+
+Built from synthetic trials (no training): the point is which trial each command picks.
+"""
+
+from __future__ import annotations
+
+import optuna
+from optuna.distributions import IntDistribution
+
+from dmdopt.cli import main
+from dmdopt.export import load_tuned_config
+from dmdopt.search.summary import summarize
+from dmdopt.training import DMDConfig, TrainConfig
+
+REF_ERROR = 0.5
+
+
+def single_objective_study(url: str, name: str, trials: list[tuple[float, float, bool]]):
+    """Trials as (objective, val_error, reached): a cost_to_target study with max_error_ratio 1."""
+    study = optuna.create_study(study_name=name, storage=url, directions=["minimize"])
+    study.set_metric_names(["cost_bpe"])
+    study.set_user_attr("config", {"study": {"name": name, "mode": "cost_to_target",
+                                             "max_error_ratio": 1.0}})
+    study.set_user_attr("reference", {"cost_bpe": 400.0, "val_rel_l2": REF_ERROR})
+    for window, (objective, val_error, reached) in enumerate(trials, start=5):
+        trial = study.ask({"window": IntDistribution(3, 60)})
+        cost_total = objective if reached else objective / 2  # the objective doubles a miss
+        for key, value in {"val_error": val_error, "cost_total": cost_total,
+                           "dmd": DMDConfig(window=window, rank=2, horizon=50).to_dict(),
+                           "training": TrainConfig().to_dict()}.items():
+            trial.set_user_attr(key, value)
+        trial.set_constraint("max_error_ratio", val_error - REF_ERROR)
+        study.tell(trial, objective)
+    return study
+
+
+def test_the_best_trial_is_the_cheapest_feasible_one_everywhere(tmp_path, capsys):
+    url = f"sqlite:///{tmp_path}/c.db"
+    # trial 0: cheapest but beyond the error bound; 1: feasible; 2: never reached the target
+    study = single_objective_study(url, "c2t", [(100.0, 0.7, True), (150.0, 0.45, True),
+                                                (600.0, 0.48, False)])
+    summary = summarize(study)
+    assert summary["mode"] == "cost_to_target" and summary["objectives"] == ["cost_bpe"]
+    assert summary["pareto"] == [1]  # was [0]: the constraint was ignored
+    assert summary["recommended"] == {"number": 1, "policy": "best"}
+    rows = {r["number"]: r for r in summary["trials"]}
+    assert [rows[n]["feasible"] for n in range(3)] == [False, True, True]
+    # the point is what the trial spent and where it ended, not the doubled objective
+    assert rows[2]["values"] == [300.0, 0.48] and rows[2]["objective"] == 600.0
+
+    assert main(["study", "status", "c2t", "--storage", url]) == 0
+    assert "best       trial 1 " in capsys.readouterr().out
+    out = tmp_path / "tuned.toml"
+    assert main(["export", "c2t", "--storage", url, "-o", str(out)]) == 0
+    tuned = load_tuned_config(out)
+    assert tuned.provenance["trial_number"] == 1
+    assert tuned.provenance["policy"] == "best (cost_to_target)"
+    assert tuned.expected["cost_bpe"] == 150.0 and tuned.dmd.window == 6
+
+
+def test_no_feasible_trial_is_a_line_not_a_traceback(tmp_path, capsys):
+    url = f"sqlite:///{tmp_path}/c.db"
+    single_objective_study(url, "none", [(100.0, 0.7, True)])
+    assert main(["study", "status", "none", "--storage", url]) == 0  # was a ValueError traceback
+    assert "best       none" in capsys.readouterr().out
+    assert main(["export", "none", "--storage", url, "-o", str(tmp_path / "t.toml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no COMPLETE trial within its constraints" in err[0]
+    assert not (tmp_path / "t.toml").exists()
