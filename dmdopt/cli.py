@@ -285,7 +285,7 @@ def cmd_study_sync(args) -> int:
     from dmdopt.tracking import StudyTracker
 
     name, _, summary = _summary(args)
-    added = StudyTracker(args.tracking_uri, name).sync(summary)
+    added = StudyTracker(args.tracking_uri, name, summary.get("study_uid")).sync(summary)
     if added is None:  # the reason was warned (once) by the tracker
         raise UserError("sync-mlflow: the MLflow tracking store cannot be used (see the warning "
                         "above); nothing was synced")

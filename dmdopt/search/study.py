@@ -16,6 +16,7 @@ import os
 import socket
 import sys
 import time
+import uuid
 from contextlib import suppress
 
 import optuna
@@ -34,7 +35,7 @@ from dmdopt.search.config import StudyConfig
 from dmdopt.search.objective import METRIC_NAMES, Objective, reference_run
 from dmdopt.search.sampler import make_sampler, nsga2_population
 from dmdopt.search.storage import open_storage
-from dmdopt.search.summary import is_surplus, summarize
+from dmdopt.search.summary import UID_PREFIX, is_surplus, study_uid, summarize
 from dmdopt.training.loop import resolve_device
 
 log = logging.getLogger("dmdopt")
@@ -81,6 +82,11 @@ def prepare_study(config: StudyConfig, *, storage_url: str, cache_dir="dmdopt-ru
     digest = config_digest(config)
     existing = study.user_attrs.get("config_digest")
     if existing is None:
+        if study_uid(study) is None:
+            # MLflow tells studies apart by this, not by name: two storages (or a re-created
+            # optuna.db) may hold studies of one name. Launchers starting together may each
+            # add one; all of them read the smallest (see `study_uid`).
+            study.set_user_attr(f"{UID_PREFIX}{uuid.uuid4().hex}", True)
         study.set_user_attr("config_digest", digest)
         study.set_user_attr("config", json.loads(json.dumps(config.raw, default=str)))
         quota = n_trials if n_trials is not None else config.n_trials
@@ -172,6 +178,7 @@ class _Tracking:
     def start(self, study: optuna.Study) -> None:
         if self.tracker is not None:
             summary = summarize(study, storage_url=self.storage_url)
+            self.tracker.study_uid = summary["study_uid"]
             self.tracker.ensure_parent(summary)
             # a resume: trials an interrupt or a killed worker ended never reached a callback
             self.tracker.log_missing(summary)
@@ -181,6 +188,7 @@ class _Tracking:
             return
         try:
             summary = summarize(study, storage_url=self.storage_url)
+            self.tracker.study_uid = summary["study_uid"]
             self.tracker.log_trial(summary, trial.number)
             # A retry re-runs dead workers' trials, failed by the heartbeat: no worker's callback
             # ever saw them end, so they are logged here (idempotent), not only by a sync. The

@@ -25,6 +25,18 @@ def _params(trial: optuna.trial.FrozenTrial) -> dict:
     return params
 
 
+UID_PREFIX = "uid:"
+"""User attributes `uid:<hex>` name a study's identity in MLflow (see `study_uid`)."""
+
+
+def study_uid(study: optuna.Study) -> str | None:
+    """The study's identity for MLflow: the smallest `uid:` attribute (launchers that created
+    the study at the same moment may each have added one; all of them read the same). None for
+    a study made before uids existed: MLflow then matches its runs by name, as it did."""
+    uids = sorted(k[len(UID_PREFIX):] for k in study.user_attrs if k.startswith(UID_PREFIX))
+    return uids[0] if uids else None
+
+
 def is_feasible(trial: optuna.trial.FrozenTrial) -> bool:
     """Within the study's constraints (`max_error_ratio`), as Optuna's best_trial(s) judge it."""
     return all(v <= 0.0 for v in trial.constraints.values())
@@ -116,6 +128,7 @@ def summarize(study: optuna.Study, *, storage_url: str | None = None, policy: st
             rows[-1]["user_attrs"]["fail_reason"] = reason
     summary = {
         "study_name": study.study_name,
+        "study_uid": study_uid(study),
         "mode": "cost_to_target" if single else "multi",
         "objectives": study.metric_names or (["cost_bpe"] if single else ["cost_bpe", "val_rel_l2"]),
         "metric_names": ["cost_bpe", "val_rel_l2"],  # what each trial's `values` hold

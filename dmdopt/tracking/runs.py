@@ -42,6 +42,7 @@ EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_de
 TAG_STUDY, TAG_ROLE = "dmdopt.study", "dmdopt.role"
 TAG_TRIAL, TAG_STATE, TAG_FAIL = "dmdopt.trial_number", "dmdopt.trial_state", "dmdopt.fail_reason"
 TAG_DUPLICATE = "dmdopt.duplicate_of"
+TAG_UID = "dmdopt.study_uid"  # which study of that name (see search.summary.study_uid)
 _PARENT_SETTLE_S = 0.5  # after creating a parent, let a concurrent creator's insert land
 _MAX_PARAMS, _MAX_TAGS, _MAX_METRICS = 100, 100, 1000  # MLflow log_batch limits per call
 _PARAM_LEN, _TAG_LEN = 6000, 5000
@@ -212,9 +213,13 @@ def _loggable(trial: dict) -> bool:
 class StudyTracker:
     """Mirrors one Optuna study (as a CONTRACT.md summary) into MLflow runs."""
 
-    def __init__(self, tracking_uri: str | None, study_name: str) -> None:
+    def __init__(self, tracking_uri: str | None, study_name: str,
+                 study_uid: str | None = None) -> None:
         self.tracking_uri = resolve_tracking_uri(tracking_uri)
         self.study_name = study_name
+        # runs are this study's when both name and uid match; None (a study made before uids)
+        # matches runs without the tag, as before
+        self.study_uid = study_uid
         self._client: MlflowClient | None = None
         self._experiment_id: str | None = None
         self._parent_id: str | None = None
@@ -232,6 +237,9 @@ class StudyTracker:
                 "what is missing once the store works.",
                 RuntimeWarning, stacklevel=3)
         log.debug("MLflow %s failed", what, exc_info=exc)
+
+    def _uid_tag(self) -> dict[str, str]:
+        return {TAG_UID: self.study_uid} if self.study_uid else {}
 
     @property
     def client(self) -> MlflowClient:
@@ -254,7 +262,8 @@ class StudyTracker:
             page = self.client.search_runs(
                 [self.experiment_id], filter_string=filter_string,
                 run_view_type=ViewType.ACTIVE_ONLY, max_results=1000, page_token=token)
-            runs.extend(r for r in page if r.data.tags.get(TAG_STUDY) == self.study_name)
+            runs.extend(r for r in page if r.data.tags.get(TAG_STUDY) == self.study_name
+                        and r.data.tags.get(TAG_UID) == self.study_uid)
             token = page.token
             if not token:
                 return runs
@@ -279,7 +288,7 @@ class StudyTracker:
         sampler = summary.get("sampler") or _find(config, "sampler")
         if isinstance(sampler, dict):
             sampler = sampler.get("name") or sampler.get("type")
-        tags = {TAG_STUDY: self.study_name, TAG_ROLE: "parent",
+        tags = {TAG_STUDY: self.study_name, TAG_ROLE: "parent", **self._uid_tag(),
                 "dmdopt.storage": mask_url(summary.get("storage")) or "",
                 "dmdopt.sampler": sampler or "",
                 "dmdopt.objectives": ",".join(summary.get("objectives")
@@ -326,7 +335,7 @@ class StudyTracker:
         attrs = trial.get("user_attrs") or {}
         now = int(time.time() * 1000)
         tags = {"mlflow.parentRunId": parent_id, TAG_STUDY: self.study_name, TAG_ROLE: "child",
-                TAG_TRIAL: str(number), TAG_STATE: state}
+                TAG_TRIAL: str(number), TAG_STATE: state, **self._uid_tag()}
         if state == "FAIL" or attrs.get("fail_reason"):
             tags[TAG_FAIL] = str(attrs.get("fail_reason") or "unknown")
         if attrs.get("duplicate_of") is not None:  # same settings as an earlier trial: its result

@@ -78,6 +78,9 @@ def test_study_runs_and_records_reference_and_objectives(study_dir):
         assert math.isclose(t.user_attrs["speedup_first_passage"], ref["first_passage_bpe"] / cost)
         assert t.user_attrs["curve"][0][0] == 0.0
     assert (study_dir / "dmdopt-runs" / "optuna.db").exists()
+    uid = summarize(study)["study_uid"]  # its identity in MLflow, beside its name
+    assert isinstance(uid, str) and len(uid) == 32
+    assert summarize(run(config))["study_uid"] == uid  # a resume keeps it
 
 
 def test_rerun_resumes_and_keeps_finished_trials(study_dir):

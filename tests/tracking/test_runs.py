@@ -268,3 +268,27 @@ def test_ui_refuses_remote_hosts_without_opt_in(tmp_path):
     assert cmd[1:4] == ["-m", "mlflow", "server"]
     assert "--serve-artifacts" in cmd and cmd[cmd.index("--artifacts-destination") + 1] == "/tmp/art"
     assert not list(tmp_path.iterdir())  # refused before touching the store
+
+
+def test_two_studies_of_one_name_keep_their_own_runs(mlflow_store, make_summary, study_name):
+    """Another storage (or a re-created optuna.db) may hold a study of the same name: MLflow
+    matched runs by name only, so the second study reused the first one's parent, logged no
+    trial ("already logged") and overwrote the first one's front."""
+    first = make_summary(study_name, storage="sqlite:///a.db") | {"study_uid": "aaaa"}
+    second = make_summary(study_name, storage="sqlite:///b.db") | {"study_uid": "bbbb",
+                                                                   "pareto": [1]}
+    a = StudyTracker(mlflow_store, study_name, first["study_uid"])
+    assert a.sync(first) == len(FINISHED)
+    b = StudyTracker(mlflow_store, study_name, second["study_uid"])
+    assert b.sync(second) == len(FINISHED)  # was 0
+    parent_a, parent_b = a.ensure_parent(first), b.ensure_parent(second)
+    assert parent_a != parent_b
+    client = MlflowClient(mlflow_store)
+    assert client.get_run(parent_a).data.tags["dmdopt.pareto"] == "1,0,3"  # not overwritten
+    assert client.get_run(parent_b).data.tags["dmdopt.pareto"] == "1"
+    children = _runs(mlflow_store, study_name, "child")
+    assert sorted(children.groupby("tags.mlflow.parentRunId").size()) == [4, 4]
+    # a study made before uids (none in its summary) still finds runs made without the tag
+    legacy = make_summary(study_name)
+    assert StudyTracker(mlflow_store, study_name).sync(legacy) == len(FINISHED)
+    assert StudyTracker(mlflow_store, study_name).sync(legacy) == 0
