@@ -180,15 +180,20 @@ class _Tracking:
             summary = summarize(study, storage_url=self.storage_url)
             self.tracker.study_uid = summary["study_uid"]
             self.tracker.ensure_parent(summary)
-            # a resume: trials an interrupt or a killed worker ended never reached a callback
-            self.tracker.log_missing(summary)
+            # a resume: trials an interrupt or a killed worker ended never reached a callback;
+            # the parent's front and status follow (an interrupted run left it RUNNING)
+            if self.tracker.log_missing(summary) is not None:
+                self.tracker.refresh_parent(summary)
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        if self.tracker is None or is_surplus(trial):
+        if self.tracker is None:
             return
         try:
             summary = summarize(study, storage_url=self.storage_url)
             self.tracker.study_uid = summary["study_uid"]
+            if is_surplus(trial):  # no result to log, but it may be the last trial to end:
+                self.tracker.refresh_parent(summary)  # the parent's status follows
+                return
             self.tracker.log_trial(summary, trial.number)
             # A retry re-runs dead workers' trials, failed by the heartbeat: no worker's callback
             # ever saw them end, so they are logged here (idempotent), not only by a sync. The

@@ -26,7 +26,7 @@ from mlflow.entities import Metric, Param, RunTag, ViewType
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from dmdopt._util import git_commit, mask_url, versions
+from dmdopt._util import deferred_interrupts, git_commit, mask_url, versions
 
 log = logging.getLogger(__name__)
 # MLflow announces its one-off sqlite schema set-up at INFO on every new store; in a study's
@@ -273,9 +273,12 @@ class StudyTracker:
         return sorted(runs, key=lambda r: (r.info.start_time, r.info.run_id))
 
     def logged_trials(self) -> dict[int, str]:
-        """trial number -> child run id, for every child already in MLflow."""
+        """trial number -> child run id, for every child already in MLflow (and terminated:
+        a child still RUNNING was cut off while being written, see `log_trial`)."""
         found: dict[int, str] = {}
         for run in self._search(f"tags.`{TAG_ROLE}` = 'child'"):
+            if run.info.status == "RUNNING":
+                continue
             try:
                 found.setdefault(int(run.data.tags[TAG_TRIAL]), run.info.run_id)
             except (KeyError, ValueError):
@@ -368,12 +371,15 @@ class StudyTracker:
         metrics += [Metric(k, v, now + 1, 0) for k, v in final.items()]
 
         start = _epoch_ms(trial.get("datetime_start"), now)
-        run = self.client.create_run(self.experiment_id, start_time=start, tags=tags,
-                                     run_name=f"trial-{number:03d}")
-        run_id = run.info.run_id
-        log_batch(self.client, run_id, metrics=metrics, params=params)
-        _quiet_terminate(self.client, run_id, FINISHED_STATES[state],
-                                   end_time=_epoch_ms(trial.get("datetime_complete"), now))
+        # Terminating the run is its last write: a child left RUNNING is one a failure (the
+        # store gone mid-way) cut off, and the next log_trial replaces it. Ctrl-C waits.
+        with deferred_interrupts():
+            run = self.client.create_run(self.experiment_id, start_time=start, tags=tags,
+                                         run_name=f"trial-{number:03d}")
+            run_id = run.info.run_id
+            log_batch(self.client, run_id, metrics=metrics, params=params)
+            _quiet_terminate(self.client, run_id, FINISHED_STATES[state],
+                             end_time=_epoch_ms(trial.get("datetime_complete"), now))
         return run_id
 
     @tolerant
@@ -385,8 +391,10 @@ class StudyTracker:
         parent_id = self._parent(summary)
         existing = self._search(f"tags.`{TAG_ROLE}` = 'child' and "
                                 f"tags.`{TAG_TRIAL}` = '{int(number)}'")
-        if existing:
+        if any(run.info.status != "RUNNING" for run in existing):
             return None
+        for half_logged in existing:  # children are terminated as they are written
+            self.client.delete_run(half_logged.info.run_id)
         return self._create_child(summary, trial, parent_id)
 
     # -- parent artifacts and metrics

@@ -292,3 +292,34 @@ def test_two_studies_of_one_name_keep_their_own_runs(mlflow_store, make_summary,
     legacy = make_summary(study_name)
     assert StudyTracker(mlflow_store, study_name).sync(legacy) == len(FINISHED)
     assert StudyTracker(mlflow_store, study_name).sync(legacy) == 0
+
+
+def test_a_child_cut_off_while_written_is_replaced_by_the_next_sync(mlflow_store, make_summary,
+                                                                  study_name, monkeypatch):
+    """The store failing between a child's creation and its last write left it RUNNING and
+    empty for good: every later log_trial and sync saw "already logged"."""
+    import dmdopt.tracking.runs as runs
+
+    summary = make_summary(study_name)
+    tracker = StudyTracker(mlflow_store, study_name)
+    tracker.ensure_parent(summary)
+    real = runs.log_batch
+
+    def store_gone(client, run_id, **kw):
+        if kw.get("metrics"):
+            raise ConnectionError("server went away")
+        return real(client, run_id, **kw)
+
+    monkeypatch.setattr(runs, "log_batch", store_gone)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert tracker.log_trial(summary, 0) is None  # failed (tolerated, warned)
+    monkeypatch.setattr(runs, "log_batch", real)
+    half = _runs(mlflow_store, study_name, "child")
+    assert list(half["status"]) == ["RUNNING"]
+
+    assert StudyTracker(mlflow_store, study_name).sync(summary) == len(FINISHED)  # was 3
+    children = _runs(mlflow_store, study_name, "child")
+    assert len(children) == len(FINISHED) and set(children["status"]) <= {"FINISHED", "FAILED"}
+    trial0 = children[children["tags.dmdopt.trial_number"] == "0"].iloc[0]
+    assert trial0["metrics.cost_bpe"] == 300.0
