@@ -158,7 +158,6 @@ def test_bad_arguments_and_checkpoints_are_user_errors(tmp_path, cache_dir, unin
 
 
 def test_an_unusable_tracking_store_fails_before_training(tmp_path, cache_dir, uninterrupted):
-    pytest.importorskip("dmdopt.tracking.models")
     config = write_config(tmp_path / "tuned.toml", uninterrupted)
     blocker = tmp_path / "afile"
     blocker.write_text("")
@@ -175,7 +174,6 @@ def test_a_logging_failure_after_training_keeps_the_figures(tmp_path, cache_dir,
                                                             monkeypatch, capsys):
     """The store dies between the check and the end of training: the metrics are printed,
     then one error line (exit 1); a re-run logs the finished run without training again."""
-    pytest.importorskip("dmdopt.tracking.models")
     import dmdopt.production
     from dmdopt.cli import main
 
@@ -202,7 +200,6 @@ def test_a_logging_failure_after_training_keeps_the_figures(tmp_path, cache_dir,
 
 @pytest.mark.slow
 def test_mlflow_run_carries_the_source_study_and_trial(tmp_path, cache_dir, uninterrupted):
-    pytest.importorskip("dmdopt.tracking.models")
     from mlflow.tracking import MlflowClient
 
     config = write_config(tmp_path / "tuned.toml", uninterrupted)

@@ -329,3 +329,42 @@ def test_growing_auto_follows_growing_modes_under_sgd_only():
     assert resolve_growing("auto", torch.optim.RMSprop(model.parameters())) == "drop"
     for policy in ("drop", "drift"):  # an explicit policy is kept whatever the optimiser
         assert DMDAccelerator(model, adam, DMDConfig(growing=policy)).growing == policy
+
+
+def _affine_accelerator(config, optimizer_cls=torch.optim.SGD):
+    w = nn.Parameter(torch.zeros(1, dtype=torch.float64))
+    model = nn.Module()
+    model.w = w
+    return w, DMDAccelerator(model, optimizer_cls([w], lr=0.0), config)
+
+
+@pytest.mark.parametrize(("target", "factor"), [(1.0, 1.0), (0.87, 0.5)])
+def test_inf_horizon_jumps_to_the_fixed_point_or_a_damped_step(target, factor):
+    # x_k = 1 - 0.8^k: affine, fixed point 1. Candidates: now + f (1 - now), f in the ladder.
+    w, acc = _affine_accelerator(DMDConfig(window=6, rank=2, horizon="inf", line_search=(0.25, 0.5, 1.0),
+                                               snapshot_dtype="float64"))
+    closure = lambda: (w.detach() - target).pow(2).sum()  # noqa: E731
+    for k in range(6):
+        with torch.no_grad():
+            w.fill_(1 - 0.8 ** (k + 1))
+        kept = acc.step(closure)
+    now = 1 - 0.8 ** 6
+    assert kept is True
+    assert float(w.detach()) == pytest.approx(now + factor * (1 - now), abs=1e-9)
+    assert acc.stats["chosen_horizons"] == [math.inf if factor == 1.0 else factor]
+
+
+@pytest.mark.parametrize(("opt", "kept"), [(torch.optim.SGD, True), (torch.optim.Adam, False)])
+def test_growing_auto_follows_a_growing_mode_under_sgd_only(opt, kept):
+    # x_k = 1.1^k (one growing mode): 'drift' continues at the last step length, 'drop' stays.
+    w, acc = _affine_accelerator(DMDConfig(window=6, rank=1, horizon=4.0, line_search=(1.0,),
+                                               snapshot_dtype="float64"), opt)
+    xs = [1.1 ** k for k in range(6)]
+    goal = xs[-1] + 4 * (xs[-1] - xs[-2])
+    closure = lambda: (w.detach() - goal).pow(2).sum()  # noqa: E731
+    for x in xs:
+        with torch.no_grad():
+            w.fill_(x)
+        out = acc.step(closure)
+    assert out is kept
+    assert float(w.detach()) == pytest.approx(goal if kept else xs[-1], rel=1e-9)

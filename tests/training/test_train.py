@@ -158,3 +158,34 @@ def test_dmd_config_rejects_bad_values(kwargs, needle):
 def test_dmd_config_accepts_inf_and_numpy_numbers():
     assert math.isinf(DMDConfig(horizon="inf").horizon)
     assert DMDConfig.from_dict(DMDConfig(horizon=math.inf).to_dict()).horizon == math.inf
+
+
+@pytest.mark.parametrize(("cut", "warmup"), [(23, 0), (20, 3)])
+def test_resume_inside_a_window_is_bit_identical(tiny_dataset, tmp_path, cut, warmup):
+    """Every other resume test stops at a window boundary, with no snapshots to carry over."""
+    dmd = DMDConfig(window=5, rank=3, horizon=20.0, warmup=warmup)
+    base = dict(max_steps=40, eval_every=10, batch_size=16, lr=3e-3, seed=1, device="cpu")
+    straight = train(dataset=tiny_dataset, model=SMALL, training=TrainConfig(**base), dmd=dmd)
+    ck = tmp_path / "run.pt"
+    train(dataset=tiny_dataset, model=SMALL, training=TrainConfig(**base | {"max_steps": cut}),
+          dmd=dmd, checkpoint_path=ck, checkpoint_every=1000)
+    assert torch.load(ck, weights_only=True)["accelerator"]["filled"] not in (0, 5)  # mid-window
+    resumed = train(dataset=tiny_dataset, model=SMALL, training=TrainConfig(**base), dmd=dmd,
+                    checkpoint_path=ck, checkpoint_every=1000)
+    assert resumed.metrics == straight.metrics
+    assert (resumed.jumps_accepted, resumed.jumps_rejected) == (straight.jumps_accepted, straight.jumps_rejected)
+    for a, b in zip(resumed.model.state_dict().values(), straight.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_minibatch_closure_calls_are_billed_as_full_training_set_passes(tiny_dataset, monkeypatch):
+    """The accept test runs over the whole training set: billed as n_train / batch forwards."""
+    from dmdopt import DMDAccelerator
+
+    calls = []
+    real = DMDAccelerator._loss
+    monkeypatch.setattr(DMDAccelerator, "_loss", lambda self, c: calls.append(1) or real(self, c))
+    n_train = len(tiny_dataset.split("train")[0])
+    result = train(dataset=tiny_dataset, model=SMALL, dmd=DMDConfig(window=5, rank=3, horizon=20.0),
+                   training=TrainConfig(max_steps=40, eval_every=10, batch_size=8, device="cpu"))
+    assert calls and result.cost["forward_passes"] == pytest.approx(len(calls) * n_train / 8)
