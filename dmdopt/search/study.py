@@ -315,6 +315,11 @@ def worker_loop(config: StudyConfig, *, storage_url: str, n_trials: int | None,
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM: say so on the trial (and in MLflow)
             with suppress(Exception):
                 trial.set_user_attr("fail_reason", INTERRUPTED)
+                # and queue its settings, so a resume trains them first: otherwise a preempted
+                # trial's point was lost, as a SIGKILLed worker's (re-queued by the heartbeat)
+                # is not, and an interrupt changed what the study explored
+                if trial.params:
+                    study.enqueue_trial(trial.params, user_attrs={"rerun_of": trial.number})
             raise
         except optuna.TrialPruned:  # by the cost bound: a result, so it faces the check below
             _surplus_at_end(trial)

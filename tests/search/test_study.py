@@ -127,8 +127,14 @@ def test_interrupt_keeps_finished_trials_then_resumes(study_dir, monkeypatch, ca
     assert "KeyboardInterrupt" in err and "Traceback" not in err  # Optuna's line, no traceback
     study = load_study("tiny", config.storage)
     assert len(complete(study)) == 1
+    cut = next(t for t in study.trials if t.state == TrialState.FAIL)
     monkeypatch.setattr(objective_module, "train", real_train)
-    assert len(complete(run(config))) == 3
+    resumed = complete(run(config))
+    assert len(resumed) == 3
+    # the interrupted trial's settings are trained on resume (they were dropped; a SIGKILLed
+    # worker's trial is re-queued by the heartbeat): an interrupt does not change the study
+    rerun = [t for t in resumed if t.user_attrs.get("rerun_of") == cut.number]
+    assert len(rerun) == 1 and rerun[0].params == cut.params
 
 
 def count_training(monkeypatch) -> dict:
