@@ -505,4 +505,13 @@ def run_study(config: StudyConfig, *, n_trials: int | None = None, storage: str 
             raise WorkersFailed(f"{len(died)} of {workers} worker process(es) died ({codes}) with "
                                 f"{complete}{of} trials finished; finished trials are kept: run "
                                 "the same command again to resume")
+    complete = _count_results(study)
+    if n_trials is not None and timeout is None and complete < n_trials:
+        # the workers gave up (3 x n_trials trials each, failing): not "done"
+        failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+        reason = failed[-1].user_attrs.get("fail_reason") or failed[-1].system_attrs.get(
+            "fail_reason", "see the log above") if failed else "see the log above"
+        raise WorkersFailed(f"study {config.name}: {complete} of {n_trials} trials have a result; "
+                            f"{len(failed)} failed (last: {str(reason).splitlines()[0][:200]}); "
+                            "finished trials are kept: fix the cause and run the same command again")
     return study

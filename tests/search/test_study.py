@@ -10,6 +10,7 @@ from optuna.trial import TrialState
 from processes import alive
 from study_files import tiny_study_toml
 
+from dmdopt.errors import WorkersFailed
 from dmdopt.search import load_study_file, run_study
 from dmdopt.search import objective as objective_module
 from dmdopt.search.sampler import TrialSeededSampler
@@ -192,9 +193,12 @@ def test_diverging_trials_fail_with_reason_and_study_goes_on(study_dir):
     config = config_for(study_dir, n_trials=1,
                         training='optimizer = "sgd"\nlr = 0.01\nmax_steps = 30\neval_every = 10',
                         search="[search.lr]\nlow = 1e4\nhigh = 1e5\nlog = true\n")
-    study = run(config)
+    # the worker gives up after 3 x n_trials: an error naming the cause, not "done" (exit 0)
+    with pytest.raises(WorkersFailed, match=r"0 of 1 trials have a result; 3 failed \(last: diverged"):
+        run(config)
+    study = load_study("tiny", config.storage)
     failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
-    assert len(failed) == 3 and not complete(study)  # the worker gives up after 3 x n_trials
+    assert len(failed) == 3 and not complete(study)
     assert all("diverged" in t.user_attrs["fail_reason"] for t in failed)
 
 
