@@ -50,6 +50,18 @@ def test_bad_arguments_one_line_exit_2(argv, capsys):
     (["train", "--steps", "3", "--checkpoint-dir", "ck"], "--checkpoint-dir applies only"),
     (["train", "--steps", "3", "--dmd-horizon", "0"], "dmd.horizon"),  # was: DMD silently off
 ])
+@pytest.mark.parametrize("url", ["sqlite:///:memory:", "sqlite://"])
+def test_an_in_memory_storage_is_refused(url, tmp_path, monkeypatch, capsys):
+    """Each worker got its own empty database (tracebacks), and nothing outlived the command."""
+    from study_files import tiny_study_toml
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "s.toml").write_text(tiny_study_toml())
+    assert main(["study", "run", "s.toml", "--storage", url, "--no-mlflow", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "in-memory database" in err and err.count("\n") == 0
+
+
 def test_train_flags_that_do_not_apply_are_refused(argv, needle, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert main(argv) == 2

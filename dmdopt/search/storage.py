@@ -66,6 +66,11 @@ def open_storage(url: str, *, heartbeat_interval: int | None = None,
                  grace_period: int | None = None) -> RDBStorage:
     """An RDB storage for `url`; SQLite directories are created; failures are one clear line."""
     heartbeat_interval, grace_period = heartbeat_settings(heartbeat_interval, grace_period)
+    if url in ("sqlite://", "sqlite:///:memory:"):
+        # each process (each --workers process) would get its own empty database, and every
+        # trial would be gone when the command ends
+        raise UserError(f"storage: {url!r} is an in-memory database, which does not outlive the "
+                        "command; use a file (sqlite:///path/optuna.db) or a server")
     if url.startswith("sqlite:///"):
         path = Path(url[len("sqlite:///"):])
         if str(path) not in ("", ":memory:"):
