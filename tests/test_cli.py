@@ -43,13 +43,6 @@ def test_bad_arguments_one_line_exit_2(argv, capsys):
     assert err.count("\n") == 0 and err.startswith("dmdopt")
 
 
-@pytest.mark.parametrize(("argv", "needle"), [
-    (["train", "--config", "tuned.toml", "--lr", "5"], "--lr does not apply with --config"),
-    (["train", "--config", "tuned.toml", "--dmd-window", "5"], "--dmd-window does not apply"),
-    (["train", "--steps", "3", "--tracking-uri", "sqlite:///x.db"], "--tracking-uri applies only"),
-    (["train", "--steps", "3", "--checkpoint-dir", "ck"], "--checkpoint-dir applies only"),
-    (["train", "--steps", "3", "--dmd-horizon", "0"], "dmd.horizon"),  # was: DMD silently off
-])
 @pytest.mark.parametrize("url", ["sqlite:///:memory:", "sqlite://"])
 def test_an_in_memory_storage_is_refused(url, tmp_path, monkeypatch, capsys):
     """Each worker got its own empty database (tracebacks), and nothing outlived the command."""
@@ -62,6 +55,13 @@ def test_an_in_memory_storage_is_refused(url, tmp_path, monkeypatch, capsys):
     assert "in-memory database" in err and err.count("\n") == 0
 
 
+@pytest.mark.parametrize(("argv", "needle"), [
+    (["train", "--config", "tuned.toml", "--lr", "5"], "--lr does not apply with --config"),
+    (["train", "--config", "tuned.toml", "--dmd-window", "5"], "--dmd-window does not apply"),
+    (["train", "--steps", "3", "--tracking-uri", "sqlite:///x.db"], "--tracking-uri applies only"),
+    (["train", "--steps", "3", "--checkpoint-dir", "ck"], "--checkpoint-dir applies only"),
+    (["train", "--steps", "3", "--dmd-horizon", "0"], "dmd.horizon"),  # was: DMD silently off
+])
 def test_train_flags_that_do_not_apply_are_refused(argv, needle, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert main(argv) == 2
