@@ -61,14 +61,9 @@ def _load_dataset(config: StudyConfig, cache_dir: str | os.PathLike, progress: b
     return load_dataset(ProblemConfig.from_dict(config.problem), cache_dir=cache_dir, progress=progress)
 
 
-def prepare_study(config: StudyConfig, *, storage_url: str, cache_dir="dmdopt-runs/data",
-                  progress: bool = True, echo=print,
-                  n_trials: int | None = None) -> tuple[optuna.Study, object]:
-    """Create or resume the study, build the dataset, run the reference once.
-
-    `n_trials`: the effective quota (`--n-trials` or the file's); a new study stores the NSGA-II
-    population it implies, which its workers and resumes keep."""
-    storage = open_storage(storage_url)
+def _open_study(config: StudyConfig, storage, storage_url: str,
+                n_trials: int | None) -> optuna.Study:
+    """Create (with its uid, config and objectives) or load the study; refuse another config."""
     directions = ["minimize"] if config.mode == "cost_to_target" else ["minimize", "minimize"]
     # cost_to_target prunes in the objective (`_BestCost`): a median rule on val error pruned
     # 22 of the first 26 trials of a 2,000-step Adam study, 17 at step 20, on one jump's float noise
@@ -100,6 +95,18 @@ def prepare_study(config: StudyConfig, *, storage_url: str, cache_dir="dmdopt-ru
             f"study {config.name!r} already exists in {mask_url(storage_url)} with a different "
             "configuration; give this one another [study] name or use another storage"
         )
+    return study
+
+
+def prepare_study(config: StudyConfig, *, storage_url: str, cache_dir="dmdopt-runs/data",
+                  progress: bool = True, echo=print,
+                  n_trials: int | None = None) -> tuple[optuna.Study, object]:
+    """Create or resume the study, build the dataset, run the reference once.
+
+    `n_trials`: the effective quota (`--n-trials` or the file's); a new study stores the NSGA-II
+    population it implies, which its workers and resumes keep."""
+    storage = open_storage(storage_url)
+    study = _open_study(config, storage, storage_url, n_trials)
 
     def drop_empty_study() -> None:
         """No reference, no study: delete the empty one so that a corrected file runs under the
@@ -109,11 +116,21 @@ def prepare_study(config: StudyConfig, *, storage_url: str, cache_dir="dmdopt-ru
             if study.user_attrs.get("reference") is None and not study.get_trials(deepcopy=False):
                 optuna.delete_study(study_name=config.name, storage=storage)
 
+    def reopened_if_deleted(study: optuna.Study) -> optuna.Study:
+        """Another launcher, stopped before its reference, may have deleted the (then empty)
+        study while this one built the dataset or trained: create it again."""
+        try:
+            study.user_attrs  # noqa: B018 - raises KeyError ("Record does not exist") if gone
+            return study
+        except KeyError:
+            return _open_study(config, storage, storage_url, n_trials)
+
     try:
         dataset = _load_dataset(config, cache_dir, progress)
     except BaseException:  # a crash, an interrupt: nothing was finished, nothing is lost
         drop_empty_study()
         raise
+    study = reopened_if_deleted(study)
     if study.user_attrs.get("reference") is None:
         echo(f"reference: plain {config.training.optimizer} for {config.training.max_steps} steps ...")
         try:
@@ -132,6 +149,7 @@ def prepare_study(config: StudyConfig, *, storage_url: str, cache_dir="dmdopt-ru
                 "lower training.lr or change training.max_steps")
         # Workers starting together on a new study each train the reference; the first one
         # stored wins, so every worker (and every plot) uses the same reference.
+        study = reopened_if_deleted(study)
         if study.user_attrs.get("reference") is None:
             study.set_user_attr("reference", reference)
     reference = study.user_attrs["reference"]

@@ -60,6 +60,26 @@ def test_a_crash_before_the_reference_leaves_no_study_behind(study_dir, monkeypa
     assert len(complete(run(corrected))) == 1
 
 
+def test_a_study_deleted_by_another_launcher_during_the_reference_is_created_again(study_dir,
+                                                                                 monkeypatch):
+    """Launchers start together; one stopped before its reference deletes the empty study
+    (above) while another trains its reference: that one lost it, with a KeyError traceback."""
+    import dmdopt.search.study as study_module
+
+    config = config_for(study_dir, n_trials=1)
+    real = study_module.reference_run
+
+    def reference_while_another_launcher_drops(config_, dataset):
+        reference = real(config_, dataset)
+        optuna.delete_study(study_name=config_.name, storage=config_.storage)
+        return reference
+
+    monkeypatch.setattr(study_module, "reference_run", reference_while_another_launcher_drops)
+    study = run(config)
+    assert len(complete(study)) == 1 and study.user_attrs["reference"]["cost_bpe"] == 60
+    assert study.user_attrs["config_digest"] and summarize(study)["study_uid"]
+
+
 def test_study_runs_and_records_reference_and_objectives(study_dir):
     config = config_for(study_dir, n_trials=3)
     study = run(config)
