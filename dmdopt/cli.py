@@ -126,7 +126,11 @@ def cmd_train(args) -> int:
                                  tracking_uri=args.tracking_uri, cache_dir=args.cache_dir,
                                  progress=not args.quiet, log_mlflow=not args.no_mlflow)
         error = out.pop("mlflow_error", None)
+        already = out.pop("already_logged", False)
         _print_metrics(out)  # the results first, whatever happens to the logging
+        if already:
+            print(f"note: this checkpoint's result is already logged as MLflow run "
+                  f"{out['run_id']}; nothing new was trained or logged", file=sys.stderr)
         if out["stopped_by"] == "target":  # e.g. a config exported from a cost_to_target study
             print(f"note: the run stopped at step {out['steps']}, where it reached "
                   f"training.target_error; delete that key from {args.config} to train the "

@@ -16,6 +16,7 @@ was never interrupted (same device type). Then:
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -196,15 +197,47 @@ def run_production(
                 tuned.expected.get("device", "an unknown device"), result.device)
     summary["run_id"] = None
     if log_mlflow:
+        marker = ckpt.with_name(f"{key}.mlflow.json")  # which run holds this checkpoint's result
         try:
+            logged = _logged_before(marker, tracking_uri, summary["steps"])
+            if logged is not None:  # a re-run that trained nothing new: no second, identical run
+                summary["run_id"], summary["already_logged"] = logged, True
+                return summary
             summary["run_id"] = _log_run(tracking_uri=tracking_uri, experiment=experiment,
                                          tuned=tuned, training=training, result=result,
                                          config_path=config_path, key=key, summary=summary)
+            _write_marker(marker, tracking_uri, summary["steps"], summary["run_id"])
         except Exception as exc:  # noqa: BLE001 - the trained model is safe in its checkpoint
             summary["mlflow_error"] = (
                 f"training finished, but logging it to MLflow failed ({_short(exc)}); the model "
                 f"is in {ckpt}: re-run the same command to log it (it resumes there, no training)")
     return summary
+
+
+def _logged_before(marker: Path, tracking_uri: str | None, steps: int) -> str | None:
+    """The run id this checkpoint's result was logged as, at this step count, to this store,
+    if that run still exists; else None (log it)."""
+    from dmdopt.tracking.models import run_exists
+    from dmdopt.tracking.runs import resolve_tracking_uri
+
+    try:
+        record = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return None
+    if (not isinstance(record, dict) or record.get("steps") != steps
+            or record.get("tracking_uri") != resolve_tracking_uri(tracking_uri)):
+        return None
+    run_id = record.get("run_id")
+    return run_id if isinstance(run_id, str) and run_exists(tracking_uri, run_id) else None
+
+
+def _write_marker(marker: Path, tracking_uri: str | None, steps: int, run_id: str) -> None:
+    from dmdopt._util import atomic_file
+    from dmdopt.tracking.runs import resolve_tracking_uri
+
+    with atomic_file(marker) as fh:
+        json.dump({"run_id": run_id, "steps": steps,
+                   "tracking_uri": resolve_tracking_uri(tracking_uri)}, fh)
 
 
 def _short(exc: BaseException) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import signal
 import subprocess
 import sys
@@ -196,6 +197,17 @@ def test_a_logging_failure_after_training_keeps_the_figures(tmp_path, cache_dir,
     assert main(argv) == 0
     out, _ = capsys.readouterr()
     assert "resumed_from_step: 40" in out and "run_id: None" not in out
+    run_id = re.search(r"run_id: (\w+)", out).group(1)
+    # once more: nothing new was trained, so nothing new is logged (it logged a copy each time)
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    assert f"run_id: {run_id}" in out and "already logged" in err
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              filter_string="tags.`dmdopt.role` = 'production'")
+    assert [r.info.run_id for r in runs] == [run_id]
 
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ import mlflow
 import mlflow.pytorch
 import numpy as np
 import torch
+from mlflow.exceptions import MlflowException
 from mlflow.models.signature import ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types.schema import Schema, TensorSpec
@@ -119,6 +120,17 @@ def log_model_run(*, tracking_uri: str | None, experiment: str, run_name: str, m
         raise
     client.set_terminated(run_id, "FINISHED")
     return run_id
+
+
+def run_exists(tracking_uri: str | None, run_id: str) -> bool:
+    """Whether `run_id` is a finished, not deleted run of the store (a production re-run
+    that trained nothing new reuses it instead of logging a copy)."""
+    uri = resolve_tracking_uri(tracking_uri)
+    try:
+        run = MlflowClient(tracking_uri=uri).get_run(run_id)
+    except MlflowException:  # absent (another store, or purged)
+        return False
+    return run.info.lifecycle_stage == "active" and run.info.status == "FINISHED"
 
 
 def load_logged_model(tracking_uri: str | None, run_id: str, *,
