@@ -10,7 +10,8 @@ extension. Schema version 1::
     [model]       ModelConfig.to_dict()
     [problem]     ProblemConfig.to_dict()
     [provenance]  study_name, trial_number, policy, storage (password masked), dataset_hash,
-                  versions {dmdopt, torch, optuna, mlflow}, git_commit, created_at (UTC)
+                  versions {dmdopt, torch, optuna, mlflow} and git_commit of the code that ran
+                  the trial, created_at (UTC, the export's time)
     [expected]    the trial's metrics: cost_bpe, cost_total, val_rel_l2, test_rel_l2, speedup,
                   device (where the trial ran)
 
@@ -175,8 +176,10 @@ def tuned_config_from_summary(summary: dict, *, policy: str = "knee", value: flo
         "policy": policy_text,
         "storage": mask_url(summary.get("storage")),
         "dataset_hash": problem.config_hash(),
-        "versions": versions(),
-        "git_commit": git_commit(),
+        # the code the trial ran (studies before this record: the exporting checkout's)
+        "versions": (attrs.get("code") or {}).get("versions") or versions(),
+        "git_commit": (attrs.get("code") or {}).get("git_commit") if attrs.get("code")
+        else git_commit(),
         "created_at": datetime.now(UTC).replace(microsecond=0).isoformat(),
     }
     return TunedConfig(dmd=dmd, training=training, model=model, problem=problem,

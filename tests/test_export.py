@@ -260,3 +260,17 @@ def test_toml_writer_escapes_awkward_strings(summary, tmp_path):
     tuned = export_tuned_config(summary, path)
     assert load_tuned_config(path).provenance["study_name"] == summary["study_name"]
     assert tuned.provenance["study_name"] == summary["study_name"]
+
+
+def test_provenance_names_the_code_that_ran_the_trial_not_the_exporting_one(summary, tmp_path):
+    """An export after an upgrade recorded the exporting checkout's versions and commit beside
+    the trial's figures; the trial's own record wins (older studies have none: export-time)."""
+    import copy
+
+    ran = {"versions": {"dmdopt": "0.0.1", "torch": "2.0.0"}, "git_commit": "ab" * 20}
+    trial_summary = copy.deepcopy(summary)
+    trial_summary["trials"][2]["user_attrs"]["code"] = ran
+    prov = export_tuned_config(trial_summary, tmp_path / "t.toml").provenance
+    assert prov["versions"] == ran["versions"] and prov["git_commit"] == ran["git_commit"]
+    legacy = export_tuned_config(summary, tmp_path / "l.toml").provenance
+    assert legacy["versions"]["dmdopt"] != "0.0.1"

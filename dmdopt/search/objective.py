@@ -71,9 +71,14 @@ class Objective:
     """Callable objective bound to a study config, its dataset and its reference result."""
 
     def __init__(self, config: StudyConfig, dataset, reference: dict) -> None:
+        from dmdopt._util import git_commit, versions
+
         self.config = config
         self.dataset = dataset
         self.reference = reference
+        # the code that produced each trial's figures (an export's provenance): a study may be
+        # resumed, or exported, after an upgrade
+        self.code = {"versions": versions(), "git_commit": git_commit()}
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
         cfg = self.config
@@ -130,6 +135,7 @@ class Objective:
             "jumps_accepted": result.jumps_accepted, "jumps_rejected": result.jumps_rejected,
             "curve": curve_summary(result), "device": result.device,
             "forward_passes": result.cost["forward_passes"], "backprop_steps": result.cost["backprop_steps"],
+            "code": self.code,
         }
         for key, value in attrs.items():
             trial.set_user_attr(key, value)

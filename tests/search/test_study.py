@@ -98,6 +98,7 @@ def test_study_runs_and_records_reference_and_objectives(study_dir):
         assert math.isclose(t.user_attrs["speedup"], ref["cost_bpe"] / cost)
         assert math.isclose(t.user_attrs["speedup_first_passage"], ref["first_passage_bpe"] / cost)
         assert t.user_attrs["curve"][0][0] == 0.0
+        assert "dmdopt" in t.user_attrs["code"]["versions"]  # what an export's provenance names
     assert (study_dir / "dmdopt-runs" / "optuna.db").exists()
     uid = summarize(study)["study_uid"]  # its identity in MLflow, beside its name
     assert isinstance(uid, str) and len(uid) == 32
