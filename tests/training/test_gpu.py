@@ -53,10 +53,15 @@ def test_checkpoint_resumes_on_cuda(tiny_dataset, tmp_path):
     cfg = dict(optimizer="adam", lr=0.01, eval_every=10, batch_size=16, device="cuda")
     straight = train(dataset=tiny_dataset, model=SMALL, training=TrainConfig(max_steps=40, **cfg), dmd=dmd)
     ckpt = tmp_path / "run.pt"
-    train(dataset=tiny_dataset, model=SMALL, training=TrainConfig(max_steps=20, **cfg), dmd=dmd,
-          checkpoint_path=ckpt, checkpoint_every=10)
+    # cut inside a window (23 = 4 windows + 3 snapshots), so the snapshots travel too
+    train(dataset=tiny_dataset, model=SMALL, training=TrainConfig(max_steps=23, **cfg), dmd=dmd,
+          checkpoint_path=ckpt, checkpoint_every=1000)
+    assert torch.load(ckpt, weights_only=True)["accelerator"]["filled"] not in (0, 5)
     resumed = train(dataset=tiny_dataset, model=SMALL, training=TrainConfig(max_steps=40, **cfg),
-                    dmd=dmd, checkpoint_path=ckpt, checkpoint_every=10)
+                    dmd=dmd, checkpoint_path=ckpt, checkpoint_every=1000)
     assert resumed.device.startswith("cuda")
     assert [p["step"] for p in resumed.curve] == [p["step"] for p in straight.curve]
-    assert resumed.val_error == pytest.approx(straight.val_error, rel=1e-3)
+    assert (resumed.jumps_accepted, resumed.jumps_rejected) == (straight.jumps_accepted,
+                                                                straight.jumps_rejected)
+    # same device: production's same-device tolerance (bit-identical on the CPU)
+    assert resumed.val_error == pytest.approx(straight.val_error, rel=1e-6)
