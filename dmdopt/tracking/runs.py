@@ -43,6 +43,7 @@ TAG_STUDY, TAG_ROLE = "dmdopt.study", "dmdopt.role"
 TAG_TRIAL, TAG_STATE, TAG_FAIL = "dmdopt.trial_number", "dmdopt.trial_state", "dmdopt.fail_reason"
 TAG_DUPLICATE = "dmdopt.duplicate_of"
 TAG_UID = "dmdopt.study_uid"  # which study of that name (see search.summary.study_uid)
+TAG_LOGGED_AT = "dmdopt.logged_at_ns"  # when a child was written: the first of twins stays
 _PARENT_SETTLE_S = 0.5  # after creating a parent, let a concurrent creator's insert land
 _MAX_PARAMS, _MAX_TAGS, _MAX_METRICS = 100, 100, 1000  # MLflow log_batch limits per call
 _PARAM_LEN, _TAG_LEN = 6000, 5000
@@ -338,7 +339,8 @@ class StudyTracker:
         attrs = trial.get("user_attrs") or {}
         now = int(time.time() * 1000)
         tags = {"mlflow.parentRunId": parent_id, TAG_STUDY: self.study_name, TAG_ROLE: "child",
-                TAG_TRIAL: str(number), TAG_STATE: state, **self._uid_tag()}
+                TAG_TRIAL: str(number), TAG_STATE: state, TAG_LOGGED_AT: str(time.time_ns()),
+                **self._uid_tag()}
         if state == "FAIL" or attrs.get("fail_reason"):
             tags[TAG_FAIL] = str(attrs.get("fail_reason") or "unknown")
         if attrs.get("duplicate_of") is not None:  # same settings as an earlier trial: its result
@@ -395,7 +397,20 @@ class StudyTracker:
             return None
         for half_logged in existing:  # children are terminated as they are written
             self.client.delete_run(half_logged.info.run_id)
-        return self._create_child(summary, trial, parent_id)
+        created = self._create_child(summary, trial, parent_id)
+        # A resume's log_missing and a worker's callback may both have found no child and
+        # both made one: the first logged (its tag; then the smaller run id) stays, and a
+        # process whose child came later deletes its own.
+        def order(run) -> tuple[int, str]:
+            return int(run.data.tags.get(TAG_LOGGED_AT, 0)), run.info.run_id
+
+        twins = sorted((run for run in self._search(
+            f"tags.`{TAG_ROLE}` = 'child' and tags.`{TAG_TRIAL}` = '{int(number)}'")
+            if run.info.status != "RUNNING"), key=order)
+        if twins and twins[0].info.run_id != created:
+            self.client.delete_run(created)
+            return None
+        return created
 
     # -- parent artifacts and metrics
     @tolerant

@@ -323,3 +323,26 @@ def test_a_child_cut_off_while_written_is_replaced_by_the_next_sync(mlflow_store
     assert len(children) == len(FINISHED) and set(children["status"]) <= {"FINISHED", "FAILED"}
     trial0 = children[children["tags.dmdopt.trial_number"] == "0"].iloc[0]
     assert trial0["metrics.cost_bpe"] == 300.0
+
+
+def test_two_processes_logging_one_trial_at_once_leave_one_child(mlflow_store, make_summary,
+                                                                study_name, monkeypatch):
+    """A resume's log_missing and a worker's callback both search, find no child, and both
+    create one: the later one deletes its own."""
+    summary = make_summary(study_name)
+    first, second = StudyTracker(mlflow_store, study_name), StudyTracker(mlflow_store, study_name)
+    first.ensure_parent(summary)
+    second.ensure_parent(summary)
+    real_search = StudyTracker._search
+    calls = {"n": 0}
+
+    def searched_before_the_other_wrote(self, filter_string):
+        calls["n"] += 1
+        return [] if calls["n"] == 1 else real_search(self, filter_string)
+
+    assert first.log_trial(summary, 0)
+    monkeypatch.setattr(StudyTracker, "_search", searched_before_the_other_wrote)
+    assert second.log_trial(summary, 0) is None  # it made a twin, then deleted it
+    monkeypatch.setattr(StudyTracker, "_search", real_search)
+    children = _runs(mlflow_store, study_name, "child")
+    assert list(children["tags.dmdopt.trial_number"]) == ["0"]
