@@ -107,7 +107,9 @@ def render_dashboard(summary: dict) -> str:
         title=title,
         dmdopt_version=html.escape(versions().get("dmdopt", "dev")),
         generated=datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
-        metric_names=html.escape(", ".join(summary.get("metric_names") or [])),
+        # the study's objectives (one in cost_to_target mode), not the columns of its points
+        metric_names=html.escape(", ".join(summary.get("objectives")
+                                           or summary.get("metric_names") or [])),
         summary_table=_summary_table(summary),
         plotlyjs=get_plotlyjs(),
         figures_json=_figures_json(summary),
