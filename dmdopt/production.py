@@ -199,7 +199,10 @@ def run_production(
     if log_mlflow:
         marker = ckpt.with_name(f"{key}.mlflow.json")  # which run holds this checkpoint's result
         try:
-            logged = _logged_before(marker, tracking_uri, summary["steps"])
+            # only a run whose checkpoint was already finished before this call trained
+            # nothing new (a deleted .pt trains again from step 0, and is logged again)
+            logged = (_logged_before(marker, tracking_uri, summary["steps"])
+                      if start == summary["steps"] else None)
             if logged is not None:  # a re-run that trained nothing new: no second, identical run
                 summary["run_id"], summary["already_logged"] = logged, True
                 return summary
@@ -220,24 +223,30 @@ def _logged_before(marker: Path, tracking_uri: str | None, steps: int) -> str | 
     from dmdopt.tracking.models import run_exists
     from dmdopt.tracking.runs import resolve_tracking_uri
 
-    try:
-        record = json.loads(marker.read_text())
-    except (OSError, ValueError):
-        return None
-    if (not isinstance(record, dict) or record.get("steps") != steps
-            or record.get("tracking_uri") != resolve_tracking_uri(tracking_uri)):
+    record = _read_marker(marker).get(resolve_tracking_uri(tracking_uri))
+    if not isinstance(record, dict) or record.get("steps") != steps:
         return None
     run_id = record.get("run_id")
     return run_id if isinstance(run_id, str) and run_exists(tracking_uri, run_id) else None
+
+
+def _read_marker(marker: Path) -> dict:
+    """{tracking URI: {"run_id", "steps"}}: one entry per store the result was logged to."""
+    try:
+        record = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def _write_marker(marker: Path, tracking_uri: str | None, steps: int, run_id: str) -> None:
     from dmdopt._util import atomic_file
     from dmdopt.tracking.runs import resolve_tracking_uri
 
+    record = _read_marker(marker)
+    record[resolve_tracking_uri(tracking_uri)] = {"run_id": run_id, "steps": steps}
     with atomic_file(marker) as fh:
-        json.dump({"run_id": run_id, "steps": steps,
-                   "tracking_uri": resolve_tracking_uri(tracking_uri)}, fh)
+        json.dump(record, fh)
 
 
 def _short(exc: BaseException) -> str:

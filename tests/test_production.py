@@ -208,6 +208,13 @@ def test_a_logging_failure_after_training_keeps_the_figures(tmp_path, cache_dir,
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
                               filter_string="tags.`dmdopt.role` = 'production'")
     assert [r.info.run_id for r in runs] == [run_id]
+    # the checkpoint deleted (as its "cannot be read" message advises): trained anew, logged anew
+    for ckpt in (tmp_path / "ck").glob("*.pt"):
+        ckpt.unlink()
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    assert "resumed_from_step: 0" in out and "already logged" not in err
+    assert f"run_id: {run_id}" not in out
 
 
 @pytest.mark.slow
