@@ -43,7 +43,9 @@ def test_bad_arguments_one_line_exit_2(argv, capsys):
     assert err.count("\n") == 0 and err.startswith("dmdopt")
 
 
-@pytest.mark.parametrize("url", ["sqlite:///:memory:", "sqlite://"])
+@pytest.mark.parametrize("url", ["sqlite:///:memory:", "sqlite://", "sqlite:///",
+                                 "sqlite+pysqlite://", "sqlite+pysqlite:///:memory:",
+                                 "sqlite:///:memory:?cache=shared"])
 def test_an_in_memory_storage_is_refused(url, tmp_path, monkeypatch, capsys):
     """Each worker got its own empty database (tracebacks), and nothing outlived the command."""
     from study_files import tiny_study_toml

@@ -62,11 +62,27 @@ def _with_driver(url: str) -> str:
     return url
 
 
+def _in_memory_sqlite(url: str) -> bool:
+    """sqlite://, sqlite:///, sqlite+pysqlite:///:memory:, ...?mode=memory: no file behind it."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):
+        return False  # not a URL: open_storage says so
+    if parsed.get_backend_name() != "sqlite":
+        return False
+    database = parsed.database or ""
+    return (database in ("", ":memory:") or database.startswith("file::memory:")
+            or parsed.query.get("mode") == "memory")
+
+
 def open_storage(url: str, *, heartbeat_interval: int | None = None,
                  grace_period: int | None = None) -> RDBStorage:
     """An RDB storage for `url`; SQLite directories are created; failures are one clear line."""
     heartbeat_interval, grace_period = heartbeat_settings(heartbeat_interval, grace_period)
-    if url in ("sqlite://", "sqlite:///:memory:"):
+    if _in_memory_sqlite(url):
         # each process (each --workers process) would get its own empty database, and every
         # trial would be gone when the command ends
         raise UserError(f"storage: {url!r} is an in-memory database, which does not outlive the "

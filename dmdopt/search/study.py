@@ -41,13 +41,27 @@ from dmdopt.training.loop import resolve_device
 log = logging.getLogger("dmdopt")
 
 
-def config_digest(config: StudyConfig) -> str:
-    """What must match for a re-run to resume this study (storage & n_trials may differ)."""
-    raw = {k: v for k, v in config.raw.items()}
+# Range keys earlier versions accepted and ignored (they now are errors): a study created with
+# one must still resume from its file with the key removed.
+_IGNORED_RANGE_KEYS = {"window": ("include_inf", "kind"), "rank": ("log", "include_inf"),
+                       "horizon": ("log", "kind"), "lr": ("include_inf", "kind")}
+
+
+def config_digest(config: StudyConfig | dict) -> str:
+    """What must match for a re-run to resume this study (storage & n_trials may differ).
+    `config`: a StudyConfig, or the raw dict a study stored (its `config` attribute)."""
+    raw = {k: v for k, v in (config.raw if isinstance(config, StudyConfig) else config).items()}
     study = dict(raw.get("study", {}))
     for key in ("storage", "n_trials", "timeout"):
         study.pop(key, None)
     raw["study"] = study
+    search = raw.get("search")
+    if isinstance(search, dict):
+        search = dict(search)
+        for table, keys in _IGNORED_RANGE_KEYS.items():
+            if isinstance(search.get(table), dict):
+                search[table] = {k: v for k, v in search[table].items() if k not in keys}
+        raw["search"] = search
     return hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -90,7 +104,8 @@ def _open_study(config: StudyConfig, storage, storage_url: str,
             study.set_metric_names(["cost_bpe"])
         else:
             study.set_metric_names(METRIC_NAMES)
-    elif existing != digest:
+    elif existing != digest and config_digest(study.user_attrs.get("config") or {}) != digest:
+        # (the second test: a study whose stored digest counted a range key now refused)
         raise UserError(
             f"study {config.name!r} already exists in {mask_url(storage_url)} with a different "
             "configuration; give this one another [study] name or use another storage"

@@ -105,3 +105,28 @@ def test_searched_growing_policy_reaches_the_dmd_config(tmp_path):
                                      "horizon_inf": False, "growing": "drift"})
     dmd = suggest_dmd(trial, config)
     assert (dmd.growing, dmd.window, dmd.rank) == ("drift", 6, 4)  # rank clipped to window - 2
+
+
+def test_a_study_made_with_a_now_refused_range_key_resumes_without_it(tmp_path):
+    """Earlier versions ignored `[search.horizon] log`; now it is refused, and removing it
+    from the file must not make the study "a different configuration"."""
+    import hashlib
+    import json
+
+    from dmdopt.search import run_study
+
+    path = write(tmp_path, tiny_study_toml(n_trials=1))
+    config = load_study_file(path)
+    study = run_study(config, tracking=False, progress=False, echo=lambda *_: None,
+                      storage=f"sqlite:///{tmp_path}/o.db")
+    # what the older version stored for the same file with `log = true` under the horizon
+    old_raw = json.loads(json.dumps(config.raw))
+    old_raw["search"]["horizon"]["log"] = True
+    hashed = dict(old_raw, study={k: v for k, v in old_raw["study"].items()
+                                  if k not in ("storage", "n_trials", "timeout")})
+    study.set_user_attr("config", old_raw)
+    study.set_user_attr("config_digest", hashlib.sha256(
+        json.dumps(hashed, sort_keys=True, default=str).encode()).hexdigest()[:16])
+    resumed = run_study(config, n_trials=2, tracking=False, progress=False, echo=lambda *_: None,
+                        storage=f"sqlite:///{tmp_path}/o.db")
+    assert len(resumed.trials) >= 2
