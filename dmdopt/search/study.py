@@ -348,12 +348,7 @@ def worker_loop(config: StudyConfig, *, storage_url: str, n_trials: int | None,
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM: say so on the trial (and in MLflow)
             with suppress(Exception):
                 trial.set_user_attr("fail_reason", INTERRUPTED)
-                # and queue its settings, so a resume trains them first: otherwise a preempted
-                # trial's point was lost, as a SIGKILLed worker's (re-queued by the heartbeat)
-                # is not, and an interrupt changed what the study explored
-                if trial.params:
-                    study.enqueue_trial(trial.params, user_attrs={"rerun_of": trial.number})
-            raise
+            raise  # Optuna marks it FAIL; then `_queue_rerun` queues its settings
         except optuna.TrialPruned:  # by the cost bound: a result, so it faces the check below
             _surplus_at_end(trial)
             raise
@@ -401,6 +396,9 @@ def worker_loop(config: StudyConfig, *, storage_url: str, n_trials: int | None,
             # SIGTERM and Ctrl-C wait while Optuna records a trial (see `deferred_interrupts`)
             with deferred_interrupts():
                 study.optimize(guarded, n_trials=1, catch=(Exception,), callbacks=[after])
+        except KeyboardInterrupt:
+            _queue_rerun(study, storage, current.get("id"))
+            raise
         except (ValueError, optuna.exceptions.UpdateFinishedTrialError, AssertionError):
             # AssertionError: Optuna's "Should not reach" when the others failed the trial
             # between the check in `guarded` and Optuna's tell (re-raised unless it is FAIL).
@@ -421,14 +419,48 @@ def worker_loop(config: StudyConfig, *, storage_url: str, n_trials: int | None,
                 if not storage.get_trial(current["id"]).state.is_finished():
                     storage.set_trial_user_attr(current["id"], "fail_reason", INTERRUPTED)
                     storage.set_trial_state_values(current["id"], TrialState.FAIL)
+            _queue_rerun(study, storage, current["id"])
             raise KeyboardInterrupt from None
         ran += 1
         if n_trials is not None and ran >= 3 * n_trials:
+            if _count_results(study) >= n_trials:  # the others filled it meanwhile
+                break
             echo(f"stopping: this worker ran {ran} trials without the study completing {n_trials}")
-            break
+            raise GaveUp(_gave_up_message(study, config.name, n_trials))
         if n_trials is not None and _count_results(study) >= n_trials:
             break
     return ran
+
+
+class GaveUp(WorkersFailed):
+    """A worker ran 3 x n_trials trials without the study reaching its quota (trials failing)."""
+
+
+GAVE_UP_EXIT = 3  # a worker process's exit code for GaveUp
+
+
+def _gave_up_message(study: optuna.Study, name: str, n_trials: int) -> str:
+    failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+    reason = "see the log above"
+    if failed:
+        last = failed[-1]
+        reason = last.user_attrs.get("fail_reason") or last.system_attrs.get("fail_reason") or reason
+    return (f"study {name}: {_count_results(study)} of {n_trials} trials have a result; "
+            f"{len(failed)} failed (last: {str(reason).splitlines()[0][:200]}); finished "
+            "trials are kept: fix the cause and run the same command again")
+
+
+def _queue_rerun(study: optuna.Study, storage, trial_id: int | None) -> None:
+    """Queue an interrupted trial's settings (once Optuna has marked it FAIL), so that a resume
+    trains them first: a preempted trial's point was lost, where a SIGKILLed worker's is
+    re-queued by the heartbeat, and an interrupt changed what the study explored."""
+    if trial_id is None:
+        return
+    with suppress(Exception):
+        trial = storage.get_trial(trial_id)
+        if (trial.state == TrialState.FAIL and trial.params
+                and trial.user_attrs.get("fail_reason") == INTERRUPTED):
+            study.enqueue_trial(trial.params, user_attrs={"rerun_of": trial.number})
 
 
 def _worker_entry(path_or_raw, storage_url, n_trials, timeout, cache_dir, tracking, tracking_uri,
@@ -451,6 +483,9 @@ def _worker_entry(path_or_raw, storage_url, n_trials, timeout, cache_dir, tracki
                         echo=lambda line: print(prefix + line, flush=True))
     except KeyboardInterrupt:
         sys.exit(130)
+    except GaveUp as exc:
+        print(prefix + str(exc), flush=True)
+        sys.exit(GAVE_UP_EXIT)
 
 
 def visible_gpus() -> int:
@@ -530,6 +565,9 @@ def run_study(config: StudyConfig, *, n_trials: int | None = None, storage: str 
                     p.kill()  # SIGTERM was theirs already: it is one-shot, then ignored
                     p.join(timeout=5)
             raise
+        if (any(p.exitcode == GAVE_UP_EXIT for p in procs) and n_trials is not None
+                and _count_results(study) < n_trials):
+            raise GaveUp(_gave_up_message(study, config.name, n_trials))
         died = [p.exitcode for p in procs if p.exitcode != 0]
         complete = _count_results(study)
         if died and (n_trials is None or complete < n_trials):
@@ -538,13 +576,4 @@ def run_study(config: StudyConfig, *, n_trials: int | None = None, storage: str 
             raise WorkersFailed(f"{len(died)} of {workers} worker process(es) died ({codes}) with "
                                 f"{complete}{of} trials finished; finished trials are kept: run "
                                 "the same command again to resume")
-    complete = _count_results(study)
-    if n_trials is not None and timeout is None and complete < n_trials:
-        # the workers gave up (3 x n_trials trials each, failing): not "done"
-        failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
-        reason = failed[-1].user_attrs.get("fail_reason") or failed[-1].system_attrs.get(
-            "fail_reason", "see the log above") if failed else "see the log above"
-        raise WorkersFailed(f"study {config.name}: {complete} of {n_trials} trials have a result; "
-                            f"{len(failed)} failed (last: {str(reason).splitlines()[0][:200]}); "
-                            "finished trials are kept: fix the cause and run the same command again")
     return study

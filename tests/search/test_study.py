@@ -210,13 +210,14 @@ def test_reuse_compares_effective_settings_not_sampled_parameters(study_dir, mon
     assert trials[1].values == trials[0].values and trials[3].values == trials[2].values
 
 
-def test_diverging_trials_fail_with_reason_and_study_goes_on(study_dir):
+@pytest.mark.parametrize("timeout", [None, 600.0])  # with a timeout too: it printed "done"
+def test_diverging_trials_fail_with_reason_and_study_goes_on(study_dir, timeout):
     config = config_for(study_dir, n_trials=1,
                         training='optimizer = "sgd"\nlr = 0.01\nmax_steps = 30\neval_every = 10',
                         search="[search.lr]\nlow = 1e4\nhigh = 1e5\nlog = true\n")
     # the worker gives up after 3 x n_trials: an error naming the cause, not "done" (exit 0)
     with pytest.raises(WorkersFailed, match=r"0 of 1 trials have a result; 3 failed \(last: diverged"):
-        run(config)
+        run(config, timeout=timeout)
     study = load_study("tiny", config.storage)
     failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
     assert len(failed) == 3 and not complete(study)
