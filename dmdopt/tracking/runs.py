@@ -44,6 +44,15 @@ TAG_TRIAL, TAG_STATE, TAG_FAIL = "dmdopt.trial_number", "dmdopt.trial_state", "d
 TAG_DUPLICATE = "dmdopt.duplicate_of"
 TAG_UID = "dmdopt.study_uid"  # which study of that name (see search.summary.study_uid)
 TAG_LOGGED_AT = "dmdopt.logged_at_ns"  # when a child was written: the first of twins stays
+_HALF_LOGGED_AFTER_S = 120  # a child RUNNING for longer was cut off while being written
+
+
+def _logged_at(run) -> int:
+    """When a child was created (ns); 0 for children of versions before the tag."""
+    try:
+        return int(run.data.tags.get(TAG_LOGGED_AT, 0))
+    except ValueError:
+        return 0
 _PARENT_SETTLE_S = 0.5  # after creating a parent, let a concurrent creator's insert land
 _MAX_PARAMS, _MAX_TAGS, _MAX_METRICS = 100, 100, 1000  # MLflow log_batch limits per call
 _PARAM_LEN, _TAG_LEN = 6000, 5000
@@ -391,22 +400,27 @@ class StudyTracker:
         if trial is None or not _loggable(trial):
             return None
         parent_id = self._parent(summary)
-        existing = self._search(f"tags.`{TAG_ROLE}` = 'child' and "
-                                f"tags.`{TAG_TRIAL}` = '{int(number)}'")
+        twin_filter = f"tags.`{TAG_ROLE}` = 'child' and tags.`{TAG_TRIAL}` = '{int(number)}'"
+        existing = self._search(twin_filter)
         if any(run.info.status != "RUNNING" for run in existing):
             return None
-        for half_logged in existing:  # children are terminated as they are written
+        # A child left RUNNING was cut off while written (children are terminated as they are
+        # written) -- or another process is writing it right now: replace it once it is older
+        # than a write can take; until then, leave it to its writer.
+        now_ns = time.time_ns()
+        for running in existing:
+            if now_ns - _logged_at(running) < _HALF_LOGGED_AFTER_S * 1e9:
+                return None
+        for half_logged in existing:
             self.client.delete_run(half_logged.info.run_id)
         created = self._create_child(summary, trial, parent_id)
         # A resume's log_missing and a worker's callback may both have found no child and
-        # both made one: the first logged (its tag; then the smaller run id) stays, and a
-        # process whose child came later deletes its own.
-        def order(run) -> tuple[int, str]:
-            return int(run.data.tags.get(TAG_LOGGED_AT, 0)), run.info.run_id
-
-        twins = sorted((run for run in self._search(
-            f"tags.`{TAG_ROLE}` = 'child' and tags.`{TAG_TRIAL}` = '{int(number)}'")
-            if run.info.status != "RUNNING"), key=order)
+        # both made one: the first logged (its tag; then the smaller run id) stays, RUNNING
+        # twins included (one may still be finishing), and a process whose child came later
+        # deletes its own.
+        twins = sorted((run for run in self._search(twin_filter)
+                        if run.info.run_id not in {r.info.run_id for r in existing}),
+                       key=lambda run: (_logged_at(run), run.info.run_id))
         if twins and twins[0].info.run_id != created:
             self.client.delete_run(created)
             return None
