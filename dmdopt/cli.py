@@ -233,14 +233,15 @@ def cmd_study_status(args) -> int:
     if ref:
         print(f"reference  cost {ref['cost_bpe']:.1f} bpe  val error {ref['val_rel_l2']:.4f}")
     if len(study.directions) == 1 and counts["COMPLETE"]:  # cost_to_target: no front to show
-        from dmdopt.search.study import trial_knobs
+        from dmdopt.search.study import trial_cost, trial_knobs
 
         try:
             best = study.best_trial  # the cheapest trial within max_error_ratio, if one is set
         except ValueError:
             print("best       none: every COMPLETE trial ends beyond the study's max_error_ratio")
             return 0
-        print(f"best       trial {best.number}  cost {best.values[0]:.1f} bpe  "
+        cost, missed = trial_cost(best)
+        print(f"best       trial {best.number}  cost {cost:.1f} bpe{missed}  "
               f"{trial_knobs(best)}  (`dmdopt export {name}` writes it)")
     return 0
 

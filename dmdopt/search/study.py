@@ -284,11 +284,23 @@ def trial_knobs(trial: optuna.trial.FrozenTrial) -> str:
     return f"window {p.get('window')} rank {rank} horizon {horizon}"
 
 
+def trial_cost(trial: optuna.trial.FrozenTrial) -> tuple[float, str]:
+    """(cost, note) as the trial lines and `study status` print it. A cost_to_target
+    objective doubles a miss, so that it ranks below every hit: the line shows what the trial
+    spent, and says that it missed."""
+    cost = trial.values[0]
+    spent = trial.user_attrs.get("cost_total")
+    if len(trial.values) == 1 and spent is not None and cost > spent:
+        return spent, "  (target not reached)"
+    return cost, ""
+
+
 def _echo_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial, echo=print) -> None:
     knobs = trial_knobs(trial)
     if trial.state == TrialState.COMPLETE:
         a = trial.user_attrs
-        echo(f"trial {trial.number:>3} complete  cost {trial.values[0]:8.1f} bpe "
+        cost, missed = trial_cost(trial)
+        echo(f"trial {trial.number:>3} complete  cost {cost:8.1f} bpe{missed} "
              f"({a.get('speedup', float('nan')):.2f}x)  val error {a.get('val_error', float('nan')):.4f}  "
              f"jumps {a.get('jumps_accepted', 0)}/{a.get('jumps_accepted', 0) + a.get('jumps_rejected', 0)}  {knobs}"
              + (f"  (trial {a['duplicate_of']}'s settings: its result, not retrained)"

@@ -68,3 +68,11 @@ def test_no_feasible_trial_is_a_line_not_a_traceback(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no COMPLETE trial within its constraints" in err[0]
     assert not (tmp_path / "t.toml").exists()
+
+
+def test_status_prints_what_a_trial_that_missed_the_target_spent(tmp_path, capsys):
+    """Its objective is doubled (it ranks below every hit); status printed that as the cost."""
+    url = f"sqlite:///{tmp_path}/c.db"
+    single_objective_study(url, "miss", [(600.0, 0.48, False)])
+    assert main(["study", "status", "miss", "--storage", url]) == 0
+    assert "best       trial 0  cost 300.0 bpe  (target not reached)" in capsys.readouterr().out
