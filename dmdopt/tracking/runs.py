@@ -458,7 +458,9 @@ class StudyTracker:
                 "dmdopt.recommended_policy": str(rec.get("policy", ""))}
         log_batch(client, parent_id, metrics=metrics, tags=tags)
         states = {t.get("state") for t in summary.get("trials") or []}
-        if states & {"RUNNING", "WAITING"}:
+        # RUNNING while some trial trains; a queued (WAITING) trial alone -- an interrupted
+        # trial's rerun, a killed worker's retry -- waits for a resume that may never come
+        if "RUNNING" in states:
             client.update_run(parent_id, status="RUNNING")
         else:
             _quiet_terminate(client, parent_id, "FINISHED")
