@@ -19,13 +19,12 @@ from __future__ import annotations
 import argparse
 import time
 
-import numpy as np
 import torch
 
 
 def main() -> None:
-    from dmdopt.model import ModelConfig, build_regressor
-    from dmdopt.problem import ProblemConfig, load_dataset
+    from _probe_setup import default_problem
+
     from dmdopt.training.loop import evaluate
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -36,15 +35,7 @@ def main() -> None:
     ap.add_argument("--cache-dir", default="dmdopt-runs/data")
     args = ap.parse_args()
 
-    torch.manual_seed(args.seed)
-    torch.set_flush_denormal(True)
-    dataset = load_dataset(ProblemConfig(), cache_dir=args.cache_dir, progress=False)
-    as_t = lambda a: torch.as_tensor(np.ascontiguousarray(a), dtype=torch.float32)  # noqa: E731
-    x_np, y_np = dataset.split("train")
-    x, y = as_t(x_np), as_t(y_np)
-    x_val, y_val = (as_t(a) for a in dataset.split("val"))
-    net = build_regressor(ModelConfig(), x_np, y_np)  # the same init as `train` at this seed
-    y_scaled = net.scale_targets(y)
+    net, x, y, y_scaled, x_val, y_val = default_problem(args.seed, args.cache_dir)
     opt = torch.optim.LBFGS(net.parameters(), lr=1.0, max_iter=20, history_size=args.history,
                             line_search_fn="strong_wolfe", tolerance_grad=0.0, tolerance_change=0.0)
     evals = 0
