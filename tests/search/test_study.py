@@ -225,6 +225,21 @@ def test_diverging_trials_fail_with_reason_and_study_goes_on(study_dir, timeout)
 
 
 @pytest.mark.slow
+def test_worker_processes_that_give_up_are_one_error_line(study_dir, capsys):
+    """--workers processes whose trials all fail exit with GAVE_UP_EXIT; the launcher turns that
+    into one line and exit 1 (it read as "died" or, with a timeout, as "done")."""
+    from dmdopt.cli import main
+
+    (study_dir / "s.toml").write_text(tiny_study_toml(
+        n_trials=1, training='optimizer = "sgd"\nlr = 0.01\nmax_steps = 30\neval_every = 10',
+        search="[search.lr]\nlow = 1e4\nhigh = 1e5\nlog = true\n"))
+    assert main(["study", "run", "s.toml", "--workers", "2", "--no-mlflow", "--quiet"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("dmdopt: error: study tiny: 0 of 1 trials have a result; ")
+    assert "(last: diverged" in err[-1]
+
+
+@pytest.mark.slow
 def test_two_worker_processes_no_duplicate_or_lost_trials(study_dir):
     config = config_for(study_dir, n_trials=4)
     run(config, workers=2)
