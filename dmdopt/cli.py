@@ -302,8 +302,13 @@ def cmd_export(args) -> int:
     from dmdopt.export import export_tuned_config
     from dmdopt.search.recommend import parse_policy
 
+    given = args.policy is not None or args.value is not None
+    args.policy = args.policy or "knee"
     policy, value = parse_policy(args.policy if args.value is None else f"{args.policy}={args.value}")
     _, _, summary = _summary(args, policy=policy, value=value)
+    if given and args.trial is None and summary.get("mode") == "cost_to_target":
+        print("note: --policy does not apply to a cost_to_target study (one objective, no "
+              "front): exporting its best trial", file=sys.stderr)
     tuned = export_tuned_config(summary, args.output, policy=policy, value=value, number=args.trial)
     exp = tuned.expected
     print(f"exported trial {tuned.provenance['trial_number']} "
@@ -423,7 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write the recommended settings as a tuned config")
     p.add_argument("name", help="study name, or its TOML file")
     p.add_argument("-o", "--output", required=True, help="tuned.toml, .json or .yaml")
-    p.add_argument("--policy", default="knee", help="knee | max-error-ratio=R | budget=C")
+    p.add_argument("--policy", help="knee (default) | max-error-ratio=R | budget=C")
     p.add_argument("--value", type=float, help="R or C for --policy max-error-ratio / budget")
     p.add_argument("--trial", type=int, help="export this trial instead of the recommendation")
     p.add_argument("--storage", type=_url)

@@ -57,6 +57,11 @@ def test_the_best_trial_is_the_cheapest_feasible_one_everywhere(tmp_path, capsys
     assert tuned.provenance["trial_number"] == 1
     assert tuned.provenance["policy"] == "best (cost_to_target)"
     assert tuned.expected["cost_bpe"] == 150.0 and tuned.dmd.window == 6
+    # a trade-off policy has no front to act on here: said, not silently ignored
+    capsys.readouterr()
+    assert main(["export", "c2t", "--storage", url, "-o", str(out), "--policy", "budget=120"]) == 0
+    assert "--policy does not apply to a cost_to_target study" in capsys.readouterr().err
+    assert load_tuned_config(out).provenance["trial_number"] == 1
 
 
 def test_no_feasible_trial_is_a_line_not_a_traceback(tmp_path, capsys):
