@@ -302,10 +302,10 @@ def cmd_export(args) -> int:
     from dmdopt.export import export_tuned_config
     from dmdopt.search.recommend import parse_policy
 
-    given = args.policy is not None or args.value is not None
-    args.policy = args.policy or "knee"
-    policy, value = parse_policy(args.policy if args.value is None else f"{args.policy}={args.value}")
+    named = args.policy or "knee"
+    policy, value = parse_policy(named if args.value is None else f"{named}={args.value}")
     _, _, summary = _summary(args, policy=policy, value=value)
+    given = args.policy is not None or args.value is not None
     if given and args.trial is None and summary.get("mode") == "cost_to_target":
         print("note: --policy does not apply to a cost_to_target study (one objective, no "
               "front): exporting its best trial", file=sys.stderr)

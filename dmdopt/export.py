@@ -170,16 +170,15 @@ def tuned_config_from_summary(summary: dict, *, policy: str = "knee", value: flo
         "speedup": attrs.get("speedup"),
         "device": attrs.get("device"),
     }
+    code = attrs.get("code") or {}  # the code the trial ran; older studies: the exporter's
     provenance = {
         "study_name": summary.get("study_name"),
         "trial_number": number,
         "policy": policy_text,
         "storage": mask_url(summary.get("storage")),
         "dataset_hash": problem.config_hash(),
-        # the code the trial ran (studies before this record: the exporting checkout's)
-        "versions": (attrs.get("code") or {}).get("versions") or versions(),
-        "git_commit": (attrs.get("code") or {}).get("git_commit") if attrs.get("code")
-        else git_commit(),
+        "versions": code.get("versions") or versions(),
+        "git_commit": code.get("git_commit") if code else git_commit(),
         "created_at": datetime.now(UTC).replace(microsecond=0).isoformat(),
     }
     return TunedConfig(dmd=dmd, training=training, model=model, problem=problem,

@@ -87,13 +87,12 @@ def open_storage(url: str, *, heartbeat_interval: int | None = None,
         # trial would be gone when the command ends
         raise UserError(f"storage: {url!r} is an in-memory database, which does not outlive the "
                         "command; use a file (sqlite:///path/optuna.db) or a server")
-    if url.startswith("sqlite:///"):
+    if url.startswith("sqlite:///"):  # a file (in-memory databases are refused above)
         path = Path(url[len("sqlite:///"):])
-        if str(path) not in ("", ":memory:"):
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise UserError(f"storage: cannot create {path.parent}: {exc.strerror}") from None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"storage: cannot create {path.parent}: {exc.strerror}") from None
     elif "://" not in url:
         raise UserError(f"storage: not a database URL: {mask_url(url)!r} (e.g. sqlite:///file.db)")
     engine_kwargs = {"pool_pre_ping": True}

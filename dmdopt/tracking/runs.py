@@ -46,13 +46,6 @@ TAG_UID = "dmdopt.study_uid"  # which study of that name (see search.summary.stu
 TAG_LOGGED_AT = "dmdopt.logged_at_ns"  # when a child was written: the first of twins stays
 _HALF_LOGGED_AFTER_S = 120  # a child RUNNING for longer was cut off while being written
 
-
-def _logged_at(run) -> int:
-    """When a child was created (ns); 0 for children of versions before the tag."""
-    try:
-        return int(run.data.tags.get(TAG_LOGGED_AT, 0))
-    except ValueError:
-        return 0
 _PARENT_SETTLE_S = 0.5  # after creating a parent, let a concurrent creator's insert land
 _MAX_PARAMS, _MAX_TAGS, _MAX_METRICS = 100, 100, 1000  # MLflow log_batch limits per call
 _PARAM_LEN, _TAG_LEN = 6000, 5000
@@ -61,7 +54,16 @@ _HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_T
 T = TypeVar("T")
 
 
+def _logged_at(run) -> int:
+    """When a child was created (ns); 0 for children of versions before the tag."""
+    try:
+        return int(run.data.tags.get(TAG_LOGGED_AT, 0))
+    except ValueError:
+        return 0
+
+
 # ---------------------------------------------------------------- store locations
+
 def resolve_tracking_uri(uri: str | None) -> str:
     """Explicit URI, else $MLFLOW_TRACKING_URI, else the local sqlite default."""
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
@@ -418,9 +420,8 @@ class StudyTracker:
         # both made one: the first logged (its tag; then the smaller run id) stays, RUNNING
         # twins included (one may still be finishing), and a process whose child came later
         # deletes its own.
-        twins = sorted((run for run in self._search(twin_filter)
-                        if run.info.run_id not in {r.info.run_id for r in existing}),
-                       key=lambda run: (_logged_at(run), run.info.run_id))
+        # (the half-logged ones just deleted are no longer active: the search leaves them out)
+        twins = sorted(self._search(twin_filter), key=lambda run: (_logged_at(run), run.info.run_id))
         if twins and twins[0].info.run_id != created:
             self.client.delete_run(created)
             return None
