@@ -109,19 +109,23 @@ class ProblemConfig:
                 f"{self.val_fraction!r} + {self.test_fraction!r}"
             )
         # training fits on train, the learning curve needs val and the metrics test: none may
-        # be empty (the split sizes are those of `sampling.split_indices`)
-        n_test = round(self.n_samples * self.test_fraction)
-        n_val = round(self.n_samples * self.val_fraction)
-        sizes = {"val": (n_val, "val_fraction"), "test": (n_test, "test_fraction"),
-                 "train": (self.n_samples - n_val - n_test, None)}
-        for split, (size, fraction) in sizes.items():
-            if size < 1:
+        # be empty
+        sizes = self.split_sizes()
+        for split, fraction in (("val", "val_fraction"), ("test", "test_fraction"), ("train", None)):
+            if sizes[split] < 1:
                 how = (f"round({self.n_samples} x {getattr(self, fraction)!r}) = 0 samples"
                        if fraction else "no samples left")
                 raise ValueError(
                     f"problem.n_samples = {self.n_samples} leaves the {split} split empty "
                     f"({how}); raise problem.n_samples"
                     + (f" or problem.{fraction}" if fraction else ""))
+
+    def split_sizes(self) -> dict[str, int]:
+        """Samples per split: test and val are rounded fractions of `n_samples`, train the rest.
+        `sampling.split_indices` cuts its permutation at these sizes."""
+        n_test = round(self.n_samples * self.test_fraction)
+        n_val = round(self.n_samples * self.val_fraction)
+        return {"test": n_test, "val": n_val, "train": self.n_samples - n_test - n_val}
 
     def ranges(self) -> dict[str, tuple[float, float]]:
         """Parameter ranges keyed by name, in :data:`PARAM_NAMES` order."""

@@ -51,10 +51,9 @@ def sample_params(config: ProblemConfig) -> npt.NDArray[np.float64]:
 
 def split_indices(config: ProblemConfig) -> dict[str, npt.NDArray[np.int64]]:
     """Disjoint, covering, sorted index arrays for train/val/test from a seeded permutation."""
-    n = config.n_samples
-    perm = _streams(config.seed)[1].permutation(n)
-    n_test = round(n * config.test_fraction)
-    n_val = round(n * config.val_fraction)
+    perm = _streams(config.seed)[1].permutation(config.n_samples)
+    sizes = config.split_sizes()
+    n_test, n_val = sizes["test"], sizes["val"]
     parts = {
         "test": perm[:n_test],
         "val": perm[n_test : n_test + n_val],

@@ -7,6 +7,7 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from dmdopt._util import mask_url
+from dmdopt.errors import UserError
 
 
 def is_surplus(trial: optuna.trial.FrozenTrial) -> bool:
@@ -144,12 +145,11 @@ def summarize(study: optuna.Study, *, storage_url: str | None = None, policy: st
     if single and summary["pareto"]:
         summary["recommended"] = {"number": summary["pareto"][0], "policy": "best"}
     elif summary["pareto"] and summary["reference"]:
+        from dmdopt.search.recommend import points_from_summary, recommend
         try:
-            from dmdopt.search.recommend import recommend
-            points = [{"number": r["number"], "cost_bpe": r["values"][0], "val_rel_l2": r["values"][1]}
-                      for r in rows if r["number"] in summary["pareto"]]
-            number = recommend(points, summary["reference"], policy=policy, value=value)
+            number = recommend(points_from_summary(summary), summary["reference"],
+                               policy=policy, value=value)
             summary["recommended"] = {"number": number, "policy": policy}
-        except Exception:  # no qualifying point: the summary simply has no recommendation
+        except UserError:  # no qualifying point: the summary simply has no recommendation
             summary["recommended"] = None
     return summary
