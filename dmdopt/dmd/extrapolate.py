@@ -50,7 +50,7 @@ import torch
 from torch import Tensor
 
 from .operator import DMDOperator, dmd_from_gram
-from .pod import _rows_single, column_gram, combine_columns, parse_rank, rows_gram
+from .pod import _rows_gram, _rows_single, column_gram, combine_columns, parse_rank
 
 __all__ = [
     "GROWING_POLICIES",
@@ -158,6 +158,7 @@ class DMDFit:
     basis: Tensor | None = None  # U, (p, r): float32/float64 as the snapshots (half -> float32)
     amplitudes: Tensor | None = None  # b = W^-1 U^T d_{m-2}, (r,) complex128
     basis_norm: float = 0.0  # ||U||_2 (1 in exact arithmetic)
+    gram_passes: int = 1  # p-sized Gram products formed (2: redone in float64, `pod.rows_gram`)
 
     @property
     def rank(self) -> int:
@@ -239,8 +240,9 @@ def _check_snapshots(snapshots: Tensor) -> None:
 def fit_dmd(snapshots: Tensor, *, rank: int | float | str) -> DMDFit:
     """Fit the affine-exact DMD to snapshots (p x m, columns in time order).
 
-    Cost O(p m^2) (float64 Gram of the differences, by row blocks) + O(p m r) (basis U);
-    extra device memory: U (p x r in the snapshots' precision) plus one float64 row block.
+    Cost O(p m^2) (Gram of the differences) + O(p m r) (basis U). Extra device memory: U
+    (p x r) plus, for float32/half snapshots, one float32 (m-1) x p array of the differences
+    (`pod._rows_single`), or for float64 ones a float64 row block.
     """
     _check_snapshots(snapshots)
     parse_rank(rank)
@@ -251,27 +253,28 @@ def fit_dmd(snapshots: Tensor, *, rank: int | float | str) -> DMDFit:
     # float32 snapshots: the differences are formed once, as contiguous rows, and serve both
     # the Gram and the basis (see pod._rows_single); float64 keeps the all-float64 path.
     rows32 = _rows_single(snapshots, True)
+    passes = 1
     if rows32 is not None:
-        gram = rows_gram(rows32, rank, n_rows=p, n_pod=m - 2)
+        gram, passes = _rows_gram(rows32, rank, n_rows=p, n_pod=m - 2)
     else:
         gram = column_gram(snapshots, differences=True)  # (m-1) x (m-1), D = [d_0 .. d_{m-2}]
     if not bool(torch.isfinite(gram).all()):
-        return DMDFit(last, "non_finite")
+        return DMDFit(last, "non_finite", gram_passes=passes)
     try:
         op = dmd_from_gram(gram, rank, n_rows=p)
     except torch.linalg.LinAlgError:
-        return DMDFit(last, "failed")
+        return DMDFit(last, "failed", gram_passes=passes)
     if op is None:
-        return DMDFit(last, "converged")
+        return DMDFit(last, "converged", gram_passes=passes)
     n = m - 2
     z = op.reduce(gram[:n, n])  # U^T d_{m-2}
     try:
         amplitudes = torch.linalg.solve(op.eigenvectors, z.to(torch.complex128))
     except torch.linalg.LinAlgError:
-        return DMDFit(last, "failed")
+        return DMDFit(last, "failed", gram_passes=passes)
     small = (op.reduced, op.eigenvalues, op.eigenvectors, amplitudes)
     if not all(bool(torch.isfinite(t).all()) for t in small):
-        return DMDFit(last, "non_finite")
+        return DMDFit(last, "non_finite", gram_passes=passes)
     coeff = op.pod.coefficients
     basis_gram = coeff.T @ gram[:n, :n] @ coeff  # U^T U
     basis_norm = (
@@ -282,7 +285,7 @@ def fit_dmd(snapshots: Tensor, *, rank: int | float | str) -> DMDFit:
         basis = (rows32[: coeff.shape[0]].T @ coeff.to(rows32.device, torch.float32)).to(work)
     else:
         basis = combine_columns(snapshots, coeff, differences=True, out_dtype=work)
-    return DMDFit(last, "ok", op, basis, amplitudes, basis_norm)
+    return DMDFit(last, "ok", op, basis, amplitudes, basis_norm, passes)
 
 
 def extrapolate(
@@ -303,16 +306,17 @@ def extrapolate(
     return fit_dmd(snapshots, rank=rank).predict(h, tol=tol, growing=growing)
 
 
-def dmd_flops(p: int, m: int, r: int) -> int:
+def dmd_flops(p: int, m: int, r: int, *, gram_passes: int = 1) -> int:
     """Analytic FLOP count of one `fit_dmd` + one `predict` (p rows, m snapshots, rank r).
 
     Deterministic so training can charge DMD cost without timing it.  Terms: differences
-    p(m-1); Gram 2 p (m-1)^2; basis U = D0 V Sigma^-1, 2 p n r (n = m-2); predict 2 p r + p;
+    p(m-1); Gram 2 p (m-1)^2 per pass (`DMDFit.gram_passes`: 2 when the float32 Gram was
+    redone in float64); basis U = D0 V Sigma^-1, 2 p n r (n = m-2); predict 2 p r + p;
     small: eigh ~9 n^3, A~ 2 n^2 r + 2 n r^2, U^T d 2 n r, U^T U 2 n^2 r + 2 n r^2 + 9 r^3,
     eig ~25 r^3, complex solve ~(8/3) r^3 * 4, complex W g b 8 r^2.  U^T D1 needs no p-sized
     product here: it is a block of the Gram.
     """
-    for name, value in (("p", p), ("m", m), ("r", r)):
+    for name, value in (("p", p), ("m", m), ("r", r), ("gram_passes", gram_passes)):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
             raise ValueError(f"{name} must be a non-negative int; got {name}={value!r}")
     p, m, r = int(p), int(m), int(r)
@@ -320,7 +324,7 @@ def dmd_flops(p: int, m: int, r: int) -> int:
         return 0
     n1, n = m - 1, m - 2
     r = min(r, n)
-    big = p * n1 + 2 * p * n1 * n1
+    big = p * n1 + 2 * p * n1 * n1 * max(int(gram_passes), 1)
     if r == 0:
         return big + 9 * n**3
     big += 2 * p * n * r + 2 * p * r + p

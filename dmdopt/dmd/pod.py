@@ -2,11 +2,13 @@
 
 The snapshot matrices of one layer are tall and skinny (p up to 1e7 rows, n ~ 5..50 columns),
 so the POD never touches a p x p object: it eigendecomposes the n x n Gram matrix
-G = D^T D (``G = V diag(sigma^2) V^T``) and forms the modes as U = D V Sigma^-1.  The Gram is
-accumulated in float64 over row blocks that are up-cast one at a time, so a float32 input costs
-only one float64 block (``CHUNK_ELEMENTS`` numbers, 64 MiB, plus its column differences: about
-128 MiB peak) of extra memory, never a float64 copy of the whole matrix (which would be 2x the
-float32 snapshots, e.g. 4 GB for p = 1e7, m = 50).
+G = D^T D (``G = V diag(sigma^2) V^T``) and forms the modes as U = D V Sigma^-1.
+
+Memory: float64 data has its Gram accumulated over row blocks, one ``CHUNK_ELEMENTS`` block
+(64 MiB, plus its column differences) of extra memory at a time. float32 and half data take
+the fast path (`_rows_single`): one float32 array of the data's shape (of its differences, for
+DMD), i.e. 4 bytes per snapshot element whatever the snapshot dtype, never a float64 copy of
+the whole matrix (8 bytes per element, e.g. 4 GB for p = 1e7, m = 50).
 
 Precision: the method of snapshots squares the condition number, so singular values below
 about ``sigma_max * sqrt(n * eps64)`` (~1e-7 relative) are rounding noise; `pod` clips the rank
@@ -133,7 +135,8 @@ def select_rank(
         r = int((energy < value - 1e-12).sum()) + 1
     else:  # optimal hard threshold
         beta = min(rows, cols) / max(rows, cols, 1)
-        tau = hard_threshold_omega(beta) * float(torch.median(sigma))
+        # the ordinary median (torch.median takes the lower of two middle values)
+        tau = hard_threshold_omega(beta) * float(torch.quantile(sigma, 0.5))
         r = int((sigma > tau).sum())
     return max(1, min(r, numerical))
 
@@ -172,22 +175,32 @@ def _rows_single(data: Tensor, differences: bool) -> Tensor | None:
     Why: training snapshots are float32 weights, so their differences carry float32 precision
     whatever we do; a float32 BLAS product over contiguous rows is several times faster than
     up-casting p x m blocks to float64 (measured: 48 vs 149 ms at p = 530k, m = 20), and keeps
-    the accelerator's share of wall time small. Costs one float32 temporary of the data's size.
+    the accelerator's share of wall time small. Costs one float32 (n, p) array, the result:
+    half snapshots are up-cast one row at a time into it, so they never need a float32 copy
+    of the whole window beside it (which made bfloat16 snapshots peak above float32 ones).
     """
     if data.dtype == torch.float64:
         return None
-    rows = data.T.to(torch.float32)
-    if differences:
-        rows = rows[1:] - rows[:-1]
-    return rows.contiguous()
+    rows = data.T
+    if not differences:
+        return rows.to(torch.float32).contiguous()
+    if rows.dtype == torch.float32:
+        return (rows[1:] - rows[:-1]).contiguous()
+    out = torch.empty(max(rows.shape[0] - 1, 0), rows.shape[1], dtype=torch.float32,
+                      device=data.device)
+    for k in range(out.shape[0]):  # float32 arithmetic, as the up-cast whole would give
+        out[k].copy_(rows[k + 1])
+        out[k].sub_(rows[k])
+    return out
 
 
 def column_gram(data: Tensor, *, differences: bool = False) -> Tensor:
     """float64 Gram D^T D of the columns of `data` (or of its column differences), on the CPU.
 
-    O(p * n^2) flops, O(CHUNK_ELEMENTS) extra memory; the small result goes to the CPU because
-    everything after it is n x n work that is faster there than as tiny device kernels.
-    float32 data: the product runs in float32 over contiguous rows (`_rows_single`).
+    O(p * n^2) flops; the small result goes to the CPU because everything after it is n x n
+    work that is faster there than as tiny device kernels. float64 data: O(CHUNK_ELEMENTS)
+    extra memory. float32/half data: the product runs in float32 over contiguous rows
+    (`_rows_single`, one float32 copy).
     """
     rows32 = _rows_single(data, differences)
     if rows32 is not None:
@@ -213,21 +226,28 @@ def rows_gram(rows: Tensor, rank: int | float | str, *, n_rows: int,
     redone in float64 over column blocks (``CHUNK_ELEMENTS`` extra numbers at a time). The
     default energy rule (0.99) never reaches that floor; integer caps and 'full' can.
     """
+    return _rows_gram(rows, rank, n_rows=n_rows, n_pod=n_pod)[0]
+
+
+def _rows_gram(rows: Tensor, rank: int | float | str, *, n_rows: int,
+               n_pod: int | None) -> tuple[Tensor, int]:
+    """`rows_gram`, and how many Gram products it formed (1, or 2 when it redid it in float64):
+    the accelerator charges each one as DMD cost."""
     gram = (rows @ rows.T).to("cpu", torch.float64)
     k = gram.shape[0] if n_pod is None else n_pod
     small = pod_from_gram(gram[:k, :k], rank, n_rows=n_rows)
     if small.rank == 0:  # degenerate or non-finite: float64 would not change the verdict
-        return gram
+        return gram, 1
     floor = float(small.all_singular_values[0]) * math.sqrt(max(k, 1) * EPS32)
     if float(small.singular_values[-1]) >= floor:
-        return gram
+        return gram, 1
     n, p = rows.shape
     gram = torch.zeros(n, n, dtype=torch.float64, device=rows.device)
     step = max(1, CHUNK_ELEMENTS // max(n, 1))
     for start in range(0, p, step):
         block = rows[:, start:start + step].to(torch.float64)
         gram += block @ block.T
-    return gram.cpu()
+    return gram.cpu(), 2
 
 
 def combine_columns(

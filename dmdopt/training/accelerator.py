@@ -14,7 +14,9 @@ is worse than the previous one once some candidate has improved on the current l
 second rise in a row before any has (the loss along the ladder is close to unimodal; this keeps
 the forward passes to ~3 per jump). The
 best candidate is kept **only if the closure's loss improves** on the current weights;
-otherwise the weights are rolled back bit for bit. Either way a fresh window starts. A window
+otherwise the weights are rolled back bit for bit. Either way a fresh window starts, and the
+model's buffers (e.g. BatchNorm running statistics, which a closure run in train mode
+updates) are restored to what they were before the test. A window
 holding a non-finite snapshot makes its Gram non-finite and the jump is rejected before any
 forward pass, so NaN never reaches the weights.
 
@@ -216,7 +218,7 @@ class DMDAccelerator:
         for buf in self.buffers:
             fit = fit_dmd(buf.T, rank=cfg.rank)  # (p x m) view of the rows
             fits.append(fit)
-            self._charge(dmd_flops(buf.shape[1], buf.shape[0], fit.rank))
+            self._charge(dmd_flops(buf.shape[1], buf.shape[0], fit.rank, gram_passes=fit.gram_passes))
         # A non-finite snapshot makes its group's Gram non-finite (status "non_finite"): the
         # window is corrupt, so reject the whole jump (no forward passes spent); likewise when
         # no group has a usable fit.
@@ -225,6 +227,10 @@ class DMDAccelerator:
             self.stats["dmd_seconds"] += time.perf_counter() - t0
             return False
         current = [self._flat(g) for g in self.groups]  # exact rollback point (a copy)
+        # The closures run the model in its current mode: a BatchNorm in train mode would fold
+        # every candidate's (mostly rejected) batch statistics into its running ones. The test
+        # only evaluates, so the buffers are put back afterwards, whatever is kept.
+        buffers = [b.clone() for b in self.model.buffers()]
         targets = None
         if math.isinf(cfg.horizon):
             targets = [self._moved(now, f.displacement(math.inf))
@@ -259,6 +265,8 @@ class DMDAccelerator:
             prev_loss = loss
 
         t0 = time.perf_counter()
+        for buf, saved in zip(self.model.buffers(), buffers, strict=True):
+            buf.copy_(saved)
         if best_params is None:  # no candidate improved the loss: roll back exactly
             for group, now in zip(self.groups, current, strict=True):
                 self._assign(group, now)

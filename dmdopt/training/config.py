@@ -7,9 +7,12 @@ written (a TOML file, a tuned config, a trial) with the field's name in the mess
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from dataclasses import asdict, dataclass, fields
 from typing import Any
+
+import numpy as np
 
 OPTIMIZERS = ("adam", "sgd")
 GROUPINGS = ("layer", "tensor", "global")
@@ -20,11 +23,23 @@ GROWING_CHOICES = ("auto", "drop", "drift")  # dmdopt.dmd.GROWING_POLICIES, plus
 
 
 def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    """A Python or numpy integer, not a bool (numpy's come from sweeps and arrays)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
+def _to_python(config: Any) -> None:
+    """Store numpy numbers as Python ones, so a config serialises (TOML, JSON) and hashes as
+    the same config written by hand."""
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            object.__setattr__(config, f.name, int(value))
+        elif isinstance(value, numbers.Real) and not isinstance(value, (bool, int)):
+            object.__setattr__(config, f.name, float(value))
 
 
 def _from_dict(cls, data: dict, section: str):
@@ -57,6 +72,7 @@ class TrainConfig:
     device: str = "auto"
 
     def __post_init__(self) -> None:
+        _to_python(self)
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"training.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if not _is_number(self.lr) or not (self.lr > 0 and math.isfinite(self.lr)):
@@ -103,7 +119,8 @@ class DMDConfig:
     rank       POD rank: int cap, energy fraction in (0, 1], or 0 = optimal hard threshold.
     horizon    steps to extrapolate ahead, or inf (approximate converged state).
     line_search  horizon factors tried with forward passes only, smallest step first, stopping
-               once the loss rises after an improvement; the best loss wins. () means only
+               once the loss rises after an improvement, or at its second rise in a row before
+               any; the best loss wins. () means only
                `horizon` itself. For horizon=inf a factor f < 1 is the damped step toward the
                converged state and factors > 1 are skipped. Default: a geometric ladder 5..20480 steps (see
                `dmdopt.training.accelerator` for the measurements behind the defaults).
@@ -129,6 +146,7 @@ class DMDConfig:
     warmup: int = 0
 
     def __post_init__(self) -> None:
+        _to_python(self)
         if not _is_int(self.window) or self.window < 3:
             raise ValueError(f"dmd.window must be an integer >= 3, got {self.window!r}")
         rank = self.rank

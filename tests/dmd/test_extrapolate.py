@@ -340,6 +340,40 @@ def test_large_p_runs_without_p_by_p():
     assert grown_mb < 1024
 
 
+HALF_FIT = """
+import resource, sys, torch
+from dmdopt.dmd import fit_dmd
+p, m = 2_000_000, 20
+torch.manual_seed(0)
+buf = torch.empty(m, p, dtype=getattr(torch, sys.argv[1]))  # the accelerator's row layout
+x, v = torch.randn(p), torch.randn(p)
+for k in range(m):
+    buf[k].copy_(x + 0.9 ** k * v)
+del x, v
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+fit = fit_dmd(buf.T, rank=0.99)
+assert fit.status == "ok"
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+"""
+
+
+def test_half_snapshots_fit_in_no_more_memory_than_float32():
+    """bfloat16 snapshots exist to halve memory: their fit must not up-cast the whole window
+    beside its float32 differences (it did, and peaked above float32 snapshots' fit)."""
+    import subprocess
+    import sys
+
+    grown = {}
+    for dtype in ("float32", "bfloat16"):
+        out = subprocess.run([sys.executable, "-c", HALF_FIT, dtype], capture_output=True,
+                             text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        grown[dtype] = float(out.stdout.split()[-1])
+    differences_mb = 4 * 19 * 2_000_000 / 2**20  # the float32 (m-1) x p rows: 145 MB
+    assert grown["float32"] < 1.5 * differences_mb
+    assert grown["bfloat16"] < 1.5 * differences_mb, grown
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu():

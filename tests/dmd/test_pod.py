@@ -95,6 +95,13 @@ def test_hard_threshold_recovers_true_rank(rank):
     assert select_rank(torch.from_numpy(sigma), 1.0, n_rows=400, n_cols=30) > 4
 
 
+def test_hard_threshold_uses_the_ordinary_median():
+    # an even count: median 4.5 -> tau = 2.86 x 4.5 = 12.9 keeps one value; the lower middle
+    # value 2 (torch.median's) would give tau = 5.7 and keep two
+    sigma = torch.tensor([20.0, 7.0, 2.0, 1.0], dtype=torch.float64)
+    assert select_rank(sigma, 0, n_rows=4, n_cols=4) == 1
+
+
 def test_omega_matches_gavish_donoho():
     assert hard_threshold_omega(1.0) == pytest.approx(2.86, abs=1e-12)
     assert hard_threshold_omega(0.0) == pytest.approx(1.43)

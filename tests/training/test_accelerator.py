@@ -145,7 +145,7 @@ def test_snapshot_bytes(dtype, nbytes):
 
 
 def test_costs_are_counted():
-    from dmdopt.dmd import dmd_flops
+    from dmdopt.dmd import dmd_flops, fit_dmd
 
     model, x, y = _cnn_problem(3)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -168,10 +168,79 @@ def test_costs_are_counted():
     assert 2 <= n_calls <= 1 + len(factors)  # base loss + the candidates tried
     assert acc.stats["forward_passes"] == n_calls
     assert cost.forward_passes == pytest.approx(2.0 * n_calls)
-    fit_flops = sum(dmd_flops(b.shape[1], 6, min(3, 4)) for b in acc.buffers)
-    assert cost.dmd_flops >= fit_flops > 0  # the fits at least, plus extra predicts
+    # exactly: one fit per group, plus 2pr + p per group for each candidate after the first
+    # (the window's snapshots are still in the buffers, so the fits can be redone here)
+    fits = [(b.shape[1], fit_dmd(b.T, rank=3)) for b in acc.buffers]
+    fit_flops = sum(dmd_flops(p, 6, f.rank, gram_passes=f.gram_passes) for p, f in fits)
+    extra = (n_calls - 2) * sum(2 * p * f.rank + p for p, f in fits)
+    assert fit_flops > 0
+    assert cost.dmd_flops == fit_flops + extra
     assert cost.dmd_flops == acc.stats["dmd_flops"]
     assert cost.backprop_equivalent == pytest.approx(2.0 * n_calls / 3 + cost.dmd_flops / 1e6)
+
+
+def test_a_gram_redone_in_float64_is_charged_twice():
+    """An integer cap can keep a direction below the float32 Gram's floor: the Gram is then
+    formed again in float64 (pod.rows_gram), and that second p-sized product is DMD cost."""
+    from dmdopt.dmd import dmd_flops, fit_dmd
+
+    torch.manual_seed(0)
+    a = torch.randn(6, 6, dtype=torch.float64)
+    a, b = 0.9 * a / torch.linalg.matrix_norm(a, 2), torch.randn(6, dtype=torch.float64)
+    embed, state, cols = torch.randn(300, 6, dtype=torch.float64), torch.randn(6, dtype=torch.float64), []
+    for _ in range(20):  # a 6-dimensional affine system seen through 300 float32 numbers
+        cols.append(embed @ state)
+        state = a @ state + b
+    snapshots = torch.stack(cols, 1).float()
+    assert fit_dmd(snapshots, rank=18).gram_passes == 2
+    assert fit_dmd(snapshots, rank=0.99).gram_passes == 1
+    assert fit_dmd(snapshots.double(), rank=18).gram_passes == 1  # float64: one exact pass
+    one, two = dmd_flops(300, 20, 6), dmd_flops(300, 20, 6, gram_passes=2)
+    assert two - one == 2 * 300 * 19 ** 2
+
+    # the accelerator charges what the fit did: a linear "model" whose weights follow that path
+    model = nn.Linear(300, 1, bias=False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    cost = CostCounter(flops_per_backprop=1e6)
+    acc = DMDAccelerator(model, opt, DMDConfig(window=20, rank=18, horizon=5, line_search=()),
+                         cost=cost)
+    for k in range(20):
+        with torch.no_grad():
+            model.weight.copy_(snapshots[:, k])
+        acc.step(lambda: torch.zeros(()))
+    fit = fit_dmd(snapshots, rank=18)
+    assert cost.dmd_flops == dmd_flops(300, 20, fit.rank, gram_passes=2)
+
+
+def test_the_accept_test_leaves_buffers_as_they_were():
+    """A closure run in train mode updates BatchNorm's running statistics once per candidate;
+    the accelerator restores them, for a rejected and for a kept jump."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, 1))
+    x, y = torch.randn(64, 4), torch.randn(64, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    acc = DMDAccelerator(model, opt, DMDConfig(window=5, rank=2, horizon=5))
+    outcomes = []
+    for make_worse in (True, False):
+        for _ in range(5):
+            opt.zero_grad()
+            ((model(x) - y) ** 2).mean().backward()  # train mode: updates the running stats
+            opt.step()
+            before = {n: b.clone() for n, b in model.named_buffers()}
+
+            calls = []
+
+            def closure(calls=calls, make_worse=make_worse):
+                loss = ((model(x) - y) ** 2).mean()  # train mode, as in the README's example
+                calls.append(1)
+                return loss + 1e3 if make_worse and len(calls) > 1 else loss  # candidates worse
+
+            outcome = acc.step(closure)
+        outcomes.append(outcome)
+        assert len(calls) >= 2  # the base loss and at least one candidate ran in train mode
+        for name, buf in model.named_buffers():
+            assert torch.equal(buf, before[name]), name
+    assert outcomes == [False, True]
 
 
 def test_state_dict_round_trip():

@@ -158,6 +158,16 @@ def test_dmd_config_rejects_bad_values(kwargs, needle):
 def test_dmd_config_accepts_inf_and_numpy_numbers():
     assert math.isinf(DMDConfig(horizon="inf").horizon)
     assert DMDConfig.from_dict(DMDConfig(horizon=math.inf).to_dict()).horizon == math.inf
+    # numpy numbers (a sweep over np.arange, values read from an array) are stored as Python
+    # ones: the config equals, serialises and hashes as the one written by hand
+    dmd = DMDConfig(window=np.int64(12), rank=np.int32(4), horizon=np.float32(5), warmup=np.int64(2))
+    assert dmd == DMDConfig(window=12, rank=4, horizon=5.0, warmup=2)
+    assert [type(v) for v in (dmd.window, dmd.rank, dmd.horizon, dmd.warmup)] == [int, int, float, int]
+    assert type(DMDConfig(rank=np.float64(0.9)).rank) is float
+    training = TrainConfig(lr=np.float64(1e-3), max_steps=np.int64(10), seed=np.uint8(3))
+    assert training == TrainConfig(lr=1e-3, max_steps=10, seed=3)
+    with pytest.raises(ValueError, match="dmd.rank must be an integer or a fraction"):
+        DMDConfig(rank=np.bool_(True))
 
 
 @pytest.mark.parametrize(("cut", "warmup"), [(23, 0), (20, 3)])
