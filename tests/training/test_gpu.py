@@ -46,6 +46,29 @@ def test_accelerator_keeps_snapshots_on_the_device():
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+@pytest.mark.parametrize("horizon", [10.0, float("inf")])
+def test_snapshots_on_the_cpu_move_a_cuda_model(horizon):
+    """snapshot_device='cpu' keeps the window in host memory: the fit runs there and each
+    candidate's move is carried back to the model's device (finite and inf horizons)."""
+    from dmdopt import DMDAccelerator
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 64), torch.nn.Tanh(), torch.nn.Linear(64, 1)).cuda()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    acc = DMDAccelerator(model, opt, DMDConfig(window=5, rank=3, horizon=horizon,
+                                               snapshot_device="cpu"))
+    assert all(b.device.type == "cpu" for b in acc.buffers)
+    x, y = torch.randn(128, 8, device="cuda"), torch.randn(128, 1, device="cuda")
+    outcomes = []
+    for _ in range(40):
+        opt.zero_grad()
+        ((model(x) - y) ** 2).mean().backward()
+        opt.step()
+        outcomes.append(acc.step(lambda: ((model(x) - y) ** 2).mean()))
+    assert acc.stats["jumps_accepted"] >= 1, outcomes
+    assert all(p.device.type == "cuda" and torch.isfinite(p).all() for p in model.parameters())
+
+
 def test_checkpoint_resumes_on_cuda(tiny_dataset, tmp_path):
     """A CUDA run resumes from its checkpoint (the RNG states are loaded onto the CPU, where
     torch requires them) and ends where the uninterrupted run ends."""
