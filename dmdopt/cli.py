@@ -12,6 +12,7 @@ import math
 import os
 import sys
 import warnings
+from pathlib import Path
 
 from dmdopt import bench
 from dmdopt.errors import UserError
@@ -30,6 +31,18 @@ class _Parser(argparse.ArgumentParser):
 def _url(text: str) -> str:
     if not text.strip():
         raise argparse.ArgumentTypeError("expected a storage URL, got an empty string")
+    return text
+
+
+def _tracking_uri(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected an MLflow tracking URI, got an empty string")
+    return text
+
+
+def _path(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a path, got an empty string")
     return text
 
 
@@ -65,6 +78,14 @@ def _study_ref(name: str, storage: str | None) -> tuple[str, str]:
         config = load_study_file(name)
         return config.name, storage or config.storage
     return name, storage or DEFAULT_STORAGE
+
+
+def _output_is_not_the_study_file(args) -> None:
+    """`export studies/x.toml -o studies/x.toml` would replace the study's definition."""
+    out, name = Path(args.output), Path(args.name)
+    if args.name.endswith(".toml") and out.exists() and name.exists() and out.samefile(name):
+        raise UserError(f"--output {args.output} is the study file itself; write the output "
+                        "to another path")
 
 
 def _summary(args, **kwargs) -> tuple[str, str, dict]:
@@ -302,6 +323,7 @@ def cmd_export(args) -> int:
     from dmdopt.export import export_tuned_config
     from dmdopt.search.recommend import parse_policy
 
+    _output_is_not_the_study_file(args)
     named = args.policy or "knee"
     policy, value = parse_policy(named if args.value is None else f"{named}={args.value}")
     _, _, summary = _summary(args, policy=policy, value=value)
@@ -321,6 +343,7 @@ def cmd_export(args) -> int:
 def cmd_dashboard(args) -> int:
     from dmdopt.tracking.dashboard import write_dashboard
 
+    _output_is_not_the_study_file(args)
     name, _, summary = _summary(args)
     try:
         write_dashboard(summary, args.output)
@@ -372,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_data)
 
     p = sub.add_parser("train", help="train the regressor (plain, with DMD flags, or --config tuned.toml)")
-    p.add_argument("--config", help="a tuned config written by `dmdopt export`")
+    p.add_argument("--config", type=_path, help="a tuned config written by `dmdopt export`")
     p.add_argument("--steps", type=_positive_int, help="backprop-step budget")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N")
     # plain-run flags default to None (TrainConfig's / ModelConfig's defaults apply), so that
@@ -392,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dmd-rank")
     p.add_argument("--dmd-horizon", type=float)
     p.add_argument("--checkpoint-dir", help="--config only (default dmdopt-runs/checkpoints)")
-    p.add_argument("--tracking-uri", help="--config only")
+    p.add_argument("--tracking-uri", type=_tracking_uri, help="--config only")
     p.add_argument("--no-mlflow", action="store_true", help="--config only")
     p.add_argument("--cache-dir", default=DEFAULT_CACHE)
     p.add_argument("--quiet", action="store_true")
@@ -406,7 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=_positive_seconds)
     p.add_argument("--storage", type=_url, help="Optuna storage URL (default: the study file's)")
     p.add_argument("--workers", type=_workers, default=1, help="processes on this machine, or 'auto'")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///dmdopt-runs/mlflow.db)")
+    p.add_argument("--tracking-uri", type=_tracking_uri, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///dmdopt-runs/mlflow.db)")
     p.add_argument("--no-mlflow", action="store_true")
     p.add_argument("--cache-dir", default=DEFAULT_CACHE)
     p.add_argument("--quiet", action="store_true")
@@ -422,12 +445,12 @@ def build_parser() -> argparse.ArgumentParser:
             fmt.add_argument("--json", action="store_true")
             fmt.add_argument("--csv", action="store_true")
         if cmd == "sync-mlflow":
-            p.add_argument("--tracking-uri")
+            p.add_argument("--tracking-uri", type=_tracking_uri)
         p.set_defaults(func=func)
 
     p = sub.add_parser("export", help="write the recommended settings as a tuned config")
     p.add_argument("name", help="study name, or its TOML file")
-    p.add_argument("-o", "--output", required=True, help="tuned.toml, .json or .yaml")
+    p.add_argument("-o", "--output", type=_path, required=True, help="tuned.toml, .json or .yaml")
     p.add_argument("--policy", help="knee (default) | max-error-ratio=R | budget=C")
     p.add_argument("--value", type=float, help="R or C for --policy max-error-ratio / budget")
     p.add_argument("--trial", type=int, help="export this trial instead of the recommendation")
@@ -436,7 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("dashboard", help="write the study's offline HTML dashboard")
     p.add_argument("name")
-    p.add_argument("-o", "--output", required=True)
+    p.add_argument("-o", "--output", type=_path, required=True)
     p.add_argument("--storage", type=_url)
     p.set_defaults(func=cmd_dashboard)
 

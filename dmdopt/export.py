@@ -329,6 +329,8 @@ def load_tuned_config(path: str | os.PathLike) -> TunedConfig:
     """Read and validate a tuned config (TOML, JSON or YAML by extension)."""
     path = Path(path)
     fmt = _format_of(path)
+    if path.is_dir():
+        raise UserError(f"tuned config {path} is a directory")
     if not path.is_file():
         raise UserError(f"tuned config not found: {path}")
     try:

@@ -34,6 +34,10 @@ def test_help_lists_commands():
     ["bench", "--methods", ","],
     ["study", "status", "x", "--storage", ""],  # not "the study file's storage" by accident
     ["bench", "--dmd", "line_search=fast"],
+    ["train", "--config", ""],  # was: a default plain run, as if no --config was given
+    ["train", "--config", "t.toml", "--tracking-uri", ""],  # was: the default store
+    ["study", "run", "x.toml", "--tracking-uri", " "],
+    ["export", "x", "-o", ""],
 ])
 def test_bad_arguments_one_line_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as info:
@@ -213,3 +217,86 @@ def test_study_export_train_round_trip(tmp_path, monkeypatch, capsys):
     assert main(["train", "--config", "t.toml", "--no-mlflow", "--quiet"]) == 0
     out = capsys.readouterr().out
     assert re.search(r"reproduced: True", out) and re.search(r"val_rel_diff: 0\b", out)
+
+
+def test_export_refuses_to_overwrite_the_study_file(tmp_path, monkeypatch, capsys):
+    """`export s.toml -o s.toml` replaced the study's definition with a tuned config."""
+    from study_files import tiny_study_toml
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "s.toml").write_text(tiny_study_toml())
+    before = (tmp_path / "s.toml").read_text()
+    for command in ("export", "dashboard"):
+        assert main([command, "s.toml", "-o", "./s.toml"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "is the study file itself" in err and err.count("\n") == 0
+    assert (tmp_path / "s.toml").read_text() == before
+
+
+@pytest.mark.parametrize("kind", ["binary", "directory"])
+def test_an_unreadable_study_file_is_one_line(kind, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    if kind == "binary":
+        (tmp_path / "s.toml").write_bytes(b"\xff\xfe[study]\n")
+    else:
+        (tmp_path / "s.toml").mkdir()
+    for argv in (["study", "run", "s.toml", "--no-mlflow"], ["study", "status", "s.toml"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and ("not UTF-8" in err if kind == "binary" else "is a directory" in err)
+
+
+def test_reading_a_missing_sqlite_storage_creates_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    url = f"sqlite:///{tmp_path / 'sub' / 'none.db'}?timeout=30"
+    for command in ("status", "pareto"):
+        assert main(["study", command, "x", "--storage", url]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "none.db does not exist" in err and err.count("\n") == 0
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_read_only_sqlite_storage_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    """Optuna raised a 60-line StorageInternalError at its first commit. (CI runs as root,
+    which may write anything, so the permission check itself is what is simulated.)"""
+    import optuna
+    from study_files import tiny_study_toml
+
+    from dmdopt.search import storage as storage_module
+
+    monkeypatch.chdir(tmp_path)
+    url = f"sqlite:///{tmp_path / 'o.db'}"
+    optuna.create_study(study_name="other", storage=url)
+    (tmp_path / "s.toml").write_text(tiny_study_toml())
+    real_access = storage_module.os.access
+    monkeypatch.setattr(storage_module.os, "access",
+                        lambda path, mode: False if str(path).endswith("o.db") else real_access(path, mode))
+    assert main(["study", "run", "s.toml", "--storage", url, "--no-mlflow", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "o.db is read-only" in err and err.count("\n") == 0
+    assert not (tmp_path / "dmdopt-runs").exists()  # refused before the dataset was built
+    assert main(["study", "status", "other", "--storage", url]) == 0  # reading still works
+
+
+def test_more_workers_than_trials_left_start_no_more_processes(tmp_path, monkeypatch, capsys):
+    from study_files import tiny_study_toml
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "s.toml").write_text(tiny_study_toml(n_trials=2))
+    assert main(["study", "run", "s.toml", "--no-mlflow", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["study", "run", "s.toml", "--no-mlflow", "--workers", "100000"]) == 0
+    assert "2 finished trial(s)" in (out := capsys.readouterr().out) and "1 worker(s)" in out
+
+
+def test_ui_on_a_port_in_use_is_one_line_and_exit_2(capsys):
+    """The MLflow server logged the bind error and exited 0: `dmdopt ui` reported success."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["ui", "--port", str(port)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"cannot listen on 127.0.0.1:{port}" in err and err.count("\n") == 0

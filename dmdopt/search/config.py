@@ -217,6 +217,8 @@ def parse_study(data: dict, *, where: str = "study file") -> StudyConfig:
     if sampler not in SAMPLERS:
         raise UserError(f"{w}: sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
     seed = _take(study, "seed", (int,), w, 0)
+    if not 0 <= seed < 2**32:  # the samplers' numpy RNGs take 32 bits (2**32 aliased seed 0)
+        raise UserError(f"{w}: seed must be an integer in [0, 2**32), got {seed!r}")
     storage = _take(study, "storage", (str,), w, DEFAULT_STORAGE)
     mode = _take(study, "mode", (str,), w, "multi")
     if mode not in MODES:
@@ -260,10 +262,16 @@ def parse_study(data: dict, *, where: str = "study file") -> StudyConfig:
 def load_study_file(path: str | Path) -> StudyConfig:
     """Read and validate a study TOML file."""
     p = Path(path)
+    if p.is_dir():
+        raise UserError(f"study file {p} is a directory")
     if not p.is_file():
         raise UserError(f"study file not found: {p}")
     try:
-        data = tomllib.loads(p.read_text())
+        data = tomllib.loads(p.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise UserError(f"{p}: not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{p}: not UTF-8 text (byte {exc.start}); TOML files are UTF-8") from None
+    except OSError as exc:
+        raise UserError(f"{p}: cannot read: {exc.strerror or exc}") from None
     return parse_study(data, where=str(p))

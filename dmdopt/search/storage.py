@@ -78,21 +78,45 @@ def _in_memory_sqlite(url: str) -> bool:
             or parsed.query.get("mode") == "memory")
 
 
+def _sqlite_file(url: str) -> Path | None:
+    """The database file of a sqlite URL (its query string left out), else None."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):
+        return None
+    if parsed.get_backend_name() != "sqlite" or _in_memory_sqlite(url):
+        return None
+    database = parsed.database or ""
+    return Path(database[len("file:"):] if database.startswith("file:") else database)
+
+
 def open_storage(url: str, *, heartbeat_interval: int | None = None,
-                 grace_period: int | None = None) -> RDBStorage:
-    """An RDB storage for `url`; SQLite directories are created; failures are one clear line."""
+                 grace_period: int | None = None, writable: bool = True) -> RDBStorage:
+    """An RDB storage for `url`; failures are one clear line.
+
+    SQLite directories are created. With `writable` (running a study), a file the command
+    cannot write is refused up front: Optuna raised a 60-line StorageInternalError at its
+    first commit."""
     heartbeat_interval, grace_period = heartbeat_settings(heartbeat_interval, grace_period)
     if _in_memory_sqlite(url):
         # each process (each --workers process) would get its own empty database, and every
         # trial would be gone when the command ends
         raise UserError(f"storage: {url!r} is an in-memory database, which does not outlive the "
                         "command; use a file (sqlite:///path/optuna.db) or a server")
-    if url.startswith("sqlite:///"):  # a file (in-memory databases are refused above)
-        path = Path(url[len("sqlite:///"):])
+    path = _sqlite_file(url)
+    if path is not None:  # a file (in-memory databases are refused above)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise UserError(f"storage: cannot create {path.parent}: {exc.strerror}") from None
+        # SQLite writes a journal beside the file, so the directory must be writable too
+        for where in (path, path.parent) if writable else ():
+            if where.exists() and not os.access(where, os.W_OK):
+                raise UserError(f"storage: {where} is read-only; dmdopt writes to its "
+                                "storage (trials, heartbeats)")
     elif "://" not in url:
         raise UserError(f"storage: not a database URL: {mask_url(url)!r} (e.g. sqlite:///file.db)")
     engine_kwargs = {"pool_pre_ping": True}
@@ -132,8 +156,12 @@ def _schema_race(exc: Exception) -> bool:
 
 
 def load_study(name: str, url: str) -> optuna.Study:
-    """An existing study, or a UserError listing the ones that exist."""
-    storage = open_storage(url)
+    """An existing study, or a UserError listing the ones that exist. A missing SQLite file
+    is not created (status, pareto and export only read)."""
+    path = _sqlite_file(url)
+    if path is not None and not path.is_file():
+        raise UserError(f"study {name!r} not found: {path} does not exist")
+    storage = open_storage(url, writable=False)
     try:
         return optuna.load_study(study_name=name, storage=storage)
     except KeyError:

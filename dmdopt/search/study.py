@@ -533,6 +533,10 @@ def run_study(config: StudyConfig, *, n_trials: int | None = None, storage: str 
     study, _ = prepare_study(config, storage_url=storage_url, cache_dir=cache_dir,
                              progress=progress, echo=echo, n_trials=n_trials)
     done = _count_results(study)
+    if n_trials is not None and workers > 1:
+        # more processes than trials left would only start up, find the quota taken and stop
+        # (--workers 100000 on a finished study spawned processes until the machine choked)
+        workers = max(1, min(workers, n_trials - done))
     echo(f"study {config.name}: {done} finished trial(s) in {mask_url(storage_url)}; "
          f"target {n_trials if n_trials is not None else 'until timeout'}; {workers} worker(s)")
     tracker = _Tracking(config.name, storage_url, tracking_uri, tracking)

@@ -7,9 +7,11 @@ uvicorn process it spawns.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -52,6 +54,26 @@ def server_command(*, host: str, port: int, backend_store_uri: str, artifacts: s
             "--host", host, "--port", str(port), "--workers", "1"]
 
 
+def _check_can_listen(host: str, port: int) -> None:
+    """Bind (host, port) once ourselves: the MLflow server, failing to, logs the error and
+    exits 0, so `dmdopt ui` would report success for a UI that never started."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise UserError(f"ui.host: cannot resolve {host!r}: {exc.strerror}") from None
+    failure: OSError | None = None
+    for family, kind, proto, _, address in infos:  # e.g. localhost: ::1 and 127.0.0.1
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            try:
+                sock.bind(address)
+                return
+            except OSError as exc:
+                failure = failure if failure and failure.errno == errno.EADDRINUSE else exc
+    raise UserError(f"ui.port: cannot listen on {host}:{port}: {failure.strerror}"
+                    + ("; pick another --port" if failure.errno == errno.EADDRINUSE else ""))
+
+
 def start_ui(*, host: str = "127.0.0.1", port: int = 5000, backend_store_uri: str | None = None,
              artifacts: str | Path | None = None, allow_remote: bool = False,
              log_file: str | Path | None = None) -> subprocess.Popen:
@@ -64,11 +86,15 @@ def start_ui(*, host: str = "127.0.0.1", port: int = 5000, backend_store_uri: st
                         "authentication; pass --allow-remote to expose it anyway")
     if not 0 < int(port) < 65536:
         raise UserError(f"ui.port: must be in 1..65535, got {port!r}")
+    _check_can_listen(host, int(port))
     uri = resolve_tracking_uri(backend_store_uri)
     if uri.startswith(("http://", "https://")):
         raise UserError(f"ui.backend_store_uri: {uri!r} is already a tracking server; "
                         "open it in a browser instead")
-    prepare_local_store(uri)
+    try:
+        prepare_local_store(uri)
+    except OSError as exc:
+        raise UserError(f"ui.backend_store_uri: cannot use {uri}: {exc}") from None
     dest = Path(artifacts) if artifacts else (local_artifact_root(uri) or Path(DEFAULT_ARTIFACTS))
     if "://" not in str(dest):
         dest.mkdir(parents=True, exist_ok=True)

@@ -63,6 +63,9 @@ BAD = [
      "window: unknown key 'include_inf'"),
     # nan passed `<= 0` and failed every trial after training, at set_constraint
     ("max_error_ratio nan", tiny_study_toml(extra="max_error_ratio = nan"), "max_error_ratio"),
+    # the samplers' RNGs take 32 bits: seed 2**32 gave exactly seed 0's trials
+    ("seed 2**32", tiny_study_toml().replace("seed = 0", "seed = 4294967296", 1), "seed must be"),
+    ("seed negative", tiny_study_toml().replace("seed = 0", "seed = -1", 1), "seed must be"),
     ("problem not a table", "problem = 5\n" + tiny_study_toml().replace(
         "[problem]\ngrid = 16\nn_samples = 60", ""), "problem must be a table"),
     ("line_search not a list", tiny_study_toml() + "\n[dmd]\nline_search = 4.0\n",
