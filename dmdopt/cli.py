@@ -475,6 +475,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _out_of_memory(exc: BaseException) -> bool:
+    """torch's CPU allocator raises a RuntimeError, CUDA's an OutOfMemoryError (a subclass)."""
+    text = str(exc)
+    return (isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"
+            or "can't allocate memory" in text or "out of memory" in text.lower())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -488,6 +495,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except (MemoryError, RuntimeError) as exc:  # a model or window too large for this machine
+        if not _out_of_memory(exc):
+            raise
+        print(f"dmdopt: error: out of memory: {str(exc).strip().splitlines()[0][:300]} (a smaller "
+              "model.width/depth, dmd.window or problem size fits)", file=sys.stderr)
+        return 2
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

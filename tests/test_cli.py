@@ -300,3 +300,12 @@ def test_ui_on_a_port_in_use_is_one_line_and_exit_2(capsys):
         assert main(["ui", "--port", str(port)]) == 2
     err = capsys.readouterr().err.strip()
     assert f"cannot listen on 127.0.0.1:{port}" in err and err.count("\n") == 0
+
+
+def test_a_model_too_large_for_memory_is_one_line(tmp_path, monkeypatch, capsys):
+    """torch's allocator error was a traceback; the dataset here is tiny, the model is not."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--grid", "8", "--samples", "20", "--steps", "2", "--quiet",
+                 "--width", "10000000000"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("dmdopt: error: out of memory") and err.count("\n") == 0
