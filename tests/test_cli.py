@@ -309,3 +309,27 @@ def test_a_model_too_large_for_memory_is_one_line(tmp_path, monkeypatch, capsys)
                  "--width", "10000000000"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("dmdopt: error: out of memory") and err.count("\n") == 0
+
+
+def test_a_read_only_mlflow_store_fails_at_once(tmp_path, monkeypatch, capsys):
+    """MLflow retried its writes to a read-only SQLite file for 108 s before sync-mlflow's
+    error (210 s in a study). Simulated: CI runs as root, which may write anything."""
+    import time
+
+    import optuna
+
+    from dmdopt.tracking import runs
+
+    monkeypatch.chdir(tmp_path)
+    storage = f"sqlite:///{tmp_path / 'o.db'}"
+    optuna.create_study(study_name="bare", storage=storage, directions=["minimize", "minimize"])
+    (tmp_path / "m.db").touch()
+    real_access = runs.os.access
+    monkeypatch.setattr(runs.os, "access",
+                        lambda path, mode: False if str(path).endswith("m.db") else real_access(path, mode))
+    start = time.monotonic()
+    with pytest.warns(RuntimeWarning, match="m.db is read-only"):
+        code = main(["study", "sync-mlflow", "bare", "--storage", storage,
+                     "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"])
+    assert code == 2 and time.monotonic() - start < 30
+    assert "nothing was synced" in capsys.readouterr().err
