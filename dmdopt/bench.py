@@ -117,6 +117,7 @@ def run_benchmark(*, seeds: int = 3, steps: int | None = None, json_path=None,
     lrs = {m: (lrs or {}).get(m, LEARNING_RATES[m][1 if quick else 0]) for m in methods}
     problem, model = _problem(quick)
     _dataset(quick, cache_dir)  # built once, before any worker reads it from the cache
+    jobs = min(jobs, len(methods) * seeds)  # a process per (method, seed) pair at most
     echo(f"dmdopt bench: {'quick' if quick else 'default'} problem (grid {problem.grid}, "
          f"{problem.n_samples} samples), MLP {model.width}x{model.depth}, full batch, "
          f"{steps} steps, {seeds} seed(s){f', {jobs} jobs' if jobs > 1 else ''}")

@@ -179,6 +179,9 @@ def cmd_train(args) -> int:
             dmd = DMDConfig(window=args.dmd_window if args.dmd_window is not None else 20,
                             rank=_number(args.dmd_rank) if args.dmd_rank is not None else 8,
                             horizon=args.dmd_horizon if args.dmd_horizon is not None else 100.0)
+            if dmd.window > training.max_steps:  # the window never fills: DMD silently off
+                raise ValueError(f"--dmd-window {dmd.window} exceeds --steps {training.max_steps}: "
+                                 "such a window never fills, so DMD would never run")
         resolve_device(training.device)  # an absent GPU is the user's mistake: one line, exit 2
     except ValueError as exc:
         raise UserError(str(exc)) from None

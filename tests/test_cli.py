@@ -67,6 +67,7 @@ def test_an_in_memory_storage_is_refused(url, tmp_path, monkeypatch, capsys):
     (["train", "--steps", "3", "--tracking-uri", "sqlite:///x.db"], "--tracking-uri applies only"),
     (["train", "--steps", "3", "--checkpoint-dir", "ck"], "--checkpoint-dir applies only"),
     (["train", "--steps", "3", "--dmd-horizon", "0"], "dmd.horizon"),  # was: DMD silently off
+    (["train", "--steps", "10", "--dmd-window", "11"], "exceeds --steps 10"),  # so was this
 ])
 def test_train_flags_that_do_not_apply_are_refused(argv, needle, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)

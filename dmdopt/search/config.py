@@ -251,6 +251,10 @@ def parse_study(data: dict, *, where: str = "study file") -> StudyConfig:
     except (ValueError, TypeError) as exc:
         raise UserError(f"{where}: {exc}") from None
     space = _parse_space(data.get("search", {}), f"{where} [search]")
+    if space.window.high > training.max_steps:  # a window longer than the run never jumps
+        raise UserError(f"{where} [search]: window.high = {space.window.high} exceeds "
+                        f"training.max_steps = {training.max_steps}: such a window never fills, "
+                        "so DMD would never run")
     if n_trials is None and timeout is None:
         raise UserError(f"{w}: set n_trials or timeout (or both)")
     return StudyConfig(name=name, n_trials=n_trials, timeout=timeout, sampler=sampler, seed=seed,

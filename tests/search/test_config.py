@@ -66,6 +66,9 @@ BAD = [
     # the samplers' RNGs take 32 bits: seed 2**32 gave exactly seed 0's trials
     ("seed 2**32", tiny_study_toml().replace("seed = 0", "seed = 4294967296", 1), "seed must be"),
     ("seed negative", tiny_study_toml().replace("seed = 0", "seed = -1", 1), "seed must be"),
+    # a window past the budget never jumps; near 2**63 every trial failed with a traceback
+    ("window past the budget", tiny_study_toml().replace("high = 12", "high = 9223372036854775807", 1),
+     "exceeds training.max_steps"),
     ("problem not a table", "problem = 5\n" + tiny_study_toml().replace(
         "[problem]\ngrid = 16\nn_samples = 60", ""), "problem must be a table"),
     ("line_search not a list", tiny_study_toml() + "\n[dmd]\nline_search = 4.0\n",
