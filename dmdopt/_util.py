@@ -93,6 +93,48 @@ def unwritable(path: str | Path) -> str | None:
     return None
 
 
+def in_memory_sqlite(url: str) -> bool:
+    """sqlite://, sqlite:///, sqlite+pysqlite:///:memory:, ...?mode=memory: no file behind it."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):
+        return False  # not a URL: the caller says so
+    if parsed.get_backend_name() != "sqlite":
+        return False
+    database = parsed.database or ""
+    return (database in ("", ":memory:") or database.startswith("file::memory:")
+            or parsed.query.get("mode") == "memory")
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The database file of a sqlite URL (Optuna's or MLflow's; its query string left out),
+    else None (another backend, an in-memory database, not a URL)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):
+        return None
+    if parsed.get_backend_name() != "sqlite" or in_memory_sqlite(url):
+        return None
+    database = parsed.database or ""
+    return Path(database[len("file:"):] if database.startswith("file:") else database)
+
+
+def read_only_sqlite(path: Path) -> Path | None:
+    """The existing SQLite file, or its folder, that cannot be written (SQLite writes a
+    journal beside the file), else None. Checked up front: Optuna's first commit raised a
+    60-line traceback, MLflow retried its writes for minutes."""
+    for where in (path, path.parent):
+        if where.exists() and not os.access(where, os.W_OK):
+            return where
+    return None
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (`kill`, a job scheduler's stop, a preempted machine), handled like Ctrl-C:
     the running trial is marked FAIL, finished ones are kept. A subclass so that a process

@@ -28,22 +28,18 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _url(text: str) -> str:
-    if not text.strip():
-        raise argparse.ArgumentTypeError("expected a storage URL, got an empty string")
-    return text
+def _nonempty(what: str):
+    """An argparse type refusing "" (which would otherwise mean "not given" or a default)."""
+    def check(text: str) -> str:
+        if not text.strip():
+            raise argparse.ArgumentTypeError(f"expected {what}, got an empty string")
+        return text
+    return check
 
 
-def _tracking_uri(text: str) -> str:
-    if not text.strip():
-        raise argparse.ArgumentTypeError("expected an MLflow tracking URI, got an empty string")
-    return text
-
-
-def _path(text: str) -> str:
-    if not text.strip():
-        raise argparse.ArgumentTypeError("expected a path, got an empty string")
-    return text
+_url = _nonempty("a storage URL")
+_tracking_uri = _nonempty("an MLflow tracking URI")
+_path = _nonempty("a path")
 
 
 def _positive_int(text: str) -> int:

@@ -258,23 +258,27 @@ def fit_dmd(snapshots: Tensor, *, rank: int | float | str) -> DMDFit:
         gram, passes = _rows_gram(rows32, rank, n_rows=p, n_pod=m - 2)
     else:
         gram = column_gram(snapshots, differences=True)  # (m-1) x (m-1), D = [d_0 .. d_{m-2}]
+
+    def trivial(status: str) -> DMDFit:  # nothing to extrapolate, but the Gram was paid for
+        return DMDFit(last, status, gram_passes=passes)
+
     if not bool(torch.isfinite(gram).all()):
-        return DMDFit(last, "non_finite", gram_passes=passes)
+        return trivial("non_finite")
     try:
         op = dmd_from_gram(gram, rank, n_rows=p)
     except torch.linalg.LinAlgError:
-        return DMDFit(last, "failed", gram_passes=passes)
+        return trivial("failed")
     if op is None:
-        return DMDFit(last, "converged", gram_passes=passes)
+        return trivial("converged")
     n = m - 2
     z = op.reduce(gram[:n, n])  # U^T d_{m-2}
     try:
         amplitudes = torch.linalg.solve(op.eigenvectors, z.to(torch.complex128))
     except torch.linalg.LinAlgError:
-        return DMDFit(last, "failed", gram_passes=passes)
+        return trivial("failed")
     small = (op.reduced, op.eigenvalues, op.eigenvectors, amplitudes)
     if not all(bool(torch.isfinite(t).all()) for t in small):
-        return DMDFit(last, "non_finite", gram_passes=passes)
+        return trivial("non_finite")
     coeff = op.pod.coefficients
     basis_gram = coeff.T @ gram[:n, :n] @ coeff  # U^T U
     basis_norm = (

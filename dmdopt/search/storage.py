@@ -11,12 +11,11 @@ import importlib.util
 import os
 import random
 import time
-from pathlib import Path
 
 import optuna
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
-from dmdopt._util import mask_url
+from dmdopt._util import in_memory_sqlite, mask_url, read_only_sqlite, sqlite_file
 from dmdopt.errors import UserError
 
 HEARTBEAT_INTERVAL = 10  # seconds between a running trial's heartbeats
@@ -62,37 +61,6 @@ def _with_driver(url: str) -> str:
     return url
 
 
-def _in_memory_sqlite(url: str) -> bool:
-    """sqlite://, sqlite:///, sqlite+pysqlite:///:memory:, ...?mode=memory: no file behind it."""
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-
-    try:
-        parsed = make_url(url)
-    except (ArgumentError, ValueError):
-        return False  # not a URL: open_storage says so
-    if parsed.get_backend_name() != "sqlite":
-        return False
-    database = parsed.database or ""
-    return (database in ("", ":memory:") or database.startswith("file::memory:")
-            or parsed.query.get("mode") == "memory")
-
-
-def _sqlite_file(url: str) -> Path | None:
-    """The database file of a sqlite URL (its query string left out), else None."""
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-
-    try:
-        parsed = make_url(url)
-    except (ArgumentError, ValueError):
-        return None
-    if parsed.get_backend_name() != "sqlite" or _in_memory_sqlite(url):
-        return None
-    database = parsed.database or ""
-    return Path(database[len("file:"):] if database.startswith("file:") else database)
-
-
 def open_storage(url: str, *, heartbeat_interval: int | None = None,
                  grace_period: int | None = None, writable: bool = True) -> RDBStorage:
     """An RDB storage for `url`; failures are one clear line.
@@ -101,22 +69,20 @@ def open_storage(url: str, *, heartbeat_interval: int | None = None,
     cannot write is refused up front: Optuna raised a 60-line StorageInternalError at its
     first commit."""
     heartbeat_interval, grace_period = heartbeat_settings(heartbeat_interval, grace_period)
-    if _in_memory_sqlite(url):
+    if in_memory_sqlite(url):
         # each process (each --workers process) would get its own empty database, and every
         # trial would be gone when the command ends
         raise UserError(f"storage: {url!r} is an in-memory database, which does not outlive the "
                         "command; use a file (sqlite:///path/optuna.db) or a server")
-    path = _sqlite_file(url)
+    path = sqlite_file(url)
     if path is not None:  # a file (in-memory databases are refused above)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise UserError(f"storage: cannot create {path.parent}: {exc.strerror}") from None
-        # SQLite writes a journal beside the file, so the directory must be writable too
-        for where in (path, path.parent) if writable else ():
-            if where.exists() and not os.access(where, os.W_OK):
-                raise UserError(f"storage: {where} is read-only; dmdopt writes to its "
-                                "storage (trials, heartbeats)")
+        if writable and (where := read_only_sqlite(path)) is not None:
+            raise UserError(f"storage: {where} is read-only; dmdopt writes to its "
+                            "storage (trials, heartbeats)")
     elif "://" not in url:
         raise UserError(f"storage: not a database URL: {mask_url(url)!r} (e.g. sqlite:///file.db)")
     engine_kwargs = {"pool_pre_ping": True}
@@ -158,7 +124,7 @@ def _schema_race(exc: Exception) -> bool:
 def load_study(name: str, url: str) -> optuna.Study:
     """An existing study, or a UserError listing the ones that exist. A missing SQLite file
     is not created (status, pareto and export only read)."""
-    path = _sqlite_file(url)
+    path = sqlite_file(url)
     if path is not None and not path.is_file():
         raise UserError(f"study {name!r} not found: {path} does not exist")
     storage = open_storage(url, writable=False)

@@ -26,7 +26,14 @@ from mlflow.entities import Metric, Param, RunTag, ViewType
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from dmdopt._util import deferred_interrupts, git_commit, mask_url, versions
+from dmdopt._util import (
+    deferred_interrupts,
+    git_commit,
+    mask_url,
+    read_only_sqlite,
+    sqlite_file,
+    versions,
+)
 
 log = logging.getLogger(__name__)
 # MLflow announces its one-off sqlite schema set-up at INFO on every new store; in a study's
@@ -95,12 +102,11 @@ def prepare_local_store(uri: str) -> None:
     """Create the folder of a sqlite database (sqlite won't create missing directories), and
     raise PermissionError when the file or its folder cannot be written: MLflow would retry
     its writes for minutes before failing (210 s measured) instead of failing now."""
-    if uri.startswith("sqlite:///") and uri[len("sqlite:///"):] not in ("", ":memory:"):
-        path = Path(uri[len("sqlite:///"):])
+    path = sqlite_file(uri)
+    if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        for where in (path, path.parent):  # sqlite writes a journal beside the file
-            if where.exists() and not os.access(where, os.W_OK):
-                raise PermissionError(f"{where} is read-only")
+        if (where := read_only_sqlite(path)) is not None:
+            raise PermissionError(f"{where} is read-only")
 
 
 def get_or_create_experiment(client: MlflowClient, name: str, uri: str) -> str:
