@@ -296,6 +296,8 @@ def run_from_args(args, error: Callable[[str], NoReturn]) -> list[dict]:
     for method in methods:
         if method not in METHODS:
             error(f"--methods: unknown method {method!r} (known: {', '.join(METHODS)})")
+        if methods.count(method) > 1:  # it would run twice and print two rows of one name
+            error(f"--methods: {method!r} is given twice in {args.methods!r}")
     lrs = {}
     for item in args.lr:
         method, _, value = item.partition("=")
@@ -312,6 +314,8 @@ def run_from_args(args, error: Callable[[str], NoReturn]) -> list[dict]:
         fields = {}
         for item in args.dmd.split(","):
             key, _, value = item.partition("=")
+            if key in fields:  # the last would silently win
+                error(f"--dmd: {key!r} is given twice in {args.dmd!r}")
             if key == "line_search":  # a ladder: factors joined by ':' (',' separates fields)
                 try:
                     fields[key] = tuple(float(f) for f in value.split(":") if f)

@@ -34,6 +34,8 @@ def test_help_lists_commands():
     ["bench", "--methods", ","],
     ["study", "status", "x", "--storage", ""],  # not "the study file's storage" by accident
     ["bench", "--dmd", "line_search=fast"],
+    ["bench", "--methods", "adam,adam"],  # was: each pair run twice, two rows named adam
+    ["bench", "--dmd", "window=10,window=12"],  # was: window 12, silently
     ["train", "--config", ""],  # was: a default plain run, as if no --config was given
     ["train", "--config", "t.toml", "--tracking-uri", ""],  # was: the default store
     ["study", "run", "x.toml", "--tracking-uri", " "],
@@ -255,6 +257,22 @@ def test_reading_a_missing_sqlite_storage_creates_nothing(tmp_path, monkeypatch,
         err = capsys.readouterr().err.strip()
         assert "none.db does not exist" in err and err.count("\n") == 0
     assert not list(tmp_path.iterdir())
+
+
+def test_a_study_not_made_by_dmdopt_is_refused(tmp_path, monkeypatch, capsys):
+    """Was: its trials shown as a dmdopt front, and exported as a tuned config."""
+    import optuna
+
+    monkeypatch.chdir(tmp_path)
+    url = f"sqlite:///{tmp_path / 'other.db'}"
+    other = optuna.create_study(study_name="other", storage=url, directions=["minimize"] * 2)
+    other.optimize(lambda t: (t.suggest_float("x", 0, 1), 1.0), n_trials=2)
+    for argv in (["study", "status", "other"], ["study", "pareto", "other"],
+                 ["export", "other", "-o", "tuned.toml"]):
+        assert main([*argv, "--storage", url]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "not made by dmdopt" in err and err.count("\n") == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other.db"]  # nothing exported
 
 
 def test_a_read_only_sqlite_storage_is_refused_before_any_work(tmp_path, monkeypatch, capsys):

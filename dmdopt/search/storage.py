@@ -129,8 +129,14 @@ def load_study(name: str, url: str) -> optuna.Study:
         raise UserError(f"study {name!r} not found: {path} does not exist")
     storage = open_storage(url, writable=False)
     try:
-        return optuna.load_study(study_name=name, storage=storage)
+        study = optuna.load_study(study_name=name, storage=storage)
     except KeyError:
         names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
         known = ", ".join(names) if names else "none"
         raise UserError(f"study {name!r} not found in {mask_url(url)} (studies there: {known})") from None
+    if "config_digest" not in study.user_attrs:
+        # another tool's study in a shared storage: its values are not (cost, error) and its
+        # trials have none of dmdopt's attributes, so a front or export of it would be nonsense
+        raise UserError(f"study {name!r} in {mask_url(url)} was not made by dmdopt (it has no "
+                        "dmdopt configuration); dmdopt reads only the studies it runs")
+    return study
