@@ -3,47 +3,55 @@
 `dmdopt.training` counts cost in backprop steps *of the configured batch*. To compare a
 mini-batch run with the full-batch benchmark, this probe rescales its cost by
 batch rows / training rows ("full-batch equivalents", the same FLOPs unit as the benchmark's
-bpe). The DMD run uses the default `DMDConfig`; its accept test is a forward pass over the
-whole training set, charged as such. Runs plain and DMD in two processes, one thread each.
+bpe). The DMD run uses the default `DMDConfig`; its accept test is a forward pass over
+`--accept-rows` training rows (`TrainConfig.accept_rows`: a fixed subset; 0 = all of them,
+the default before that option existed), charged as such. Each run stops at the target.
+Runs the (batch, seed, plain|dmd) runs in two processes, one thread each.
 
-    python benchmarks/probe_minibatch.py [--batch-size 512] [--steps 4000] [--lr 3e-3]
-                                         [--seed 0] [--target 0.0637]
+    python benchmarks/probe_minibatch.py [--batch-sizes 512,256] [--accept-rows B]
+                                         [--seeds 3] [--lr 3e-3] [--target 0.0637]
 
-Measured (seed 0, 2026-12-02, 2 idle cores, about 4 min): see README, "The goal".
+`--accept-rows B` (the default) uses as many rows as a batch. Measured (2026-12-02, 2 idle
+cores): see README, "The goal".
 """
 
 from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import statistics
 
 
-def run(args: argparse.Namespace, use_dmd: bool) -> dict:
+def run(job: dict) -> dict:
     import torch
 
     from dmdopt.problem import ProblemConfig, load_dataset
     from dmdopt.training import DMDConfig, TrainConfig, train
 
     torch.set_num_threads(1)
-    dataset = load_dataset(ProblemConfig(), cache_dir=args.cache_dir, progress=False)
-    scale = args.batch_size / len(dataset.split("train")[0])
-    result = train(dataset=dataset, dmd=DMDConfig() if use_dmd else None,
-                   training=TrainConfig(optimizer="adam", lr=args.lr, batch_size=args.batch_size,
-                                        max_steps=args.steps, eval_every=20, seed=args.seed))
-    hit = result.cost_to_reach(args.target)
-    return {"variant": "adam+dmd" if use_dmd else "adam", "final": result.val_error,
-            "cost": result.backprop_equivalent * scale,
-            "to_target": None if hit is None else hit[0] * scale,
-            "jumps": f"{result.jumps_accepted}/{result.jumps_accepted + result.jumps_rejected}",
-            "wall": result.wall_time}
+    dataset = load_dataset(ProblemConfig(), cache_dir=job["cache_dir"], progress=False)
+    n_train = len(dataset.split("train")[0])
+    batch = job["batch"]
+    scale = batch / n_train
+    accept = None if job["accept"] == 0 else job["accept"]
+    steps = int(job["full_batch_cost"] * 4 / scale)  # room to reach the target at up to 4x
+    result = train(dataset=dataset, dmd=DMDConfig() if job["dmd"] else None,
+                   training=TrainConfig(optimizer="adam", lr=job["lr"], batch_size=batch,
+                                        accept_rows=accept, max_steps=steps, eval_every=20,
+                                        target_error=job["target"], seed=job["seed"]))
+    hit = result.cost_to_reach(job["target"])
+    return job | {"to_target": None if hit is None else hit[0] * scale,
+                  "steps": result.cost["backprop_steps"], "wall": result.wall_time,
+                  "jumps": (result.jumps_accepted, result.jumps_accepted + result.jumps_rejected)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batch-size", type=int, default=512)
-    ap.add_argument("--steps", type=int, default=4000)
+    ap.add_argument("--batch-sizes", default="512,256")
+    ap.add_argument("--accept-rows", default="B",
+                    help="rows of the DMD accept test: a number, 0 = all, B = the batch size")
+    ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--target", type=float, default=0.0637,
                     help="full-batch Adam's median final error at 2,000 steps (README)")
     ap.add_argument("--full-batch-cost", type=float, default=2000.0,
@@ -51,17 +59,42 @@ def main() -> None:
     ap.add_argument("--cache-dir", default="dmdopt-runs/data")
     args = ap.parse_args()
 
+    batches = [int(b) for b in args.batch_sizes.split(",")]
+    jobs = [{"batch": b, "seed": s, "dmd": d, "lr": args.lr, "target": args.target,
+             "accept": b if args.accept_rows == "B" else int(args.accept_rows),
+             "full_batch_cost": args.full_batch_cost, "cache_dir": args.cache_dir}
+            for b in batches for s in range(args.seeds) for d in (False, True)]
     with mp.get_context("spawn").Pool(2) as pool:
-        rows = pool.starmap(run, [(args, False), (args, True)])
-    print(f"batch {args.batch_size}, lr {args.lr}, {args.steps} steps, seed {args.seed}; "
-          "costs in full-batch backprop equivalents")
-    print(f"{'variant':<9} {'final err':>9} {'cost':>7} {'to tgt':>7} {'x full':>7} "
-          f"{'jumps':>8} {'wall s':>7}")
+        rows = pool.map(run, jobs, chunksize=1)
+
+    print(f"Adam lr {args.lr}, target {args.target}; costs in full-batch backprop equivalents; "
+          f"x full = cost / {args.full_batch_cost:.0f} (full-batch Adam's)")
+    print(f"{'batch':>5} {'accept':>6} {'seed':>4} {'variant':<8} {'steps':>6} {'to tgt':>7} "
+          f"{'x full':>7} {'jumps':>8} {'wall s':>7}")
     for r in rows:
-        ratio = "-" if r["to_target"] is None else f"{r['to_target'] / args.full_batch_cost:.2f}"
-        to_tgt = "-" if r["to_target"] is None else f"{r['to_target']:.0f}"
-        print(f"{r['variant']:<9} {r['final']:>9.4f} {r['cost']:>7.0f} {to_tgt:>7} {ratio:>7} "
-              f"{r['jumps']:>8} {r['wall']:>7.1f}")
+        hit = r["to_target"]
+        to_tgt = "-" if hit is None else f"{hit:.0f}"
+        ratio = "-" if hit is None else f"{hit / args.full_batch_cost:.3f}"
+        jumps = "{}/{}".format(*r["jumps"]) if r["dmd"] else "-"
+        accept = r["accept"] if r["dmd"] else "-"
+        variant = "adam+dmd" if r["dmd"] else "adam"
+        print(f"{r['batch']:>5} {accept:>6} {r['seed']:>4} {variant:<8} {r['steps']:>6} "
+              f"{to_tgt:>7} {ratio:>7} {jumps:>8} {r['wall']:>7.1f}")
+    print("medians over seeds (a run that missed the target counts as infinite):")
+    for b in batches:
+        med = {}
+        for d in (False, True):
+            costs = [r["to_target"] if r["to_target"] is not None else float("inf")
+                     for r in rows if r["batch"] == b and r["dmd"] == d]
+            med[d] = statistics.median(costs)
+        ratios = [dm["to_target"] / pl["to_target"] for pl, dm in zip(
+            [r for r in rows if r["batch"] == b and not r["dmd"]],
+            [r for r in rows if r["batch"] == b and r["dmd"]], strict=True)
+            if pl["to_target"] and dm["to_target"]]
+        per_seed = ", ".join(f"{x:.2f}" for x in ratios)
+        print(f"  batch {b}: adam {med[False]:.0f} ({med[False] / args.full_batch_cost:.3f}x full), "
+              f"adam+dmd {med[True]:.0f} ({med[True] / args.full_batch_cost:.3f}x full); "
+              f"dmd / plain per seed: {per_seed}")
 
 
 if __name__ == "__main__":

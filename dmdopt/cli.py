@@ -114,7 +114,7 @@ def cmd_data(args) -> int:
     return 0
 
 
-_PLAIN_TRAIN_FLAGS = ("optimizer", "lr", "momentum", "batch_size", "eval_every", "seed", "width",
+_PLAIN_TRAIN_FLAGS = ("optimizer", "lr", "momentum", "batch_size", "accept_rows", "eval_every", "seed", "width",
                       "depth", "activation", "grid", "samples", "dmd_window", "dmd_rank",
                       "dmd_horizon")
 _CONFIG_TRAIN_FLAGS = ("checkpoint_dir", "tracking_uri")
@@ -165,8 +165,8 @@ def cmd_train(args) -> int:
         problem = ProblemConfig(**({"grid": args.grid} if args.grid else {}),
                                 **({"n_samples": args.samples} if args.samples else {}))
         chosen = lambda *names: {n: getattr(args, n) for n in names if getattr(args, n) is not None}  # noqa: E731
-        training = TrainConfig(**chosen("optimizer", "lr", "momentum", "batch_size", "seed",
-                                        "eval_every"),
+        training = TrainConfig(**chosen("optimizer", "lr", "momentum", "batch_size",
+                                        "accept_rows", "seed", "eval_every"),
                                max_steps=args.steps or TrainConfig().max_steps,
                                device=args.device or "auto")
         model = ModelConfig(**chosen("width", "depth", "activation"))
@@ -396,13 +396,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train the regressor (plain, with DMD flags, or --config tuned.toml)")
     p.add_argument("--config", type=_path, help="a tuned config written by `dmdopt export`")
     p.add_argument("--steps", type=_positive_int, help="backprop-step budget")
-    p.add_argument("--device", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--device", type=_nonempty("a device"), help="auto, cpu, cuda, cuda:N")
     # plain-run flags default to None (TrainConfig's / ModelConfig's defaults apply), so that
     # `--config` can tell that one was given and refuse it instead of ignoring it
     p.add_argument("--optimizer", choices=["adam", "sgd"], help="default adam")
     p.add_argument("--lr", type=float, help="default 1e-3")
     p.add_argument("--momentum", type=float, help="default 0")
     p.add_argument("--batch-size", type=_positive_int, help="default: full batch")
+    p.add_argument("--accept-rows", type=_positive_int,
+                   help="training rows of DMD's accept test (default: all; with --batch-size, "
+                        "about one batch is cheaper)")
     p.add_argument("--eval-every", type=_positive_int, help="default 50")
     p.add_argument("--seed", type=int, help="default 0")
     p.add_argument("--width", type=_positive_int, help="default 128")
@@ -413,7 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dmd-window", type=_positive_int)
     p.add_argument("--dmd-rank")
     p.add_argument("--dmd-horizon", type=float)
-    p.add_argument("--checkpoint-dir", help="--config only (default dmdopt-runs/checkpoints)")
+    p.add_argument("--checkpoint-dir", type=_path, help="--config only (default dmdopt-runs/checkpoints)")
     p.add_argument("--tracking-uri", type=_tracking_uri, help="--config only")
     p.add_argument("--no-mlflow", action="store_true", help="--config only")
     p.add_argument("--cache-dir", default=DEFAULT_CACHE)

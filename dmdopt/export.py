@@ -13,7 +13,7 @@ extension. Schema version 1::
                   versions {dmdopt, torch, optuna, mlflow} and git_commit of the code that ran
                   the trial, created_at (UTC, the export's time)
     [expected]    the trial's metrics: cost_bpe, cost_total, val_rel_l2, test_rel_l2, speedup,
-                  device (where the trial ran)
+                  device (where the trial ran), cpu_threads (torch's threads there, on a CPU)
 
 TOML has no null: a key whose value is None is left out, and reading puts None back -- only
 keys whose default is None may be missing; any other missing key is an error, so a config
@@ -48,7 +48,12 @@ FORMATS = {".toml": "toml", ".json": "json", ".yaml": "yaml", ".yml": "yaml"}
 SETTINGS_SECTIONS = ("dmd", "training", "model", "problem")
 PROVENANCE_KEYS = ("study_name", "trial_number", "policy", "storage", "dataset_hash", "versions",
                    "git_commit", "created_at")
-EXPECTED_KEYS = ("cost_bpe", "cost_total", "val_rel_l2", "test_rel_l2", "speedup", "device")
+# settings added after checkpoints were first named by `settings_hash`, whose default (None)
+# keeps a config's behaviour: left out of the hash while None, so a production run started
+# before they existed resumes its checkpoint instead of restarting under a new name
+_ADDED_LATER = {"training": ("accept_rows",)}
+EXPECTED_KEYS = ("cost_bpe", "cost_total", "val_rel_l2", "test_rel_l2", "speedup", "device",
+                 "cpu_threads")
 
 
 def _problem_cls():
@@ -92,6 +97,9 @@ class TunedConfig:
         settings = {k: data[k] for k in SETTINGS_SECTIONS}
         settings["training"] = {k: v for k, v in settings["training"].items()
                                 if k not in ("max_steps", "device")}
+        for section, keys in _ADDED_LATER.items():  # unset: the hash (checkpoint) of before
+            settings[section] = {k: v for k, v in settings[section].items()
+                                 if not (k in keys and v is None)}
         text = json.dumps(settings, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -169,6 +177,7 @@ def tuned_config_from_summary(summary: dict, *, policy: str = "knee", value: flo
         "test_rel_l2": attrs.get("test_error"),
         "speedup": attrs.get("speedup"),
         "device": attrs.get("device"),
+        "cpu_threads": attrs.get("cpu_threads") if attrs.get("device") == "cpu" else None,
     }
     code = attrs.get("code") or {}  # the code the trial ran; older studies: the exporter's
     provenance = {

@@ -4,12 +4,15 @@
 [problem], trains with its [model]/[training]/[dmd] and checkpoints as it goes. The checkpoint
 is named after the config's settings hash, so re-running the same command after a crash, a
 Ctrl-C or a cluster pre-emption resumes where it stopped and ends bit-identical to a run that
-was never interrupted (same device type). Then:
+was never interrupted (same device type and, on a CPU, the same thread count: torch's
+reductions split by thread). Then:
 
 * the achieved validation error is compared with the trial's (`[expected]`), when the step
   budget is the trial's: a relative difference above `SAME_DEVICE_TOLERANCE` (1e-6, same
-  device type: the run should be a replay) or `OTHER_DEVICE_TOLERANCE` (5%, another device
-  type or unknown: kernels differ, so only the same ballpark is expected) gives one warning;
+  device type, and on a CPU the same thread count: the run should be a replay) or
+  `OTHER_DEVICE_TOLERANCE` (5%, another device type, thread count or unknown: the sums differ
+  in their last bits, and a DMD jump kept by a hair in one run may be rejected in the other,
+  so only the same ballpark is expected) gives one warning;
 * the run, its model and metrics are logged to MLflow (tags `dmdopt.source_study`,
   `dmdopt.source_trial`).
 """
@@ -47,11 +50,17 @@ def checkpoint_cadence(max_steps: int, window: int) -> int:
     return window * math.ceil(target / window)
 
 
-def tolerance_for(expected_device: str | None, device: str) -> float:
-    """1e-6 when the trial ran on the same device type (cpu/cuda/mps), else 5%."""
-    if expected_device and expected_device.split(":")[0] == device.split(":")[0]:
-        return SAME_DEVICE_TOLERANCE
-    return OTHER_DEVICE_TOLERANCE
+def tolerance_for(expected_device: str | None, device: str, *,
+                  expected_threads: int | None = None, threads: int | None = None) -> float:
+    """1e-6 when the trial ran on the same device type (cpu/cuda/mps) and, on a CPU, with the
+    same torch thread count (when the trial recorded it), else 5%."""
+    kind = device.split(":")[0]
+    if not expected_device or expected_device.split(":")[0] != kind:
+        return OTHER_DEVICE_TOLERANCE
+    if kind == "cpu" and expected_threads is not None and threads is not None \
+            and expected_threads != threads:
+        return OTHER_DEVICE_TOLERANCE  # a study's --workers split the cores between processes
+    return SAME_DEVICE_TOLERANCE
 
 
 def _checkpoint_step(path: Path) -> int | None:
@@ -62,22 +71,32 @@ def _checkpoint_step(path: Path) -> int | None:
 
     try:  # tensors, dicts, numbers only: the restricted unpickler suffices
         saved = torch.load(path, map_location="cpu", weights_only=True)
-        return int(saved["state"]["step"])
     except Exception as exc:
         # torch's own text goes on to suggest weights_only=False, i.e. running a pickle from a
         # file that is corrupt or foreign: not advice to pass on. Its first sentence suffices.
         first = " ".join(str(exc).split()).split(". ")[0][:160]
         raise UserError(f"checkpoint {path} cannot be read ({type(exc).__name__}: {first}); "
                         "delete it to start over") from None
+    missing = [k for k in _CHECKPOINT_KEYS if not isinstance(saved, dict) or k not in saved]
+    state = saved.get("state") if isinstance(saved, dict) else None
+    if missing or not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        what = f"no {missing[0]!r}" if missing else "no step in its state"
+        raise UserError(f"checkpoint {path} is not a dmdopt training checkpoint ({what}); "
+                        "delete it to start over")
+    return state["step"]
 
 
-def _flat_params(tuned, training, steps: int) -> dict[str, Any]:
+# what `train()` writes (and reads back on resume)
+_CHECKPOINT_KEYS = ("model", "optimizer", "accelerator", "batch_gen", "torch_rng", "cost", "state")
+
+
+def _flat_params(tuned, training) -> dict[str, Any]:
     data = tuned.to_dict()
     params: dict[str, Any] = {}
     for section in ("dmd", "training", "model", "problem"):
         for key, value in data[section].items():
             params[f"{section}.{key}"] = value
-    params["training.max_steps"] = steps
+    params["training.max_steps"] = training.max_steps  # the budget; the steps run are a metric
     params["training.device"] = training.device
     return params
 
@@ -106,7 +125,7 @@ def _log_run(*, tracking_uri, experiment, tuned, training, result, config_path, 
         "dmdopt.git_commit": git_commit() or "",
     }
     return log_model_run(tracking_uri=tracking_uri, experiment=experiment, run_name=run_name,
-                         model=result.model, params=_flat_params(tuned, training, summary["steps"]),
+                         model=result.model, params=_flat_params(tuned, training),
                          metrics=metrics, tags=tags)
 
 
@@ -145,6 +164,10 @@ def run_production(
     if checkpoint_every is not None and (not isinstance(checkpoint_every, int) or checkpoint_every < 1):
         raise UserError(f"checkpoint_every must be a positive integer, got {checkpoint_every!r}")
     every = checkpoint_every or checkpoint_cadence(training.max_steps, tuned.dmd.window)
+    if tuned.dmd.window > training.max_steps:  # as `train --steps N --dmd-window W` refuses
+        raise UserError(f"{training.max_steps} steps are fewer than the DMD window "
+                        f"({tuned.dmd.window}): it never fills, so DMD would never run; "
+                        f"pass steps >= {tuned.dmd.window}")
 
     key = tuned.settings_hash()
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else DEFAULT_CHECKPOINT_DIR
@@ -185,16 +208,24 @@ def run_production(
     })
     expected = tuned.expected.get("val_rel_l2")
     if expected is not None and requested_steps == tuned.training.max_steps:
-        tol = tolerance_for(tuned.expected.get("device"), str(resolved))
+        import torch
+
+        threads = torch.get_num_threads()
+        tol = tolerance_for(tuned.expected.get("device"), str(resolved), threads=threads,
+                            expected_threads=tuned.expected.get("cpu_threads"))
         diff = abs(result.val_error - expected) / max(abs(expected), 1e-300)
         summary.update(expected_val_rel_l2=expected, val_rel_diff=diff, tolerance=tol,
                        reproduced=diff <= tol)
         if diff > tol:
+            def where(device, n):
+                return f"{device} ({n} threads)" if device == "cpu" and n else device
+
             logger.warning(
                 "val_rel_l2 %.6g differs from the trial's %.6g by %.3g%% (tolerance %.3g%%, "
-                "trial on %s, now on %s): check the dataset, versions and device",
+                "trial on %s, now on %s): check the dataset, versions, device and thread count",
                 result.val_error, expected, 100 * diff, 100 * tol,
-                tuned.expected.get("device", "an unknown device"), result.device)
+                where(tuned.expected.get("device", "an unknown device"),
+                      tuned.expected.get("cpu_threads")), where(result.device, threads))
     summary["run_id"] = None
     if log_mlflow:
         marker = ckpt.with_name(f"{key}.mlflow.json")  # which run holds this checkpoint's result

@@ -9,6 +9,20 @@ import pytest
 TINY_PROBLEM = {"grid": 16, "n_samples": 60}
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _ctrl_c_as_in_a_terminal():
+    """A test run started in the background (`pytest &`, nohup) ignores SIGINT, as every program
+    the shell starts that way does; the tests that send themselves a Ctrl-C need Python's own
+    handler, which a run in a terminal has."""
+    import signal
+
+    before = signal.getsignal(signal.SIGINT)
+    if before is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory):
     from dmdopt.problem import ProblemConfig, load_dataset

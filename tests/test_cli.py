@@ -40,6 +40,8 @@ def test_help_lists_commands():
     ["train", "--config", "t.toml", "--tracking-uri", ""],  # was: the default store
     ["study", "run", "x.toml", "--tracking-uri", " "],
     ["export", "x", "-o", ""],
+    ["train", "--config", "t.toml", "--device", ""],  # was: the config's device, silently
+    ["train", "--config", "t.toml", "--checkpoint-dir", ""],  # was: the default folder
 ])
 def test_bad_arguments_one_line_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as info:

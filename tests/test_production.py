@@ -135,6 +135,23 @@ def test_cadence_and_tolerance_rules():
     assert tolerance_for("cuda:0", "cuda:1") == 1e-6
     assert tolerance_for("cpu", "cuda:0") == 0.05
     assert tolerance_for(None, "cpu") == 0.05
+    # a CPU trial's figure depends on torch's thread count (a study's --workers split the
+    # cores): measured 4e-6 apart at 1 and 2 threads, over the replay tolerance
+    assert tolerance_for("cpu", "cpu", expected_threads=2, threads=2) == 1e-6
+    assert tolerance_for("cpu", "cpu", expected_threads=1, threads=2) == 0.05
+    assert tolerance_for("cpu", "cpu", threads=2) == 1e-6  # a trial that did not record it
+    assert tolerance_for("cuda", "cuda:0", expected_threads=1, threads=2) == 1e-6
+
+
+def test_checkpoint_names_are_stable_across_versions():
+    """A production run resumes its checkpoint after an upgrade only if the settings hash is
+    the one of before; a setting added since (None: unset) must leave it unchanged."""
+    tuned = TunedConfig(dmd=DMDConfig(window=24, rank=5, horizon=57.6),
+                        training=TrainConfig(lr=3e-3, max_steps=600),
+                        model=ModelConfig(width=64, depth=2), problem=ProblemConfig(grid=32, n_samples=512))
+    assert tuned.settings_hash() == "a7b083b3586e95c9"  # computed by the code of 2026-12-01
+    assert replace(tuned, training=replace(tuned.training, accept_rows=256)).settings_hash() \
+        != tuned.settings_hash()
 
 
 def test_bad_arguments_and_checkpoints_are_user_errors(tmp_path, cache_dir, uninterrupted):
@@ -156,6 +173,13 @@ def test_bad_arguments_and_checkpoints_are_user_errors(tmp_path, cache_dir, unin
     with pytest.raises(UserError, match="cannot be read.*delete it") as info:
         produce(config, out_dir, cache_dir)
     assert "weights_only" not in str(info.value)  # torch's advice to unpickle it is not relayed
+    # a readable file that is not a training checkpoint: was a KeyError traceback on resume
+    torch.save({"state": {"step": 5}}, out_dir / f"{load_tuned_config(config).settings_hash()}.pt")
+    with pytest.raises(UserError, match="not a dmdopt training checkpoint.*'model'.*delete it"):
+        produce(config, out_dir, cache_dir)
+    # fewer steps than the DMD window: it never fills, DMD would silently not run
+    with pytest.raises(UserError, match="fewer than the DMD window"):
+        produce(config, tmp_path / "ck3", cache_dir, steps=DMD.window - 1)
 
 
 def test_an_unusable_tracking_store_fails_before_training(tmp_path, cache_dir, uninterrupted):
@@ -231,6 +255,24 @@ def test_mlflow_run_carries_the_source_study_and_trial(tmp_path, cache_dir, unin
     assert run.data.tags["dmdopt.source_trial"] == "3"
     assert run.data.metrics["val_rel_l2"] == pytest.approx(uninterrupted.val_error)
     assert run.data.params["dmd.window"] == "5"
+    assert run.data.params["training.max_steps"] == "40"
+
+
+@pytest.mark.slow
+def test_mlflow_logs_the_budget_not_the_steps_a_target_stopped_at(tmp_path, cache_dir, uninterrupted):
+    """Was: training.max_steps = the step the run stopped at."""
+    from mlflow.tracking import MlflowClient
+
+    target = uninterrupted.curve[2]["val_error"] * 1.0001  # first reached at step 20
+    tuned = TunedConfig(dmd=DMD, training=replace(TRAINING, target_error=target), model=MODEL,
+                        problem=PROBLEM)
+    write_tuned_config(tuned, tmp_path / "tuned.toml")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = run_production(tmp_path / "tuned.toml", checkpoint_dir=tmp_path / "ck",
+                         cache_dir=cache_dir, progress=False, tracking_uri=uri, experiment="t")
+    assert out["steps"] == 20
+    run = MlflowClient(tracking_uri=uri).get_run(out["run_id"])
+    assert run.data.params["training.max_steps"] == "40" and run.data.metrics["steps"] == 20
 
 
 KILLED_RUN = textwrap.dedent("""

@@ -20,6 +20,7 @@ import time
 from dataclasses import replace
 
 import optuna
+import torch
 
 from dmdopt.search.config import LINE_SEARCH_PRESETS, StudyConfig
 from dmdopt.training.config import DMDConfig
@@ -134,6 +135,8 @@ class Objective:
                                       / cost if cost > 0 else math.inf),
             "jumps_accepted": result.jumps_accepted, "jumps_rejected": result.jumps_rejected,
             "curve": curve_summary(result), "device": result.device,
+            # CPU results depend on it (reductions split by thread): production compares
+            "cpu_threads": torch.get_num_threads(),
             "forward_passes": result.cost["forward_passes"], "backprop_steps": result.cost["backprop_steps"],
             "code": self.code,
         }
@@ -196,8 +199,11 @@ def _same_settings(trial: optuna.Trial, dmd: DMDConfig, training) -> optuna.tria
     the same run; trials without those records (another objective's) never match.
     """
     def as_stored(dmd_record, training_record):
-        # user attributes come back from an RDB storage through JSON: compare in that form
-        return json.loads(json.dumps({"dmd": dmd_record, "training": training_record}))
+        # user attributes come back from an RDB storage through JSON: compare in that form;
+        # an unset (None) setting equals an absent one (a record from before it existed)
+        data = json.loads(json.dumps({"dmd": dmd_record, "training": training_record}))
+        return {k: {f: v for f, v in r.items() if v is not None} if isinstance(r, dict) else r
+                for k, r in data.items()}
 
     wanted = as_stored(dmd.to_dict(), training.to_dict())
     for other in trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):

@@ -134,9 +134,11 @@ def load_study(name: str, url: str) -> optuna.Study:
         names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
         known = ", ".join(names) if names else "none"
         raise UserError(f"study {name!r} not found in {mask_url(url)} (studies there: {known})") from None
-    if "config_digest" not in study.user_attrs:
+    attrs = study.user_attrs
+    if "config_digest" not in attrs and "config" not in attrs and study.get_trials(deepcopy=False):
         # another tool's study in a shared storage: its values are not (cost, error) and its
-        # trials have none of dmdopt's attributes, so a front or export of it would be nonsense
+        # trials have none of dmdopt's attributes, so a front or export of it would be nonsense.
+        # (One without trials shows nothing wrong: it may be a dmdopt study just created.)
         raise UserError(f"study {name!r} in {mask_url(url)} was not made by dmdopt (it has no "
                         "dmdopt configuration); dmdopt reads only the studies it runs")
     return study

@@ -59,12 +59,19 @@ class TrainConfig:
     `max_steps` is the budget in backprop steps; `target_error` (validation relative L2) stops
     earlier when reached. `batch_size=None` means full batch. `eval_every` sets the learning
     curve's resolution; monitoring evaluations are *not* counted as training cost.
+
+    `accept_rows`: how many training rows DMD's accept test (the line search's forward passes)
+    evaluates: a fixed random subset, drawn once from `seed`; None = the whole training set.
+    With mini-batches the whole set costs n_train / batch_size batch forwards per candidate,
+    more than a jump saves; a subset the size of a batch makes DMD pay (measured in
+    `benchmarks/probe_minibatch.py`). Ignored without DMD.
     """
 
     optimizer: str = "adam"
     lr: float = 1e-3
     momentum: float = 0.0
     batch_size: int | None = None
+    accept_rows: int | None = None
     max_steps: int = 2000
     target_error: float | None = None
     eval_every: int = 50
@@ -81,6 +88,8 @@ class TrainConfig:
             raise ValueError(f"training.momentum must be in [0, 1), got {self.momentum!r}")
         if self.batch_size is not None and (not _is_int(self.batch_size) or self.batch_size < 1):
             raise ValueError(f"training.batch_size must be a positive integer, got {self.batch_size!r}")
+        if self.accept_rows is not None and (not _is_int(self.accept_rows) or self.accept_rows < 1):
+            raise ValueError(f"training.accept_rows must be a positive integer, got {self.accept_rows!r}")
         if not _is_int(self.max_steps) or self.max_steps < 1:
             raise ValueError(f"training.max_steps must be a positive integer, got {self.max_steps!r}")
         if self.target_error is not None and (

@@ -69,6 +69,9 @@ class TrainResult:
         }
 
 
+_ACCEPT_SEED_OFFSET = 0x5EED  # the accept rows' generator: not the batch generator's seed
+
+
 def resolve_device(name: str) -> torch.device:
     """'auto' -> the first CUDA device when present (or the one CUDA_VISIBLE_DEVICES leaves), else CPU."""
     if name == "auto":
@@ -152,19 +155,27 @@ def train(
     cost = CostCounter(flops_per_backprop=flops_per_backprop(n_params, batch_rows))
     batch_gen = torch.Generator(device="cpu").manual_seed(config.seed)
 
+    # The accelerator's accept test sees the whole training set, or a fixed subset of it
+    # (`accept_rows`), drawn from its own generator so the batches are those of a plain run.
+    x_accept, y_accept = x_train, y_train_scaled
+    if config.accept_rows is not None and config.accept_rows < n_train:
+        pick = torch.Generator(device="cpu").manual_seed(config.seed + _ACCEPT_SEED_OFFSET)
+        rows = torch.randperm(n_train, generator=pick)[:config.accept_rows].to(device)
+        x_accept, y_accept = x_train[rows], y_train_scaled[rows]
+
     @torch.no_grad()
     def train_loss() -> torch.Tensor:
-        """Full training-set loss, forward only: the accelerator's accept/reject test."""
+        """Training loss on the accept rows, forward only: the accelerator's accept/reject test."""
         total = torch.zeros((), device=device)
-        for i in range(0, n_train, 4096):
-            pred = net.forward_scaled(x_train[i:i + 4096])
-            total += ((pred - y_train_scaled[i:i + 4096]) ** 2).sum()
-        return total / y_train_scaled.numel()
+        for i in range(0, len(x_accept), 4096):
+            pred = net.forward_scaled(x_accept[i:i + 4096])
+            total += ((pred - y_accept[i:i + 4096]) ** 2).sum()
+        return total / y_accept.numel()
 
     accelerator = None
     if dmd is not None:
         accelerator = DMDAccelerator(net, optimizer, dmd, cost=cost,
-                                     forward_weight=n_train / batch_rows)
+                                     forward_weight=len(x_accept) / batch_rows)
 
     state: dict[str, Any] = {"step": 0, "curve": [], "wall": 0.0, "perm": None, "pos": 0,
                              "first_loss": None, "stopped_by": None}

@@ -6,6 +6,7 @@ import math
 
 import optuna
 import pytest
+import torch
 from optuna.trial import TrialState
 from processes import alive
 from study_files import tiny_study_toml
@@ -99,6 +100,7 @@ def test_study_runs_and_records_reference_and_objectives(study_dir):
         assert math.isclose(t.user_attrs["speedup_first_passage"], ref["first_passage_bpe"] / cost)
         assert t.user_attrs["curve"][0][0] == 0.0
         assert "dmdopt" in t.user_attrs["code"]["versions"]  # what an export's provenance names
+        assert t.user_attrs["cpu_threads"] == torch.get_num_threads()  # production compares it
     assert (study_dir / "dmdopt-runs" / "optuna.db").exists()
     uid = summarize(study)["study_uid"]  # its identity in MLflow, beside its name
     assert isinstance(uid, str) and len(uid) == 32

@@ -138,7 +138,8 @@ def test_divergence_raises(tiny_dataset):
                                               ("batch_size", 0), ("momentum", 1.5), ("device", "tpu"),
                                               ("device", "cuda:x"), ("device", "cuda: 0"),
                                               ("device", "cuda:-1"), ("seed", 2**64), ("seed", -1),
-                                              ("target_error", math.inf)])
+                                              ("target_error", math.inf),
+                                              ("accept_rows", 0), ("accept_rows", 2.5)])
 def test_train_config_rejects_bad_values(field, value):
     with pytest.raises(ValueError, match=field):
         TrainConfig(**{field: value})
@@ -199,3 +200,28 @@ def test_minibatch_closure_calls_are_billed_as_full_training_set_passes(tiny_dat
     result = train(dataset=tiny_dataset, model=SMALL, dmd=DMDConfig(window=5, rank=3, horizon=20.0),
                    training=TrainConfig(max_steps=40, eval_every=10, batch_size=8, device="cpu"))
     assert calls and result.cost["forward_passes"] == pytest.approx(len(calls) * n_train / 8)
+
+
+def test_accept_rows_bill_a_subset_and_keep_the_batches_of_a_plain_run(tiny_dataset, monkeypatch):
+    """`accept_rows`: the accept test sees a fixed subset, billed as rows / batch forwards; the
+    subset comes from its own generator, so the mini-batches are those of the same run without
+    it (the weights agree until the first jump)."""
+    from dmdopt import DMDAccelerator
+
+    seen = []
+    real = DMDAccelerator._loss
+    monkeypatch.setattr(DMDAccelerator, "_loss", lambda self, c: seen.append(1) or real(self, c))
+    base = dict(max_steps=4, eval_every=2, batch_size=8, device="cpu")
+    dmd = DMDConfig(window=5, rank=3, horizon=20.0)
+    full = train(dataset=tiny_dataset, model=SMALL, dmd=dmd, training=TrainConfig(**base))
+    sub = train(dataset=tiny_dataset, model=SMALL, dmd=dmd, training=TrainConfig(**base, accept_rows=6))
+    assert [p["val_error"] for p in full.curve] == [p["val_error"] for p in sub.curve]  # no jump yet
+    seen.clear()
+    result = train(dataset=tiny_dataset, model=SMALL, dmd=dmd,
+                   training=TrainConfig(**(base | {"max_steps": 40}), accept_rows=6))
+    assert seen and result.cost["forward_passes"] == pytest.approx(len(seen) * 6 / 8)
+    n_train = len(tiny_dataset.split("train")[0])
+    seen.clear()
+    everything = train(dataset=tiny_dataset, model=SMALL, dmd=dmd,  # more rows than there are
+                       training=TrainConfig(**(base | {"max_steps": 10}), accept_rows=10**6))
+    assert seen and everything.cost["forward_passes"] == pytest.approx(len(seen) * n_train / 8)
