@@ -159,7 +159,9 @@ class _Progress:
 
 
 def _resolve_workers(workers: int | None) -> int:
-    if workers is None:
+    if workers is None:  # the cores this process may use (a cluster job's allocation)
+        if hasattr(os, "sched_getaffinity"):
+            return len(os.sched_getaffinity(0)) or 1
         return os.cpu_count() or 1
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be a positive int or None, got {workers!r}")
@@ -196,11 +198,17 @@ def build_fields(
                 futures = {
                     pool.submit(_solve_chunk, params[s : s + size], *args): s for s in starts
                 }
-                for fut in as_completed(futures):
-                    s = futures[fut]
-                    block = fut.result()
-                    fields[s : s + len(block)] = block
-                    bar.advance(len(block))
+                try:
+                    for fut in as_completed(futures):
+                        s = futures[fut]
+                        block = fut.result()
+                        fields[s : s + len(block)] = block
+                        bar.advance(len(block))
+                except BaseException:
+                    # a bad row or a Ctrl-C: drop the queued chunks, or leaving the block
+                    # would wait for the whole build before the error came out
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    raise
         except BrokenProcessPool as exc:
             raise RuntimeError(
                 "dataset worker processes died. If load_dataset is called from a script, "
@@ -230,6 +238,11 @@ def _read_cache(path: Path, config: ProblemConfig, key: str) -> Dataset | None:
         and arrays["params"].dtype == np.float32
         and arrays["fields"].dtype == np.float32
     )
+    if ok:  # the inputs and splits are cheap to recompute: a file must agree with them
+        splits = split_indices(config)
+        ok = (np.array_equal(arrays["params"], sample_params(config).astype(np.float32))
+              and all(np.array_equal(arrays[f"{name}_idx"], splits[name]) for name in SPLIT_NAMES)
+              and bool(np.isfinite(arrays["fields"]).all()))
     if not ok:
         warnings.warn(f"ignoring dataset cache {path}: does not match config {key}", stacklevel=3)
         return None

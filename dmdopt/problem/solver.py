@@ -18,8 +18,11 @@ normal wind ``u = v·n``, the total outward flux is::
 
 This is the exact condition for a plume that leaves the side and continues
 into a source-free exterior along the normal (solve the 1-D exterior problem
-``-D c'' + u c' + k c = 0`` with ``c → 0`` far away). Its limits are the
-familiar ones:
+``-D c'' + u c' + k c = 0`` with ``c → 0`` far away). In 2-D it is an
+approximation: it ignores the exterior's variation along the side, so where
+the plume reaches a side slowly (weak wind, long decay length) the window's
+field differs from the same problem solved on a larger domain. Its limits are
+the familiar ones:
 
 * outflow, ``u ≫ sqrt(Dk)``: ``β → u``: pollutant leaves by advection only,
   zero diffusive flux;
@@ -286,10 +289,11 @@ def solve_field(
     diffusivity: float,
     decay: float,
     grid: int = 64,
-    source_width: float = 0.05,
+    source_width: float = 0.1,
     source_strength: float = 1.0,
 ) -> npt.NDArray[np.float64]:
-    """Concentration at cell centres, shape ``(grid, grid)`` (first axis x), float64."""
+    """Concentration at cell centres, shape ``(grid, grid)`` (first axis x), float64.
+    The source defaults are `ProblemConfig`'s, so a call as documented solves a dataset's field."""
     grid = _check_grid(grid)
     _check_physics(wind_x, wind_y, diffusivity, decay)  # fail before building the source
     s = gaussian_source(

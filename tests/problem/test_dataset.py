@@ -29,9 +29,9 @@ def test_shapes_dtypes_and_fields_match_solver(built):
     assert built.fields.shape == (40, 16, 16) and built.fields.dtype == np.float32
     assert built.config_hash == TINY.config_hash()
     row = built.params[7].astype(np.float64)
-    expected = solve_field(
-        **dict(zip(PARAM_NAMES, row.tolist(), strict=True)), grid=16, source_width=TINY.source_width
-    )
+    # solve_field's own defaults (the documented call) are the dataset's: was width 0.05
+    assert TINY.source_width == ProblemConfig().source_width
+    expected = solve_field(**dict(zip(PARAM_NAMES, row.tolist(), strict=True)), grid=16)
     np.testing.assert_allclose(built.fields[7], expected, rtol=1e-6, atol=1e-9)
     assert np.all(built.fields >= 0)
 
@@ -76,6 +76,52 @@ def test_corrupt_cache_is_rebuilt(tmp_path, built):
     np.testing.assert_array_equal(ds.fields, built.fields)
     with np.load(final) as z:  # the rebuilt file replaced the corrupt one
         assert str(z["config_hash"]) == TINY.config_hash()
+
+
+def test_a_cache_file_that_disagrees_with_its_config_is_rebuilt(tmp_path, built):
+    """The hash, shapes and dtypes matched, so a file with a leaking split (test rows inside
+    train) or NaN fields was served; inputs and splits are recomputed and compared."""
+    final = cache_path(TINY, tmp_path)
+    arrays = {name: getattr(built, name).copy()
+              for name in ("params", "fields", "train_idx", "val_idx", "test_idx")}
+    for damage in ("split", "nan", "params"):
+        bad = {k: v.copy() for k, v in arrays.items()}
+        if damage == "split":
+            bad["test_idx"] = bad["train_idx"][: len(bad["test_idx"])]
+        elif damage == "nan":
+            bad["fields"][3, 2, 2] = np.nan
+        else:
+            bad["params"][0, 0] += 0.01
+        np.savez(final, **bad, config_hash=np.array(TINY.config_hash()))
+        with pytest.warns(UserWarning, match="does not match"):
+            ds = load_dataset(TINY, cache_dir=tmp_path, workers=1, progress=False)
+        np.testing.assert_array_equal(ds.test_idx, built.test_idx)
+        np.testing.assert_array_equal(ds.fields, built.fields)
+
+
+def test_a_failing_parallel_build_stops_without_solving_the_rest(tmp_path):
+    """Leaving the process pool waited for every queued chunk before the error came out (a
+    Ctrl-C likewise): the queued chunks are now cancelled."""
+    import time
+
+    many = dataclasses.replace(TINY, n_samples=2000, grid=24)
+    params = dataset_mod.sample_params(many).astype(np.float32)
+    params[0, 4] = -1.0  # a negative diffusivity: the first chunk fails
+    started = time.monotonic()
+    with pytest.raises(ValueError):
+        dataset_mod.build_fields(params, many, workers=2, progress=False)
+    took = time.monotonic() - started
+    full = time.monotonic()
+    dataset_mod.build_fields(params[1:], many, workers=2, progress=False)
+    full = time.monotonic() - full
+    assert took < 0.5 * full, (took, full)
+
+
+def test_workers_default_to_the_cores_this_process_may_use(monkeypatch):
+    import os
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert dataset_mod._resolve_workers(None) == 1
 
 
 def test_failed_build_leaves_no_files(tmp_path, monkeypatch):
@@ -165,6 +211,16 @@ def test_config_dict_roundtrip_and_validation():
     with pytest.raises(ValueError, match="leaves the train split empty"):
         ProblemConfig(n_samples=2, val_fraction=0.5, test_fraction=0.4)
     assert ProblemConfig(n_samples=10).n_samples == 10  # 8 / 1 / 1
+    # a string was iterated as characters: "01" gave the range (0, 1); a bool was a number
+    for bad in ("01", [True, 1], [0.1], [0.1, 0.2, 0.3]):
+        with pytest.raises(ValueError, match="problem.wind_x must be a \\(low, high\\) pair"):
+            ProblemConfig(wind_x=bad)
+    # no wind and no decay has no steady state: was a traceback from the solver workers
+    with pytest.raises(ValueError, match="problem.decay must be > 0 when the wind ranges include 0"):
+        ProblemConfig(wind_x=[0.0, 0.0], wind_y=[-1.0, 1.0], decay=[0.0, 1.0])
+    assert ProblemConfig(wind_x=[0.5, 1.0], decay=[0.0, 1.0]).decay == (0.0, 1.0)  # always windy
+    with pytest.raises(ValueError, match="problem.source_strength must be > 0"):
+        ProblemConfig(source_strength=0.0)
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.grid = 8  # type: ignore[misc]
 
