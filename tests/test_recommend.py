@@ -121,3 +121,17 @@ def test_points_from_summary_uses_the_pareto_list_and_single_objective_errors():
     assert points_from_summary(summary) == pts((0, 100.0, 0.2), (2, 50.0, 0.4))
     del summary["pareto"]
     assert [p["number"] for p in points_from_summary(summary)] == [0, 1, 2]
+
+
+def test_a_point_plain_training_dominates_is_never_recommended():
+    """A trial that never reaches the reference's error is charged its whole spend: it may sit
+    on the front (here the most accurate point, so the knee took it) and still be worse than
+    not using DMD at all."""
+    reference = {"cost_bpe": 600.0, "val_rel_l2": 0.10}
+    points = [{"number": 0, "cost_bpe": 380.0, "val_rel_l2": 0.16},
+              {"number": 1, "cost_bpe": 640.0, "val_rel_l2": 0.105}]
+    assert recommend(points, reference) == 0
+    assert recommend(points, reference, policy="budget", value=700) == 0
+    assert recommend(points, None) == 1  # without a reference, nothing to compare with
+    with pytest.raises(UserError, match="no trial beats plain training"):
+        recommend(points[1:], reference)

@@ -62,7 +62,10 @@ class SearchSpace:
     growing: tuple[str, ...] | None = None  # DMDConfig.growing choices
 
 
+# horizon factors (DMDConfig.line_search) a study may choose between: `default` is
+# DMDConfig's ladder, reaching far past the sampled horizon; the others only at or below it
 LINE_SEARCH_PRESETS = {
+    "default": DMDConfig().line_search,
     "none": (1.0,),
     "coarse": (1.0, 0.25, 0.0625),
     "fine": (1.0, 0.5, 0.25, 0.125, 0.0625),
@@ -145,7 +148,10 @@ def _parse_space(table: Any, where: str) -> SearchSpace:
     window = IntRange(lo, hi, log)
 
     rank_t = table["rank"]
-    kind = rank_t.get("kind", "int") if isinstance(rank_t, dict) else None
+    if not isinstance(rank_t, dict):
+        raise UserError(f"{where}.rank must be a table (low, high and optionally kind), "
+                        f"got {rank_t!r}")
+    kind = rank_t.get("kind", "int")
     if kind not in ("int", "energy"):
         raise UserError(f"{where}.rank.kind must be 'int' or 'energy', got {kind!r}")
     # the rank is sampled on a linear scale (small integers, or energies near 1): no `log`
@@ -241,20 +247,32 @@ def parse_study(data: dict, *, where: str = "study file") -> StudyConfig:
         ProblemConfig.from_dict(problem)
         model = ModelConfig.from_dict(data.get("model", {}))
         training = TrainConfig.from_dict(data.get("training", {}))
+        if training.target_error is not None:  # the reference and every trial would stop there
+            raise ValueError("training.target_error does not apply in a study file: both "
+                             "objectives are measured over the whole budget; for a study that "
+                             "trains to a target use [study] mode = \"cost_to_target\" with "
+                             "target_error")
         dmd_fixed = data.get("dmd", {})
         if not isinstance(dmd_fixed, dict):
             raise ValueError(f"dmd: expected a table, got {dmd_fixed!r}")
         for key in ("window", "rank", "horizon"):
             if key in dmd_fixed:
                 raise ValueError(f"dmd.{key} is searched: set its range under [search.{key}]")
+        search = data.get("search", {}) if isinstance(data.get("search", {}), dict) else {}
+        for key in ("optimizer_state", "growing", "line_search"):
+            if key in dmd_fixed and key in search:  # the trial's choice would silently win
+                raise ValueError(f"dmd.{key} = {dmd_fixed[key]!r} is also searched "
+                                 f"(search.{key}): fix it or search it, not both")
         DMDConfig.from_dict(dmd_fixed | {"window": 20, "rank": 1, "horizon": 10})
     except (ValueError, TypeError) as exc:
         raise UserError(f"{where}: {exc}") from None
     space = _parse_space(data.get("search", {}), f"{where} [search]")
-    if space.window.high > training.max_steps:  # a window longer than the run never jumps
-        raise UserError(f"{where} [search]: window.high = {space.window.high} exceeds "
-                        f"training.max_steps = {training.max_steps}: such a window never fills, "
-                        "so DMD would never run")
+    warmup = dmd_fixed.get("warmup", 0)
+    if space.window.high + warmup > training.max_steps:  # a window longer than the run never jumps
+        raise UserError(f"{where} [search]: window.high = {space.window.high}"
+                        + (f" after dmd.warmup = {warmup}" if warmup else "")
+                        + f" exceeds training.max_steps = {training.max_steps}: such a window "
+                        "never fills, so DMD would never run")
     if n_trials is None and timeout is None:
         raise UserError(f"{w}: set n_trials or timeout (or both)")
     return StudyConfig(name=name, n_trials=n_trials, timeout=timeout, sampler=sampler, seed=seed,

@@ -33,8 +33,8 @@ CURVE_POINTS = 100
 def curve_summary(result: TrainResult) -> list[list[float]]:
     """[[cost, val_error], ...] down-sampled to at most CURVE_POINTS, last point kept."""
     curve = [[round(p["cost"], 4), p["val_error"]] for p in result.curve]
-    if len(curve) > CURVE_POINTS:
-        stride = math.ceil(len(curve) / CURVE_POINTS)
+    if len(curve) > CURVE_POINTS:  # every stride-th point and the last: CURVE_POINTS at most
+        stride = math.ceil((len(curve) - 1) / (CURVE_POINTS - 1))
         curve = curve[::stride] + ([curve[-1]] if (len(curve) - 1) % stride else [])
     return curve
 
@@ -102,7 +102,9 @@ class Objective:
         def on_eval(point: dict) -> None:
             if best is None:
                 return
-            trial.report(point["val_error"], point["step"])  # the learning curve, for plots
+            # the cost so far as the intermediate value: a pruned trial's stored value is its last
+            # report, and this study's value is a cost (a val error there read as 0.3 bpe)
+            trial.report(point["cost"], point["step"])
             bound = best.value()
             if bound is not None and point["val_error"] > target and point["cost"] >= bound:
                 reason = (f"pruned at step {point['step']}: {point['cost']:.0f} bpe spent, short of "
@@ -148,7 +150,10 @@ class Objective:
             )
         if single:
             if result.stopped_by != "target":
-                return cost_total * 2.0  # never reached the target: worse than any that did
+                # never reached the target: it ran the whole budget, so at least twice any
+                # hit's cost, and misses rank by how far they ended from the target (by their
+                # spend alone, nearly equal, the sampler was steered to fewer forward passes)
+                return cost_total * (1.0 + result.val_error / target)
             return cost_total
         return cost, result.val_error
 
@@ -161,13 +166,17 @@ class Objective:
         its own.
         """
         for key, value in earlier.user_attrs.items():
-            if key != "worker":
+            if key not in _OWN_ATTRS:
                 trial.set_user_attr(key, value)
         trial.set_user_attr("duplicate_of", earlier.number)
         if self.config.max_error_ratio is not None:
             trial.set_constraint("max_error_ratio", earlier.user_attrs["val_error"]
                                  - self.config.max_error_ratio * self.reference["val_rel_l2"])
         return earlier.value if len(earlier.values) == 1 else tuple(earlier.values)
+
+
+# a trial's own story, not its result: a copy must not claim the earlier trial's re-run or failure
+_OWN_ATTRS = frozenset({"worker", "rerun_of", "fail_reason", "pruned_at_cost"})
 
 
 class _BestCost:

@@ -19,6 +19,11 @@ max-error-ratio=R
 budget=C
     The most accurate point that costs at most C backprop-equivalent steps.
 
+Every policy chooses among the front's points that plain training (the reference) does not
+weakly dominate: a point that costs at least the reference's budget and ends no more accurate
+is no reason to use DMD (a trial that never reaches the reference's error is charged its
+whole spend, so such points do reach the front).
+
 Ties are broken deterministically: knee -> lower error, then lower cost, then lower trial
 number; max-error-ratio -> lower error, then lower number; budget -> lower cost, then lower
 number. When no point qualifies (or there are no points) a `UserError` says why.
@@ -145,6 +150,12 @@ def recommend(points: Iterable[Mapping[str, Any]], reference: Mapping[str, Any] 
     front = pareto_front(points)
     if not front:
         raise UserError("no completed trial with finite cost and error to recommend from")
+    ref_cost, ref_err = ((reference or {}).get(k) for k in ("cost_bpe", "val_rel_l2"))
+    if _is_number(ref_cost) and _is_number(ref_err):
+        front = [p for p in front if p["cost_bpe"] < ref_cost or p["val_rel_l2"] < ref_err]
+        if not front:
+            raise UserError(f"no trial beats plain training (the reference: {ref_cost:.4g} bpe, "
+                            f"val_rel_l2 {ref_err:.4g}) in cost or in error: nothing to recommend")
     if policy == "knee":
         return _knee(front)["number"]
     if policy == "budget":

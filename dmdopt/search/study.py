@@ -286,8 +286,8 @@ def trial_knobs(trial: optuna.trial.FrozenTrial) -> str:
 
 def trial_cost(trial: optuna.trial.FrozenTrial) -> tuple[float, str]:
     """(cost, note) as the trial lines and `study status` print it. A cost_to_target
-    objective doubles a miss, so that it ranks below every hit: the line shows what the trial
-    spent, and says that it missed."""
+    objective charges a miss its spend x (1 + error / target), so that it ranks below every
+    hit: the line shows what the trial spent, and says that it missed."""
     cost = trial.values[0]
     spent = trial.user_attrs.get("cost_total")
     if len(trial.values) == 1 and spent is not None and cost > spent:

@@ -73,6 +73,18 @@ BAD = [
         "[problem]\ngrid = 16\nn_samples = 60", ""), "problem must be a table"),
     ("line_search not a list", tiny_study_toml() + "\n[dmd]\nline_search = 4.0\n",
      "line_search must be a list"),
+    # the reference and every trial stopped at it: both objectives then meant something else
+    ("target_error under [training]", tiny_study_toml(training="target_error = 0.5"),
+     "training.target_error does not apply in a study file"),
+    # the trial's choice silently replaced the fixed value
+    ("a fixed option also searched", tiny_study_toml().replace(
+        "[search.window]", '[search]\ngrowing = ["drop", "drift"]\n\n[search.window]')
+     + '\n[dmd]\ngrowing = "drift"\n', "dmd.growing = 'drift' is also searched"),
+    # a warm-up as long as the run: DMD never ran
+    ("warm-up past the budget", tiny_study_toml() + "\n[dmd]\nwarmup = 1000\n",
+     "after dmd.warmup = 1000 exceeds training.max_steps"),
+    ("rank not a table", tiny_study_toml().replace("[search.rank]\nlow = 1\nhigh = 6", "")
+     .replace("[search.window]", "[search]\nrank = 5\n\n[search.window]"), "rank must be a table"),
 ]
 
 
@@ -136,3 +148,14 @@ def test_a_study_made_with_a_now_refused_range_key_resumes_without_it(tmp_path):
     resumed = run_study(config, n_trials=2, tracking=False, progress=False, echo=lambda *_: None,
                         storage=f"sqlite:///{tmp_path}/o.db")
     assert len(resumed.trials) >= 2
+
+
+def test_the_line_search_choices_include_the_default_ladder(tmp_path):
+    """The presets only shrink the horizon; `default` is DMDConfig's ladder (x1/4 .. x1024)."""
+    from dmdopt.search.config import LINE_SEARCH_PRESETS
+    from dmdopt.training.config import DMDConfig
+
+    text = tiny_study_toml().replace("[search.window]",
+                                     '[search]\nline_search = ["default", "none"]\n\n[search.window]')
+    assert load_study_file(write(tmp_path, text)).space.line_search == ("default", "none")
+    assert LINE_SEARCH_PRESETS["default"] == DMDConfig().line_search

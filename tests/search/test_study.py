@@ -697,3 +697,119 @@ def test_a_resume_with_more_trials_keeps_the_nsga2_population(study_dir):
     key = NSGAIISampler._get_generation_key()  # "NSGAIISampler:generation" in trial system attrs
     generations = [t.system_attrs.get(key) for t in study.get_trials(deepcopy=False)]
     assert generations[:4] == [0, 0, 0, 0] and generations[4:] == [1, 1]
+
+
+# --- the objective on a scripted learning curve (no training): what a trial records -------
+_TOML = """
+[study]
+name = "t"
+n_trials = 2
+sampler = "random"
+seed = 0
+{study}
+[problem]
+grid = 16
+n_samples = 60
+[training]
+max_steps = 60
+eval_every = 10
+[search.window]
+low = 5
+high = 12
+[search.rank]
+low = 1
+high = 6
+[search.horizon]
+low = 5.0
+high = 200.0
+"""
+
+
+def _scripted(monkeypatch, curves):
+    """`train` replaced by one that walks the curve [(cost, val_error), ...] of the trial's
+    window through on_eval, stopping at training.target_error like the real one."""
+    from dmdopt.training.loop import TrainResult
+
+    def fake_train(*, dataset, model, training, dmd, on_eval=None):
+        curve, stopped = [], "budget"
+        for i, (cost, err) in enumerate(curves[dmd.window]):
+            point = {"step": i * 10, "cost": cost, "wall": 0.0, "train_error": err, "val_error": err}
+            curve.append(point)
+            if on_eval is not None:
+                on_eval(point)
+            if i and training.target_error is not None and err <= training.target_error:
+                stopped = "target"
+                break
+        cost, err = curve[-1]["cost"], curve[-1]["val_error"]
+        return TrainResult(curve=curve, metrics={"val_rel_l2": err, "test_rel_l2": err, "val_r2": 0.9},
+                           cost={"backprop_equivalent": cost, "forward_passes": 0, "backprop_steps": 60},
+                           wall_time=0.0, dmd_time=0.0, jumps_accepted=0, jumps_rejected=0,
+                           device="cpu", stopped_by=stopped)
+
+    monkeypatch.setattr(objective_module, "train", fake_train)
+
+
+def _objective(study_lines: str):
+    import tomllib
+
+    from dmdopt.search.config import parse_study
+
+    config = parse_study(tomllib.loads(_TOML.format(study=study_lines)))
+    return objective_module.Objective(config, None, {"cost_bpe": 60.0, "val_rel_l2": 0.2,
+                                                     "first_passage_bpe": 60.0})
+
+
+def _enqueue(study, *windows):
+    for w in windows:
+        study.enqueue_trial({"window": w, "rank": 3, "horizon": 10.0})
+
+
+def test_cost_to_target_misses_rank_by_how_close_they_came(monkeypatch):
+    """Was: a miss scored 2 x its spend, so a miss at error 0.5 that spent 1 bpe less beat one
+    that ended at 0.101, and export wrote the first."""
+    _scripted(monkeypatch, {5: [(0, 1.0), (30, 0.3), (62, 0.101)], 8: [(0, 1.0), (30, 0.6), (61, 0.5)]})
+    study = optuna.create_study(directions=["minimize"])
+    _enqueue(study, 5, 8)
+    study.optimize(_objective('mode = "cost_to_target"\ntarget_error = 0.1'), n_trials=2)
+    near, far = study.trials
+    assert near.value == pytest.approx(62 * (1 + 0.101 / 0.1))
+    assert far.value == pytest.approx(61 * (1 + 0.5 / 0.1))
+    assert study.best_trial.number == 0
+
+
+def test_a_pruned_cost_to_target_trial_stores_a_cost_not_an_error(monkeypatch):
+    """Optuna stores a pruned trial's last report as its value: it was a val error (0.3 read as
+    a cost of 0.3 bpe, cheaper than every real trial)."""
+    _scripted(monkeypatch, {5: [(0, 1.0), (20, 0.2), (40, 0.09)], 8: [(0, 1.0), (25, 0.6), (45, 0.3)]})
+    study = optuna.create_study(directions=["minimize"])
+    _enqueue(study, 5, 8)
+    objective = _objective('mode = "cost_to_target"\ntarget_error = 0.1')
+    study.optimize(objective, n_trials=2)
+    hit, pruned = study.trials
+    assert hit.state == TrialState.COMPLETE and hit.value == 40
+    assert pruned.state == TrialState.PRUNED and pruned.value == 45  # the cost it had spent
+
+
+def test_a_repeated_trial_does_not_copy_the_earlier_trials_own_story(monkeypatch):
+    """Was: the copy claimed `rerun_of` (and a fail_reason) of the trial it copied."""
+    _scripted(monkeypatch, {5: [(0, 1.0), (30, 0.3), (60, 0.15)]})
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    study.enqueue_trial({"window": 5, "rank": 3, "horizon": 10.0}, user_attrs={"rerun_of": 7})
+    _enqueue(study, 5)
+    study.optimize(_objective(""), n_trials=2)
+    first, copy = study.trials
+    assert first.user_attrs["rerun_of"] == 7 and "duplicate_of" not in first.user_attrs
+    assert copy.user_attrs["duplicate_of"] == 0 and "rerun_of" not in copy.user_attrs
+    assert copy.values == first.values
+
+
+def test_a_long_curve_is_summarised_in_at_most_curve_points():
+    from dmdopt.training.loop import TrainResult
+
+    for n in (100, 101, 150, 199, 200, 201, 1000):
+        curve = [{"step": i, "cost": float(i), "val_error": 1.0 / (i + 1)} for i in range(n)]
+        result = TrainResult(curve=curve, metrics={}, cost={}, wall_time=0.0, dmd_time=0.0,
+                             jumps_accepted=0, jumps_rejected=0, device="cpu", stopped_by="budget")
+        summary = objective_module.curve_summary(result)
+        assert len(summary) <= objective_module.CURVE_POINTS, n  # 200 points gave 101
+        assert summary[0][0] == 0.0 and summary[-1][0] == n - 1
