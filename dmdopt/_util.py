@@ -27,15 +27,21 @@ def mask_url(url: str | None) -> str | None:
 
 
 def git_commit(path: str | Path | None = None) -> str | None:
-    """The commit of the git checkout holding `path` (default: this package), if any."""
+    """The commit of the git checkout holding `path` (default: this package), if any, with
+    "-dirty" appended when tracked files under `path` differ from it (the figures then came
+    from code no commit holds)."""
     where = Path(path) if path else Path(__file__).resolve().parent
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True,
                              text=True, timeout=5, check=False)
+        commit = out.stdout.strip()
+        if out.returncode != 0 or not commit:
+            return None
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "."],
+                                 cwd=where, capture_output=True, text=True, timeout=5, check=False)
     except (OSError, subprocess.SubprocessError):
         return None
-    commit = out.stdout.strip()
-    return commit if out.returncode == 0 and commit else None
+    return commit + ("-dirty" if changed.returncode == 0 and changed.stdout.strip() else "")
 
 
 def versions() -> dict[str, str]:

@@ -276,3 +276,19 @@ def test_provenance_names_the_code_that_ran_the_trial_not_the_exporting_one(summ
     assert prov["versions"] == ran["versions"] and prov["git_commit"] == ran["git_commit"]
     legacy = export_tuned_config(summary, tmp_path / "l.toml").provenance
     assert legacy["versions"]["dmdopt"] != "0.0.1"
+
+
+def test_the_recorded_commit_says_when_the_code_differs_from_it(tmp_path):
+    import subprocess
+
+    from dmdopt._util import git_commit
+
+    run = lambda *a: subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True)  # noqa: E731
+    run("init", "-q")
+    (tmp_path / "f.py").write_text("x = 1\n")
+    run("add", "f.py")
+    run("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "one")
+    clean = git_commit(tmp_path)
+    assert clean is not None and len(clean) == 40
+    (tmp_path / "f.py").write_text("x = 2\n")  # what a trial ran is no longer that commit
+    assert git_commit(tmp_path) == clean + "-dirty"

@@ -323,7 +323,9 @@ class StudyTracker:
                 **{f"dmdopt.version.{k}": v for k, v in versions().items()}}
         commit = git_commit()
         if commit:
-            tags.update({"dmdopt.git_commit": commit, "mlflow.source.git.commit": commit})
+            # MLflow's own tag names a commit (its UI links it); ours also says "-dirty"
+            tags.update({"dmdopt.git_commit": commit,
+                         "mlflow.source.git.commit": commit.removesuffix("-dirty")})
         run = self.client.create_run(self.experiment_id, run_name=self.study_name, tags=tags)
         params = {k: mask_url(v) for k, v in flatten(config).items()}  # storage URLs in config
         log_batch(self.client, run.info.run_id, params=params)
