@@ -700,29 +700,6 @@ def test_a_resume_with_more_trials_keeps_the_nsga2_population(study_dir):
 
 
 # --- the objective on a scripted learning curve (no training): what a trial records -------
-_TOML = """
-[study]
-name = "t"
-n_trials = 2
-sampler = "random"
-seed = 0
-{study}
-[problem]
-grid = 16
-n_samples = 60
-[training]
-max_steps = 60
-eval_every = 10
-[search.window]
-low = 5
-high = 12
-[search.rank]
-low = 1
-high = 6
-[search.horizon]
-low = 5.0
-high = 200.0
-"""
 
 
 def _scripted(monkeypatch, curves):
@@ -754,14 +731,14 @@ def _objective(study_lines: str):
 
     from dmdopt.search.config import parse_study
 
-    config = parse_study(tomllib.loads(_TOML.format(study=study_lines)))
+    config = parse_study(tomllib.loads(tiny_study_toml("t", n_trials=2, extra=study_lines)))
     return objective_module.Objective(config, None, {"cost_bpe": 60.0, "val_rel_l2": 0.2,
                                                      "first_passage_bpe": 60.0})
 
 
 def _enqueue(study, *windows):
     for w in windows:
-        study.enqueue_trial({"window": w, "rank": 3, "horizon": 10.0})
+        study.enqueue_trial({"window": w, "rank": 3, "horizon": 10.0, "horizon_inf": False})
 
 
 def test_cost_to_target_misses_rank_by_how_close_they_came(monkeypatch):
@@ -794,7 +771,8 @@ def test_a_repeated_trial_does_not_copy_the_earlier_trials_own_story(monkeypatch
     """Was: the copy claimed `rerun_of` (and a fail_reason) of the trial it copied."""
     _scripted(monkeypatch, {5: [(0, 1.0), (30, 0.3), (60, 0.15)]})
     study = optuna.create_study(directions=["minimize", "minimize"])
-    study.enqueue_trial({"window": 5, "rank": 3, "horizon": 10.0}, user_attrs={"rerun_of": 7})
+    study.enqueue_trial({"window": 5, "rank": 3, "horizon": 10.0, "horizon_inf": False},
+                        user_attrs={"rerun_of": 7})
     _enqueue(study, 5)
     study.optimize(_objective(""), n_trials=2)
     first, copy = study.trials
