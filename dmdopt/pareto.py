@@ -56,9 +56,18 @@ def reference_point(summary: dict) -> tuple[float, float] | None:
     return (cost, err) if cost is not None and err is not None else None
 
 
+def _recorded(summary: dict, trial: dict, key: str) -> float | None:
+    """A trial's recorded ratio, which divides by its cost to the reference's error: that is
+    its point's cost in a two-objective study. A cost_to_target point's cost is its spend to
+    the study's target (see CONTRACT.md), so there the ratio is recomputed from the point."""
+    if summary.get("mode") == "cost_to_target":
+        return None
+    return as_float((trial.get("user_attrs") or {}).get(key))
+
+
 def speedup(summary: dict, trial: dict) -> float | None:
-    """The trial's recorded speedup, else reference cost / trial cost."""
-    attr = as_float((trial.get("user_attrs") or {}).get("speedup"))
+    """The trial's recorded speedup, else reference cost / the point's cost."""
+    attr = _recorded(summary, trial, "speedup")
     if attr is not None:
         return attr
     ref = reference_point(summary)
@@ -73,7 +82,7 @@ def speedup_first_passage(summary: dict, trial: dict) -> float | None:
     plain `speedup` then credits DMD with that noise, this one does not. Studies made before
     the reference stored its first passage fall back to its budget, i.e. to `speedup`.
     """
-    attr = as_float((trial.get("user_attrs") or {}).get("speedup_first_passage"))
+    attr = _recorded(summary, trial, "speedup_first_passage")
     if attr is not None:
         return attr
     ref = summary.get("reference") or {}

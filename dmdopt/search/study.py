@@ -218,6 +218,15 @@ class _Tracking:
             if self.tracker.log_missing(summary) is not None:
                 self.tracker.refresh_parent(summary)
 
+    def finish(self, study: optuna.Study) -> None:
+        """After the worker processes ended: their last refreshes raced (the one written last
+        may be an older summary's), so the launcher writes the final front and status."""
+        if self.tracker is not None:
+            try:
+                self.start(study)
+            except Exception as exc:  # noqa: BLE001
+                log.warning("MLflow: could not refresh the parent run: %s", exc)
+
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         if self.tracker is None:
             return
@@ -592,4 +601,5 @@ def run_study(config: StudyConfig, *, n_trials: int | None = None, storage: str 
             raise WorkersFailed(f"{len(died)} of {workers} worker process(es) died ({codes}) with "
                                 f"{complete}{of} trials finished; finished trials are kept: run "
                                 "the same command again to resume")
+        tracker.finish(study)
     return study

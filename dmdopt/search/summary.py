@@ -45,7 +45,7 @@ def is_feasible(trial: optuna.trial.FrozenTrial) -> bool:
 
 def _points(trial: optuna.trial.FrozenTrial, single: bool) -> list[float] | None:
     """A COMPLETE trial's (cost_bpe, val_rel_l2). In a cost_to_target study the objective is
-    the cost to the target, doubled for a trial that never reached it (so it ranks below all
+    the cost to the target, raised for a trial that never reached it (so it ranks below all
     that did); the point is the cost it spent and the error it ended at."""
     if trial.state != TrialState.COMPLETE or trial.values is None:
         return None

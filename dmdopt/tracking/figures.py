@@ -132,6 +132,9 @@ def knob_figure(summary: dict, knob: str) -> go.Figure:
                         subplot_titles=(f"cost vs {knob}", f"validation error vs {knob}"))
     fig.update_layout(**_LAYOUT, showlegend=True, legend={"orientation": "h", "y": -0.22})
     done = [t for t in complete_trials(summary) if knob in (t.get("params") or {})]
+    # a repeat of a plotted trial is the same point: drawn once (its grey copy hid the front)
+    shown = {t["number"] for t in done}
+    done = [t for t in done if (t.get("user_attrs") or {}).get("duplicate_of") not in shown]
     fig.update_yaxes(title_text="cost (backprop-eq. steps)", row=1, col=1)
     fig.update_yaxes(title_text="val rel. L2", type="log", row=1, col=2)
     if not done:
@@ -139,7 +142,7 @@ def knob_figure(summary: dict, knob: str) -> go.Figure:
     xs, axis = knob_positions([t["params"][knob] for t in done], knob)
     title = axis.pop("title")
     front = set(summary.get("pareto") or [])
-    groups = (("Pareto", _FRONT_COLOR, True), ("other trials", _OTHER_COLOR, False))
+    groups = (("other trials", _OTHER_COLOR, False), ("Pareto", _FRONT_COLOR, True))  # front on top
     for name, color, on_front in groups:
         idx = [i for i, t in enumerate(done) if (t["number"] in front) == on_front
                and xs[i] is not None]
@@ -244,7 +247,8 @@ def write_pareto_png(summary: dict, path: str | Path) -> Path:
                 transform=ax.transAxes)
     ax.set_xlabel("cost (backprop-equivalent steps)")
     ax.set_ylabel("validation relative L2 error")
-    ax.set_title(f"{summary.get('study_name', 'study')}: Pareto front")
+    # parse_math=False: a study name is text; "a$_$b" was a formula that failed to parse
+    ax.set_title(f"{summary.get('study_name', 'study')}: Pareto front", parse_math=False)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     path = Path(path)

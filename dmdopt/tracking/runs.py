@@ -8,6 +8,7 @@ warning per tracker and a few seconds, never a trial.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -101,12 +102,22 @@ def fail_fast(uri: str) -> None:
 def prepare_local_store(uri: str) -> None:
     """Create the folder of a sqlite database (sqlite won't create missing directories), and
     raise PermissionError when the file or its folder cannot be written: MLflow would retry
-    its writes for minutes before failing (210 s measured) instead of failing now."""
+    its writes for minutes before failing (210 s measured) instead of failing now. A file that
+    is not a SQLite database is an OSError now too (the MLflow server died on it with a
+    69-line traceback after `dmdopt ui` had printed its URL)."""
     path = sqlite_file(uri)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         if (where := read_only_sqlite(path)) is not None:
             raise PermissionError(f"{where} is read-only")
+        if path.is_file() and path.stat().st_size:
+            import sqlite3
+
+            try:
+                with contextlib.closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as db:
+                    db.execute("pragma schema_version").fetchone()
+            except sqlite3.DatabaseError as exc:
+                raise OSError(f"{path} is not a SQLite database ({exc})") from None
 
 
 def get_or_create_experiment(client: MlflowClient, name: str, uri: str) -> str:
@@ -204,10 +215,13 @@ def _find(config: Any, key: str) -> Any:
 
 # ---------------------------------------------------------------- failure tolerance
 def tolerant(method: Callable[..., T]) -> Callable[..., T | None]:
-    """Run a tracker method; on any error warn once per tracker and return None."""
+    """Run a tracker method; on any error warn once and return None, and from then on do
+    nothing (`dmdopt study sync-mlflow`, or a resume, fills in what is missing)."""
 
     @functools.wraps(method)
     def wrapper(self: StudyTracker, *args: Any, **kwargs: Any) -> T | None:
+        if self._warned:  # off after the first failure, as the warning says: a hung server
+            return None   # would otherwise cost every later trial its timeouts (10 s each)
         try:
             return method(self, *args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - tracking must never fail a trial
@@ -296,11 +310,17 @@ class StudyTracker:
         runs = self._search(f"tags.`{TAG_ROLE}` = 'parent'")
         return sorted(runs, key=lambda r: (r.info.start_time, r.info.run_id))
 
+    def _child_filter(self, parent_id: str | None) -> str:
+        """Children of this study's parent: a child of a parent the user deleted is not one
+        (sync then logs the trial again, under the parent that is left)."""
+        text = f"tags.`{TAG_ROLE}` = 'child'"
+        return text + (f" and tags.`mlflow.parentRunId` = '{parent_id}'" if parent_id else "")
+
     def logged_trials(self) -> dict[int, str]:
-        """trial number -> child run id, for every child already in MLflow (and terminated:
-        a child still RUNNING was cut off while being written, see `log_trial`)."""
+        """trial number -> child run id, for every child of the parent already in MLflow (and
+        terminated: a child still RUNNING was cut off while being written, see `log_trial`)."""
         found: dict[int, str] = {}
-        for run in self._search(f"tags.`{TAG_ROLE}` = 'child'"):
+        for run in self._search(self._child_filter(self._parent_id)):
             if run.info.status == "RUNNING":
                 continue
             try:
@@ -416,7 +436,7 @@ class StudyTracker:
         if trial is None or not _loggable(trial):
             return None
         parent_id = self._parent(summary)
-        twin_filter = f"tags.`{TAG_ROLE}` = 'child' and tags.`{TAG_TRIAL}` = '{int(number)}'"
+        twin_filter = f"{self._child_filter(parent_id)} and tags.`{TAG_TRIAL}` = '{int(number)}'"
         existing = self._search(twin_filter)
         if any(run.info.status != "RUNNING" for run in existing):
             return None
@@ -451,10 +471,20 @@ class StudyTracker:
         client = self.client
         with tempfile.TemporaryDirectory(prefix="dmdopt-artifacts-") as tmp:
             out = Path(tmp)
-            (out / "pareto.html").write_text(figures.pareto_html(summary), encoding="utf-8")
-            figures.write_pareto_png(summary, out / "pareto.png")
-            (out / "pareto.csv").write_text(figures.pareto_csv(summary), encoding="utf-8")
-            dashboard.write_dashboard(summary, out / "dashboard.html")
+            writers = {
+                "pareto.html": lambda p: p.write_text(figures.pareto_html(summary), encoding="utf-8"),
+                "pareto.png": lambda p: figures.write_pareto_png(summary, p),
+                "pareto.csv": lambda p: p.write_text(figures.pareto_csv(summary), encoding="utf-8"),
+                "dashboard.html": lambda p: dashboard.write_dashboard(summary, p),
+            }
+            for name, write in writers.items():  # one failing figure must not cost the others
+                try:
+                    write(out / name)
+                except Exception as exc:  # noqa: BLE001 - a figure's failure, not the store's
+                    warnings.warn(f"MLflow: {name} of study {self.study_name!r} could not be "
+                                  f"written ({type(exc).__name__}: {exc}); the parent run gets "
+                                  "the other artifacts", RuntimeWarning, stacklevel=2)
+                    (out / name).unlink(missing_ok=True)
             client.log_artifacts(parent_id, str(out))
 
         now = int(time.time() * 1000)
@@ -505,5 +535,6 @@ class StudyTracker:
         added = self.log_missing(summary)
         if added is None:  # the server is unreachable (already reported)
             return None
-        self.refresh_parent(summary)
+        if self.refresh_parent(summary) is None:  # reported: not "synced"
+            return None
         return added

@@ -93,3 +93,43 @@ def test_unwritable_output_is_one_line_exit_2(make_summary, tmp_path, monkeypatc
     assert cli.main(["dashboard", "s", "-o", str(blocker / "q.html")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--output" in err and str(blocker / "q.html") in err
+
+
+def test_a_study_name_with_dollar_signs_is_text_in_the_png(make_summary, tmp_path):
+    """matplotlib read "$_$" as a formula that failed to parse: no artifacts, parent RUNNING."""
+    for name in ("a$_$b", "run$^$", "cost$x$"):
+        path = figures.write_pareto_png(make_summary(name), tmp_path / "p.png")
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_knob_plot_draws_a_repeated_point_once_with_the_front_on_top(make_summary):
+    """A repeat of a front trial (its settings: its result) was drawn grey over the blue one."""
+    summary = make_summary("repeat")
+    summary["trials"][3]["user_attrs"]["duplicate_of"] = 0
+    summary["trials"][3]["params"] = dict(summary["trials"][0]["params"])
+    summary["trials"][3]["values"] = list(summary["trials"][0]["values"])
+    summary["pareto"] = [1, 0]
+    fig = figures.knob_figure(summary, "window")
+    left = [t for t in fig.data if t.xaxis in (None, "x")]
+    assert [t.name for t in left] == ["Pareto"]  # trial 3 was the only "other" point
+    assert sorted(text.split("<br>")[0] for text in left[0].hovertext) == ["trial 0", "trial 1"]
+    summary["trials"][3]["user_attrs"].pop("duplicate_of")  # a distinct trial is drawn, under
+    names = [t.name for t in figures.knob_figure(summary, "window").data if t.xaxis in (None, "x")]
+    assert names == ["other trials", "Pareto"]
+
+
+def test_cost_to_target_speed_ups_are_of_the_cost_shown_beside_them(make_summary):
+    """The point's cost there is the spend to the study's target; the recorded speed-up divides
+    by the cost to the reference's error: 600 / 400 was shown as 2.4."""
+    from dmdopt.pareto import pareto_rows
+
+    summary = make_summary("c2t")
+    for trial in summary["trials"][:4]:  # the reference's error came earlier than the target
+        if trial["values"]:
+            trial["user_attrs"]["speedup"] = 600.0 / (0.8 * trial["values"][0])
+    multi = {r["trial"]: r["speedup"] for r in pareto_rows(summary)}
+    assert multi[0] == pytest.approx(2.5)  # two objectives: the recorded ratio is the point's
+    summary["mode"] = "cost_to_target"
+    rows = {r["trial"]: r for r in pareto_rows(summary)}
+    for number in (0, 1, 3):
+        assert rows[number]["speedup"] == pytest.approx(600.0 / rows[number]["cost_bpe"])

@@ -351,3 +351,83 @@ def test_two_processes_logging_one_trial_at_once_leave_one_child(mlflow_store, m
     monkeypatch.setattr(StudyTracker, "_search", real_search)
     children = _runs(mlflow_store, study_name, "child")
     assert list(children["tags.dmdopt.trial_number"]) == ["0"]
+
+
+def test_after_the_first_failure_the_tracker_is_off(mlflow_store, make_summary, study_name,
+                                                    monkeypatch):
+    """The warning says tracking is off for the rest of the command: against a server that
+    accepts but never answers, every later trial still waited out its timeouts (10 s each)."""
+    summary = make_summary(study_name)
+    tracker = StudyTracker(mlflow_store, study_name)
+    calls = []
+
+    def hung(*args, **kwargs):
+        calls.append(1)
+        raise TimeoutError("read timed out")
+
+    monkeypatch.setattr(tracker, "_parents", hung)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        results = [tracker.ensure_parent(summary), tracker.log_trial(summary, 0),
+                   tracker.refresh_parent(summary), tracker.sync(summary)]
+    assert results == [None] * 4 and len(calls) == 1
+    assert len([w for w in caught if "MLflow tracking" in str(w.message)]) == 1
+
+
+def test_a_figure_that_fails_costs_the_parent_nothing_else(mlflow_store, make_summary,
+                                                           study_name, monkeypatch):
+    from dmdopt.tracking import figures
+
+    def broken(summary, path):
+        raise ValueError("bad title")
+
+    monkeypatch.setattr(figures, "write_pareto_png", broken)
+    summary = make_summary(study_name)
+    summary["trials"] = [t for t in summary["trials"] if t["state"] != "RUNNING"]
+    tracker = StudyTracker(mlflow_store, study_name)
+    with pytest.warns(RuntimeWarning, match="pareto.png .*could not be written"):
+        parent = tracker.refresh_parent(summary)
+    assert parent is not None
+    client = MlflowClient(mlflow_store)
+    assert {a.path for a in client.list_artifacts(parent)} == {"pareto.html", "pareto.csv",
+                                                              "dashboard.html"}
+    run = client.get_run(parent)
+    assert run.info.status == "FINISHED" and run.data.tags["dmdopt.recommended_trial"] == "0"
+    assert tracker.log_trial(summary, 0) is not None  # a figure's failure does not stop tracking
+
+
+def test_sync_is_not_a_success_when_the_parent_refresh_fails(mlflow_store, make_summary,
+                                                             study_name, monkeypatch):
+    summary = make_summary(study_name)
+    tracker = StudyTracker(mlflow_store, study_name)
+    monkeypatch.setattr(tracker.client, "log_artifacts",
+                        lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert tracker.sync(summary) is None  # was: the children added, exit 0
+
+
+def test_sync_after_the_parent_was_deleted_logs_the_trials_again(mlflow_store, make_summary,
+                                                                  study_name):
+    """Children of a deleted parent counted as logged: the new parent stayed empty."""
+    summary = make_summary(study_name)
+    assert StudyTracker(mlflow_store, study_name).sync(summary) == len(FINISHED)
+    old = _runs(mlflow_store, study_name, "parent")["run_id"].iloc[0]
+    MlflowClient(mlflow_store).delete_run(old)
+    assert StudyTracker(mlflow_store, study_name).sync(summary) == len(FINISHED)
+    parents = _runs(mlflow_store, study_name, "parent")
+    assert len(parents) == 1 and parents["run_id"].iloc[0] != old
+    children = _runs(mlflow_store, study_name, "child")
+    new_children = children[children["tags.mlflow.parentRunId"] == parents["run_id"].iloc[0]]
+    assert sorted(new_children["tags.dmdopt.trial_number"].astype(int)) == list(FINISHED)
+
+
+def test_ui_refuses_a_store_that_is_not_a_database(tmp_path, capsys):
+    """Was: the URL printed, then the server's 69-line traceback (exit 1)."""
+    from dmdopt.errors import UserError
+    from dmdopt.tracking import start_ui
+
+    (tmp_path / "bad.db").write_text("not a database")
+    with pytest.raises(UserError, match="bad.db is not a SQLite database"):
+        start_ui(port=_free_port(), backend_store_uri=f"sqlite:///{tmp_path / 'bad.db'}")
+    assert "MLflow UI:" not in capsys.readouterr().out
