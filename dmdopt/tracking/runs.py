@@ -114,7 +114,10 @@ def prepare_local_store(uri: str) -> None:
             import sqlite3
 
             try:
-                with contextlib.closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as db:
+                # read-only, so nothing is created or changed; the default store's path is
+                # relative (sqlite:///dmdopt-runs/mlflow.db), a file URI needs it absolute
+                ro = f"{path.resolve().as_uri()}?mode=ro"
+                with contextlib.closing(sqlite3.connect(ro, uri=True)) as db:
                     db.execute("pragma schema_version").fetchone()
             except sqlite3.DatabaseError as exc:
                 raise OSError(f"{path} is not a SQLite database ({exc})") from None

@@ -422,6 +422,22 @@ def test_sync_after_the_parent_was_deleted_logs_the_trials_again(mlflow_store, m
     assert sorted(new_children["tags.dmdopt.trial_number"].astype(int)) == list(FINISHED)
 
 
+def test_an_existing_store_at_a_relative_path_is_usable(mlflow_store, tmp_path, monkeypatch):
+    """The default store, sqlite:///dmdopt-runs/mlflow.db, is relative: its database check
+    raised ValueError (no file URI for a relative path) once the file existed."""
+    import shutil
+
+    from dmdopt.tracking.runs import prepare_local_store
+
+    (tmp_path / "dmdopt-runs").mkdir()
+    shutil.copy(mlflow_store.removeprefix("sqlite:///"), tmp_path / "dmdopt-runs" / "mlflow.db")
+    monkeypatch.chdir(tmp_path)
+    prepare_local_store("sqlite:///dmdopt-runs/mlflow.db")  # a database: no error
+    (tmp_path / "dmdopt-runs" / "mlflow.db").write_text("not a database")
+    with pytest.raises(OSError, match="not a SQLite database"):
+        prepare_local_store("sqlite:///dmdopt-runs/mlflow.db")
+
+
 def test_ui_refuses_a_store_that_is_not_a_database(tmp_path, capsys):
     """Was: the URL printed, then the server's 69-line traceback (exit 1)."""
     from dmdopt.errors import UserError
