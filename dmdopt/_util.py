@@ -34,13 +34,17 @@ def git_commit(path: str | Path | None = None) -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True,
                              text=True, timeout=5, check=False)
-        commit = out.stdout.strip()
-        if out.returncode != 0 or not commit:
-            return None
-        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "."],
-                                 cwd=where, capture_output=True, text=True, timeout=5, check=False)
     except (OSError, subprocess.SubprocessError):
         return None
+    commit = out.stdout.strip()
+    if out.returncode != 0 or not commit:
+        return None
+    try:  # --no-optional-locks: never take the index lock of a checkout someone works in
+        changed = subprocess.run(["git", "--no-optional-locks", "status", "--porcelain",
+                                  "--untracked-files=no", "--", "."], cwd=where,
+                                 capture_output=True, text=True, timeout=5, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return commit
     return commit + ("-dirty" if changed.returncode == 0 and changed.stdout.strip() else "")
 
 

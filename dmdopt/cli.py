@@ -312,8 +312,8 @@ def cmd_study_sync(args) -> int:
     name, _, summary = _summary(args)
     added = StudyTracker(args.tracking_uri, name, summary.get("study_uid")).sync(summary)
     if added is None:  # the reason was warned (once) by the tracker
-        raise UserError("sync-mlflow: the MLflow tracking store cannot be used (see the warning "
-                        "above); nothing was synced")
+        raise UserError("sync-mlflow: the MLflow tracking store failed (see the warning above); "
+                        "what was logged before the failure stays: run the command again")
     print(f"sync-mlflow: {added} trial run(s) added under the parent of study {name}")
     return 0
 

@@ -275,6 +275,12 @@ def test_a_study_not_made_by_dmdopt_is_refused(tmp_path, monkeypatch, capsys):
         err = capsys.readouterr().err.strip()
         assert "not made by dmdopt" in err and err.count("\n") == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["other.db"]  # nothing exported
+    from study_files import tiny_study_toml
+
+    (tmp_path / "other.toml").write_text(tiny_study_toml("other"))  # nor taken over by a run
+    assert main(["study", "run", "other.toml", "--storage", url, "--no-mlflow", "--quiet"]) == 2
+    assert "not made by dmdopt" in capsys.readouterr().err
+    assert "config_digest" not in optuna.load_study(study_name="other", storage=url).user_attrs
 
 
 def test_a_read_only_sqlite_storage_is_refused_before_any_work(tmp_path, monkeypatch, capsys):

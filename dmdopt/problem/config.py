@@ -96,10 +96,6 @@ class ProblemConfig:
             raise ValueError(f"problem.diffusivity range must be > 0, got {self.diffusivity!r}")
         if self.decay[0] < 0:
             raise ValueError(f"problem.decay range must be >= 0, got {self.decay!r}")
-        if self.decay[0] == 0 and all(lo <= 0 <= hi for lo, hi in (self.wind_x, self.wind_y)):
-            # no wind and no decay: pure diffusion from a source has no steady state
-            raise ValueError(f"problem.decay must be > 0 when the wind ranges include 0 "
-                             f"(wind_x {self.wind_x}, wind_y {self.wind_y}), got {self.decay!r}")
         for name in ("source_width", "source_strength", "val_fraction", "test_fraction"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, Real) or not math.isfinite(v):

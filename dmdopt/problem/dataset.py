@@ -242,7 +242,8 @@ def _read_cache(path: Path, config: ProblemConfig, key: str) -> Dataset | None:
         splits = split_indices(config)
         ok = (np.array_equal(arrays["params"], sample_params(config).astype(np.float32))
               and all(np.array_equal(arrays[f"{name}_idx"], splits[name]) for name in SPLIT_NAMES)
-              and bool(np.isfinite(arrays["fields"]).all()))
+              # NaN propagates through min/max: no boolean copy of the fields
+              and bool(np.isfinite(arrays["fields"].min()) and np.isfinite(arrays["fields"].max())))
     if not ok:
         warnings.warn(f"ignoring dataset cache {path}: does not match config {key}", stacklevel=3)
         return None
@@ -291,6 +292,11 @@ def load_dataset(
             f"cache_dir: cannot write the dataset cache in {path.parent}: {exc.strerror}"
         ) from None
     params = sample_params(config).astype(np.float32)
+    still = np.flatnonzero((params[:, 2] == 0) & (params[:, 3] == 0) & (params[:, 5] == 0))
+    if len(still):  # pure diffusion from a source has no steady state (was a worker traceback)
+        raise UserError(f"problem: sample {still[0]} has no wind and no decay (wind_x = wind_y = "
+                        f"decay = 0), which has no steady state; raise problem.decay's low "
+                        f"above 0 (decay = {config.decay})")
     fields = build_fields(params, config, workers=workers, progress=progress)
     splits = split_indices(config)
     arrays = {

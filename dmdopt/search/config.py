@@ -251,7 +251,8 @@ def parse_study(data: dict, *, where: str = "study file") -> StudyConfig:
             raise ValueError("training.target_error does not apply in a study file: both "
                              "objectives are measured over the whole budget; for a study that "
                              "trains to a target use [study] mode = \"cost_to_target\" with "
-                             "target_error")
+                             "target_error (a study made with it before this check: remove it "
+                             "and give the study another [study] name)")
         dmd_fixed = data.get("dmd", {})
         if not isinstance(dmd_fixed, dict):
             raise ValueError(f"dmd: expected a table, got {dmd_fixed!r}")
@@ -262,7 +263,8 @@ def parse_study(data: dict, *, where: str = "study file") -> StudyConfig:
         for key in ("optimizer_state", "growing", "line_search"):
             if key in dmd_fixed and key in search:  # the trial's choice would silently win
                 raise ValueError(f"dmd.{key} = {dmd_fixed[key]!r} is also searched "
-                                 f"(search.{key}): fix it or search it, not both")
+                                 f"(search.{key}): fix it or search it, not both (a study made "
+                                 "before this check: give it another [study] name)")
         DMDConfig.from_dict(dmd_fixed | {"window": 20, "rank": 1, "horizon": 10})
     except (ValueError, TypeError) as exc:
         raise UserError(f"{where}: {exc}") from None

@@ -102,9 +102,12 @@ class Objective:
         def on_eval(point: dict) -> None:
             if best is None:
                 return
-            # the cost so far as the intermediate value: a pruned trial's stored value is its last
-            # report, and this study's value is a cost (a val error there read as 0.3 bpe)
-            trial.report(point["cost"], point["step"])
+            # the objective so far as the intermediate value (a pruned trial's stored value is
+            # its last report; a val error there read as 0.3 bpe): its cost, charged like a miss
+            # while short of the target, so samplers do not favour fewer forward passes
+            so_far = point["cost"] * (1.0 + point["val_error"] / target
+                                      if point["val_error"] > target else 1.0)
+            trial.report(so_far, point["step"])
             bound = best.value()
             if bound is not None and point["val_error"] > target and point["cost"] >= bound:
                 reason = (f"pruned at step {point['step']}: {point['cost']:.0f} bpe spent, short of "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import multiprocessing as mp
 import os
 import socket
@@ -90,6 +91,11 @@ def _open_study(config: StudyConfig, storage, storage_url: str,
         raise UserError(f"study {config.name!r}: {exc}") from None
     digest = config_digest(config)
     existing = study.user_attrs.get("config_digest")
+    if existing is None and "config" not in study.user_attrs and study.get_trials(deepcopy=False):
+        # another tool's study of this name: its trials would be counted and shown as ours
+        raise UserError(f"study {config.name!r} in {mask_url(storage_url)} was not made by "
+                        "dmdopt (it has trials but no dmdopt configuration); give this one "
+                        "another [study] name")
     if existing is None:
         if study_uid(study) is None:
             # MLflow tells studies apart by this, not by name: two storages (or a re-created
@@ -219,9 +225,11 @@ class _Tracking:
                 self.tracker.refresh_parent(summary)
 
     def finish(self, study: optuna.Study) -> None:
-        """After the worker processes ended: their last refreshes raced (the one written last
-        may be an older summary's), so the launcher writes the final front and status."""
+        """After the workers ended: their last refreshes raced (the one written last may be an
+        older summary's), and a tracking pause may have skipped trials, so the launcher logs
+        what is missing and writes the final front and status, pause or not."""
         if self.tracker is not None:
+            self.tracker._paused_until = -math.inf
             try:
                 self.start(study)
             except Exception as exc:  # noqa: BLE001
@@ -236,14 +244,10 @@ class _Tracking:
             if is_surplus(trial):  # no result to log, but it may be the last trial to end:
                 self.tracker.refresh_parent(summary)  # the parent's status follows
                 return
-            self.tracker.log_trial(summary, trial.number)
-            # A retry re-runs dead workers' trials, failed by the heartbeat: no worker's callback
-            # ever saw them end, so they are logged here (idempotent), not only by a sync. The
-            # history holds every trial of a retry chain (a retry may itself have been killed).
-            for lost in RetryHeartbeatStaleTrialCallback.retry_history(trial):
-                if lost != trial.number:
-                    self.tracker.log_trial(summary, lost)
-            self.tracker.refresh_parent(summary)
+            # this trial, and every finished one MLflow lacks: a retry's lost trials (failed by
+            # the heartbeat, no worker's callback saw them end) and any a tracking pause skipped
+            if self.tracker.log_missing(summary) is not None:
+                self.tracker.refresh_parent(summary)
         except Exception as exc:  # noqa: BLE001 - the trial is safe in the Optuna storage
             log.warning("MLflow logging of trial %d failed: %s (run `dmdopt study sync-mlflow`)",
                         trial.number, exc)
@@ -557,6 +561,7 @@ def run_study(config: StudyConfig, *, n_trials: int | None = None, storage: str 
         worker_loop(config, storage_url=storage_url, n_trials=n_trials, timeout=timeout,
                     cache_dir=cache_dir, tracking=tracking, tracking_uri=tracking_uri, echo=echo,
                     tracker=tracker)
+        tracker.finish(study)
     else:
         ctx = mp.get_context("spawn")
         # K CPU workers each using every core (torch's default) oversubscribe the machine:

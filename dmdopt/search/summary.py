@@ -113,8 +113,8 @@ def summarize(study: optuna.Study, *, storage_url: str | None = None, policy: st
             "number": t.number, "state": t.state.name, "surplus": is_surplus(t),
             "feasible": is_feasible(t),
             "params": _params(t),
-            # a PRUNED trial's values are Optuna's last reported intermediate value (a val
-            # error here), not the objectives: only a COMPLETE trial has a point
+            # a PRUNED trial's values are Optuna's last reported intermediate value (its
+            # cost so far), not the objectives: only a COMPLETE trial has a point
             "values": _points(t, single),
             "objective": t.values[0] if single and t.values and t.state == TrialState.COMPLETE
             else None,

@@ -8,7 +8,6 @@ warning per tracker and a few seconds, never a trial.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import logging
@@ -111,16 +110,11 @@ def prepare_local_store(uri: str) -> None:
         if (where := read_only_sqlite(path)) is not None:
             raise PermissionError(f"{where} is read-only")
         if path.is_file() and path.stat().st_size:
-            import sqlite3
-
-            try:
-                # read-only, so nothing is created or changed; the default store's path is
-                # relative (sqlite:///dmdopt-runs/mlflow.db), a file URI needs it absolute
-                ro = f"{path.resolve().as_uri()}?mode=ro"
-                with contextlib.closing(sqlite3.connect(ro, uri=True)) as db:
-                    db.execute("pragma schema_version").fetchone()
-            except sqlite3.DatabaseError as exc:
-                raise OSError(f"{path} is not a SQLite database ({exc})") from None
+            # SQLite's file header, read without opening the database (a lock held by a
+            # writer is no reason to refuse it)
+            with open(path, "rb") as fh:
+                if fh.read(16) != b"SQLite format 3\x00":
+                    raise OSError(f"{path} is not a SQLite database")
 
 
 def get_or_create_experiment(client: MlflowClient, name: str, uri: str) -> str:
@@ -217,18 +211,23 @@ def _find(config: Any, key: str) -> Any:
 
 
 # ---------------------------------------------------------------- failure tolerance
+PAUSE_AFTER_FAILURE_S = 60.0
 def tolerant(method: Callable[..., T]) -> Callable[..., T | None]:
-    """Run a tracker method; on any error warn once and return None, and from then on do
-    nothing (`dmdopt study sync-mlflow`, or a resume, fills in what is missing)."""
+    """Run a tracker method; on any error warn (once) and return None, and do nothing for
+    PAUSE_AFTER_FAILURE_S (the next logged trial, `dmdopt study sync-mlflow` or a resume fills
+    in what is missing)."""
 
     @functools.wraps(method)
     def wrapper(self: StudyTracker, *args: Any, **kwargs: Any) -> T | None:
-        if self._warned:  # off after the first failure, as the warning says: a hung server
-            return None   # would otherwise cost every later trial its timeouts (10 s each)
+        # paused for a while after a failure: a hung server would otherwise cost every later
+        # trial its timeouts (10 s each); a blip (a locked SQLite file) only pauses it
+        if time.monotonic() < self._paused_until:
+            return None
         try:
             return method(self, *args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - tracking must never fail a trial
             self._report(method.__name__, exc)
+            self._paused_until = time.monotonic() + PAUSE_AFTER_FAILURE_S
             return None
 
     return wrapper
@@ -265,6 +264,7 @@ class StudyTracker:
         self._experiment_id: str | None = None
         self._parent_id: str | None = None
         self._warned = False
+        self._paused_until = -math.inf
         fail_fast(self.tracking_uri)
 
     # -- plumbing
@@ -273,9 +273,10 @@ class StudyTracker:
             self._warned = True
             warnings.warn(
                 f"MLflow tracking at {mask_url(self.tracking_uri)} failed ({what}: "
-                f"{type(exc).__name__}: {exc}); tracking is off for the rest of this command "
-                "(later errors are logged at debug level); `dmdopt study sync-mlflow` fills in "
-                "what is missing once the store works.",
+                f"{type(exc).__name__}: {exc}); tracking pauses for "
+                f"{PAUSE_AFTER_FAILURE_S:.0f} s after each failure (later errors are logged at "
+                "debug level); the next trial logged after a pause, or `dmdopt study "
+                "sync-mlflow`, fills in what is missing once the store works.",
                 RuntimeWarning, stacklevel=3)
         log.debug("MLflow %s failed", what, exc_info=exc)
 
