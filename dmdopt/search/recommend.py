@@ -155,7 +155,8 @@ def recommend(points: Iterable[Mapping[str, Any]], reference: Mapping[str, Any] 
         front = [p for p in front if p["cost_bpe"] < ref_cost or p["val_rel_l2"] < ref_err]
         if not front:
             raise UserError(f"no trial beats plain training (the reference: {ref_cost:.4g} bpe, "
-                            f"val_rel_l2 {ref_err:.4g}) in cost or in error: nothing to recommend")
+                            f"val_rel_l2 {ref_err:.4g}) in cost or in error: nothing to recommend "
+                            "(`dmdopt export NAME --trial N` exports one anyway)")
     if policy == "knee":
         return _knee(front)["number"]
     if policy == "budget":
