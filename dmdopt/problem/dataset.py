@@ -292,7 +292,8 @@ def load_dataset(
             f"cache_dir: cannot write the dataset cache in {path.parent}: {exc.strerror}"
         ) from None
     params = sample_params(config).astype(np.float32)
-    still = np.flatnonzero((params[:, 2] == 0) & (params[:, 3] == 0) & (params[:, 5] == 0))
+    column = {name: params[:, i] for i, name in enumerate(PARAM_NAMES)}
+    still = np.flatnonzero((column["wind_x"] == 0) & (column["wind_y"] == 0) & (column["decay"] == 0))
     if len(still):  # pure diffusion from a source has no steady state (was a worker traceback)
         raise UserError(f"problem: sample {still[0]} has no wind and no decay (wind_x = wind_y = "
                         f"decay = 0), which has no steady state; raise problem.decay's low "

@@ -121,6 +121,15 @@ def _schema_race(exc: Exception) -> bool:
         marker in text for marker in ("already exists", "duplicate key", "deadlock"))
 
 
+def made_by_another_tool(study: optuna.Study) -> bool:
+    """A study with trials but no dmdopt configuration: another tool's, in a shared storage.
+    Its values are not (cost, error) and its trials have none of dmdopt's attributes. (One
+    without trials shows nothing wrong: it may be a dmdopt study just created.)"""
+    attrs = study.user_attrs
+    return ("config_digest" not in attrs and "config" not in attrs
+            and bool(study.get_trials(deepcopy=False)))
+
+
 def load_study(name: str, url: str) -> optuna.Study:
     """An existing study, or a UserError listing the ones that exist. A missing SQLite file
     is not created (status, pareto and export only read)."""
@@ -134,11 +143,7 @@ def load_study(name: str, url: str) -> optuna.Study:
         names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
         known = ", ".join(names) if names else "none"
         raise UserError(f"study {name!r} not found in {mask_url(url)} (studies there: {known})") from None
-    attrs = study.user_attrs
-    if "config_digest" not in attrs and "config" not in attrs and study.get_trials(deepcopy=False):
-        # another tool's study in a shared storage: its values are not (cost, error) and its
-        # trials have none of dmdopt's attributes, so a front or export of it would be nonsense.
-        # (One without trials shows nothing wrong: it may be a dmdopt study just created.)
+    if made_by_another_tool(study):  # a front or export of it would be nonsense
         raise UserError(f"study {name!r} in {mask_url(url)} was not made by dmdopt (it has no "
                         "dmdopt configuration); dmdopt reads only the studies it runs")
     return study

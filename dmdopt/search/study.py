@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import multiprocessing as mp
 import os
 import socket
@@ -35,7 +34,7 @@ from dmdopt.errors import UserError, WorkersFailed
 from dmdopt.search.config import StudyConfig
 from dmdopt.search.objective import METRIC_NAMES, Objective, reference_run
 from dmdopt.search.sampler import make_sampler, nsga2_population
-from dmdopt.search.storage import open_storage
+from dmdopt.search.storage import made_by_another_tool, open_storage
 from dmdopt.search.summary import UID_PREFIX, is_surplus, study_uid, summarize
 from dmdopt.training.loop import resolve_device
 
@@ -91,8 +90,7 @@ def _open_study(config: StudyConfig, storage, storage_url: str,
         raise UserError(f"study {config.name!r}: {exc}") from None
     digest = config_digest(config)
     existing = study.user_attrs.get("config_digest")
-    if existing is None and "config" not in study.user_attrs and study.get_trials(deepcopy=False):
-        # another tool's study of this name: its trials would be counted and shown as ours
+    if made_by_another_tool(study):  # its trials would be counted and shown as ours
         raise UserError(f"study {config.name!r} in {mask_url(storage_url)} was not made by "
                         "dmdopt (it has trials but no dmdopt configuration); give this one "
                         "another [study] name")
@@ -221,15 +219,14 @@ class _Tracking:
             self.tracker.ensure_parent(summary)
             # a resume: trials an interrupt or a killed worker ended never reached a callback;
             # the parent's front and status follow (an interrupted run left it RUNNING)
-            if self.tracker.log_missing(summary) is not None:
-                self.tracker.refresh_parent(summary)
+            self.tracker.sync(summary)
 
     def finish(self, study: optuna.Study) -> None:
         """After the workers ended: their last refreshes raced (the one written last may be an
         older summary's), and a tracking pause may have skipped trials, so the launcher logs
         what is missing and writes the final front and status, pause or not."""
         if self.tracker is not None:
-            self.tracker._paused_until = -math.inf
+            self.tracker.unpause()
             try:
                 self.start(study)
             except Exception as exc:  # noqa: BLE001
@@ -246,8 +243,7 @@ class _Tracking:
                 return
             # this trial, and every finished one MLflow lacks: a retry's lost trials (failed by
             # the heartbeat, no worker's callback saw them end) and any a tracking pause skipped
-            if self.tracker.log_missing(summary) is not None:
-                self.tracker.refresh_parent(summary)
+            self.tracker.sync(summary)
         except Exception as exc:  # noqa: BLE001 - the trial is safe in the Optuna storage
             log.warning("MLflow logging of trial %d failed: %s (run `dmdopt study sync-mlflow`)",
                         trial.number, exc)

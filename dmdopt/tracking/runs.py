@@ -212,6 +212,8 @@ def _find(config: Any, key: str) -> Any:
 
 # ---------------------------------------------------------------- failure tolerance
 PAUSE_AFTER_FAILURE_S = 60.0
+
+
 def tolerant(method: Callable[..., T]) -> Callable[..., T | None]:
     """Run a tracker method; on any error warn (once) and return None, and do nothing for
     PAUSE_AFTER_FAILURE_S (the next logged trial, `dmdopt study sync-mlflow` or a resume fills
@@ -268,6 +270,10 @@ class StudyTracker:
         fail_fast(self.tracking_uri)
 
     # -- plumbing
+    def unpause(self) -> None:
+        """End a pause after a failure now (a last sync, once the trials are done)."""
+        self._paused_until = -math.inf
+
     def _report(self, what: str, exc: BaseException) -> None:
         if not self._warned:
             self._warned = True

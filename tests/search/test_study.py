@@ -389,6 +389,10 @@ def test_a_retry_ending_logs_its_dead_origin_too(tmp_path):
         def refresh_parent(self, summary):
             pass
 
+        def sync(self, summary):  # StudyTracker.sync: log_missing, then the parent
+            self.log_missing(summary)
+            self.refresh_parent(summary)
+
     tracking = _Tracking("quota", f"sqlite:///{tmp_path}/quota.db", None, enabled=False)
     tracking.tracker = Recorder()
     tracking(study, study.get_trials(deepcopy=False)[last.number])
