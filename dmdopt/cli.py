@@ -172,12 +172,17 @@ def cmd_train(args) -> int:
         model = ModelConfig(**chosen("width", "depth", "activation"))
         dmd = None
         if any(getattr(args, n) is not None for n in ("dmd_window", "dmd_rank", "dmd_horizon")):
-            dmd = DMDConfig(window=args.dmd_window if args.dmd_window is not None else 20,
-                            rank=_number(args.dmd_rank) if args.dmd_rank is not None else 8,
-                            horizon=args.dmd_horizon if args.dmd_horizon is not None else 100.0)
-            if dmd.window > training.max_steps:  # the window never fills: DMD silently off
+            # a flag left out takes DMDConfig's default, as in Python and in a study's [dmd]
+            given = {k.removeprefix("dmd_"): v for k, v in chosen("dmd_window", "dmd_horizon").items()}
+            if args.dmd_rank is not None:
+                given["rank"] = _number(args.dmd_rank)
+            dmd = DMDConfig(**given)
+            if dmd.first_jump_step > training.max_steps:  # the window never fills: DMD silently off
                 raise ValueError(f"--dmd-window {dmd.window} exceeds --steps {training.max_steps}: "
                                  "such a window never fills, so DMD would never run")
+        elif args.accept_rows is not None:  # it sizes DMD's accept test: nothing to apply it to
+            raise ValueError("--accept-rows applies only with DMD (--dmd-window, --dmd-rank or "
+                             "--dmd-horizon): a plain run has no accept test")
         resolve_device(training.device)  # an absent GPU is the user's mistake: one line, exit 2
     except ValueError as exc:
         raise UserError(str(exc)) from None
@@ -413,9 +418,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--activation", help="default tanh")
     p.add_argument("--grid", type=_positive_int)
     p.add_argument("--samples", type=_positive_int)
-    p.add_argument("--dmd-window", type=_positive_int)
-    p.add_argument("--dmd-rank")
-    p.add_argument("--dmd-horizon", type=float)
+    # any of the three turns DMD on; the others then take DMDConfig's defaults
+    p.add_argument("--dmd-window", type=_positive_int, help="DMD window (default 20)")
+    p.add_argument("--dmd-rank", help="POD rank: integer cap, energy fraction, or 0 (default 0.99)")
+    p.add_argument("--dmd-horizon", type=float, help="extrapolation horizon in steps, or inf "
+                   "(default 20)")
     p.add_argument("--checkpoint-dir", type=_path, help="--config only (default dmdopt-runs/checkpoints)")
     p.add_argument("--tracking-uri", type=_tracking_uri, help="--config only")
     p.add_argument("--no-mlflow", action="store_true", help="--config only")

@@ -421,6 +421,12 @@ def _check_expected(table: Any, where: str) -> dict:
                 raise UserError(f"{where}: expected.device must be a string, got {value!r}")
             out[key] = value
             continue
+        if key == "cpu_threads":  # a thread count: compared with the production run's
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UserError(f"{where}: expected.cpu_threads must be an integer >= 1, "
+                                f"got {value!r}")
+            out[key] = value
+            continue
         if isinstance(value, str) and value.strip().lower() in ("inf", "-inf", "nan"):
             out[key] = float(value)  # how non-finite numbers are written
             continue

@@ -164,10 +164,12 @@ def run_production(
     if checkpoint_every is not None and (not isinstance(checkpoint_every, int) or checkpoint_every < 1):
         raise UserError(f"checkpoint_every must be a positive integer, got {checkpoint_every!r}")
     every = checkpoint_every or checkpoint_cadence(training.max_steps, tuned.dmd.window)
-    if tuned.dmd.window > training.max_steps:  # as `train --steps N --dmd-window W` refuses
+    first = tuned.dmd.first_jump_step
+    if first > training.max_steps:  # as `train --steps N --dmd-window W` refuses
         raise UserError(f"{training.max_steps} steps are fewer than the DMD window "
-                        f"({tuned.dmd.window}): it never fills, so DMD would never run; "
-                        f"pass steps >= {tuned.dmd.window}")
+                        f"({tuned.dmd.window}" + (f" after dmd.warmup = {tuned.dmd.warmup}"
+                                                  if tuned.dmd.warmup else "")
+                        + f"): it never fills, so DMD would never run; pass steps >= {first}")
 
     key = tuned.settings_hash()
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else DEFAULT_CHECKPOINT_DIR

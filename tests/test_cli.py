@@ -72,6 +72,7 @@ def test_an_in_memory_storage_is_refused(url, tmp_path, monkeypatch, capsys):
     (["train", "--steps", "3", "--checkpoint-dir", "ck"], "--checkpoint-dir applies only"),
     (["train", "--steps", "3", "--dmd-horizon", "0"], "dmd.horizon"),  # was: DMD silently off
     (["train", "--steps", "10", "--dmd-window", "11"], "exceeds --steps 10"),  # so was this
+    (["train", "--steps", "10", "--accept-rows", "8"], "applies only with DMD"),  # was: ignored
 ])
 def test_train_flags_that_do_not_apply_are_refused(argv, needle, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
@@ -162,6 +163,20 @@ def test_data_and_train_run(tmp_path, monkeypatch, capsys):
                  "--quiet", "--eval-every", "10"]) == 0
     out = capsys.readouterr().out
     assert "val_rel_l2" in out and "cost_bpe" in out
+
+
+def test_one_dmd_flag_leaves_the_others_at_dmdconfigs_defaults(tmp_path, monkeypatch):
+    """`--dmd-window 5` alone ran rank 8 and horizon 100, not the documented defaults."""
+    import dmdopt.training as training_pkg
+    from dmdopt.training import DMDConfig
+
+    seen = []
+    monkeypatch.setattr(training_pkg, "train", lambda **kw: seen.append(kw["dmd"]) or 1 / 0)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ZeroDivisionError):  # stop once train() has its arguments
+        main(["train", "--grid", "16", "--samples", "40", "--steps", "20", "--dmd-window", "5",
+              "--quiet"])
+    assert seen == [DMDConfig(window=5)]
 
 
 def test_unwritable_cache_dir_is_one_line_before_any_solving(tmp_path, capsys):

@@ -206,6 +206,8 @@ def _drop(data: dict, dotted: str) -> dict:
     (lambda d: _set(d, "problem.grid", 2), ["problem.grid", "2"]),
     (lambda d: _set(d, "problem.diffusivity", [0.1]), ["problem.diffusivity", "0.1"]),
     (lambda d: _set(d, "expected.val_rel_l2", "low"), ["expected.val_rel_l2", "low"]),
+    (lambda d: _set(d, "expected.cpu_threads", 0), ["expected.cpu_threads", "0"]),
+    (lambda d: _set(d, "expected.cpu_threads", 2.5), ["expected.cpu_threads", "2.5"]),
     (lambda d: _set(d, "provenance.trial_number", -1), ["provenance.trial_number", "-1"]),
 ])
 def test_bad_values_are_one_line_naming_file_field_and_value(good, tmp_path, mutate, needles):

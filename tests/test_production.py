@@ -180,6 +180,13 @@ def test_bad_arguments_and_checkpoints_are_user_errors(tmp_path, cache_dir, unin
     # fewer steps than the DMD window: it never fills, DMD would silently not run
     with pytest.raises(UserError, match="fewer than the DMD window"):
         produce(config, tmp_path / "ck3", cache_dir, steps=DMD.window - 1)
+    # the warm-up counts: a window that would fill only after the budget was accepted
+    warm = TunedConfig(dmd=DMDConfig(window=5, rank=3, horizon=20.0, warmup=4), training=TRAINING,
+                       model=MODEL, problem=PROBLEM)
+    write_tuned_config(warm, tmp_path / "warm.toml")
+    with pytest.raises(UserError, match=r"fewer than the DMD window \(5 after dmd.warmup = 4\)"
+                                        r".*steps >= 9"):
+        produce(tmp_path / "warm.toml", tmp_path / "ck4", cache_dir, steps=8)
 
 
 def test_an_unusable_tracking_store_fails_before_training(tmp_path, cache_dir, uninterrupted):

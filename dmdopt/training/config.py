@@ -197,6 +197,12 @@ class DMDConfig:
         if not _is_int(self.warmup) or self.warmup < 0:
             raise ValueError(f"dmd.warmup must be a non-negative integer, got {self.warmup!r}")
 
+    @property
+    def first_jump_step(self) -> int:
+        """Backprop steps before the first jump can be tried: a run shorter than this never
+        runs DMD, which the CLI, production and study files refuse rather than train plain."""
+        return self.warmup + self.window
+
     def to_dict(self) -> dict:
         data = asdict(self)
         data["horizon"] = "inf" if math.isinf(self.horizon) else self.horizon
