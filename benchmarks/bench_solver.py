@@ -20,7 +20,8 @@ from dmdopt.problem.sampling import sample_params
 
 
 def _median_solve_time(grid: int, repeats: int) -> float:
-    rows = sample_params(ProblemConfig(n_samples=repeats, seed=123))
+    # drawn from a config large enough to be valid (a few samples leave a split empty)
+    rows = sample_params(ProblemConfig(n_samples=max(repeats, 10), seed=123))[:repeats]
     times = []
     for row in rows:
         kw = dict(zip(PARAM_NAMES, row.tolist(), strict=True))

@@ -82,7 +82,7 @@ def main() -> None:
         rows = pool.starmap(run, jobs)
     print(f"cosine-decayed full-batch Adam, seed {args.seed}, target {args.target}")
     print(f"{'peak':>7} {'T':>5} {'variant':<9} {'final err':>9} {'cost':>7} {'to tgt':>7} "
-          f"{'x 2000':>7} {'jumps':>7} {'wall s':>7}")
+          f"{f'x {args.full_batch_cost:g}':>7} {'jumps':>7} {'wall s':>7}")
     for r in rows:
         hit = r["to_target"]
         print(f"{r['peak']:>7g} {r['budget']:>5} {r['variant']:<9} {r['final']:>9.4f} {r['cost']:>7.0f} "

@@ -33,6 +33,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import NoReturn
 
@@ -83,13 +84,29 @@ def _dataset(quick: bool, cache_dir: str):
     return load_dataset(_problem(quick)[0], cache_dir=cache_dir, progress=False)
 
 
-def _median(values):
-    values = [v for v in values if v is not None and math.isfinite(v)]
+def _median(values, missing: float | None = None):
+    """Median over the seeds. `missing` stands in for a seed without a value (a DMD run that
+    never reached the target: cost inf, speed-up 0), so a miss moves the median instead of
+    dropping out of it; None leaves such seeds out (a share nobody measured)."""
+    values = [missing if v is None else v for v in values]
+    values = [v for v in values if v is not None and not math.isnan(v)]
     return statistics.median(values) if values else None
 
 
 def _fmt(value, spec: str = ".4g") -> str:
-    return "-" if value is None else format(value, spec)
+    """'-' for no value, and for a cost median that is a miss (inf) or a speed-up of 0."""
+    return "-" if value is None or math.isinf(value) else format(value, spec)
+
+
+def _finite_or_none(value):
+    """Rows as strict JSON: a non-finite number (a diverged run's error) becomes null."""
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite_or_none(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def run_benchmark(*, seeds: int = 3, steps: int | None = None, json_path=None,
@@ -125,9 +142,14 @@ def run_benchmark(*, seeds: int = 3, steps: int | None = None, json_path=None,
     pairs = [dict(method=m, seed=seed, lr=lrs[m], quick=quick, steps=steps, dmd=dmd.to_dict(),
                   cache_dir=cache_dir) for m in methods for seed in range(seeds)]
     rows: list[dict] = []
+    failure: BaseException | None = None  # a pair that failed: the finished ones are kept
     if jobs <= 1:
         for pair in pairs:
-            pair_rows, line = _run_pair(**pair)
+            try:
+                pair_rows, line = _run_pair(**pair)
+            except Exception as exc:  # noqa: BLE001 - reported after the table, below
+                failure = exc
+                break
             rows.extend(pair_rows)
             echo(line)
     else:
@@ -141,16 +163,18 @@ def run_benchmark(*, seeds: int = 3, steps: int | None = None, json_path=None,
             futures = [pool.submit(_run_pair, **pair) for pair in pairs]
             try:
                 for future in cf.as_completed(futures):
-                    pair_rows, line = future.result()
+                    try:
+                        pair_rows, line = future.result()
+                    except Exception as exc:  # noqa: BLE001 - a dead worker, or a bug
+                        failure = exc
+                        break
                     rows.extend(pair_rows)
                     echo(line)
-            except BaseException:  # an error, Ctrl-C or SIGTERM: stop the pairs running too
-                # (the executor has no public terminate before Python 3.14; a pair left
-                # running trains on for minutes after its launcher is gone)
-                for proc in list((getattr(pool, "_processes", None) or {}).values()):
-                    proc.terminate()
-                pool.shutdown(wait=False, cancel_futures=True)
+            except BaseException:  # Ctrl-C or SIGTERM: stop the pairs running too
+                _stop(pool)
                 raise
+            if failure is not None:
+                _stop(pool)
         order = {m: i for i, m in enumerate(methods)}
         rows.sort(key=lambda r: (order[r["method"].removesuffix("+dmd")], r["seed"],
                                  r["variant"] != "plain"))
@@ -159,12 +183,29 @@ def run_benchmark(*, seeds: int = 3, steps: int | None = None, json_path=None,
         path = Path(json_path)
         try:
             with atomic_file(path) as fh:
-                fh.write(json.dumps(rows, indent=2, default=_json_default))
+                fh.write(json.dumps(_finite_or_none(rows), indent=2, allow_nan=False))
         except OSError as exc:  # checked before the run (`unwritable`); the disk may fill since
             from dmdopt.errors import UserError
             raise UserError(f"--json: cannot write {path}: {exc.strerror or exc}") from None
-        echo(f"wrote {path}")
+        echo(f"wrote {path}{' (the pairs that finished)' if failure is not None else ''}")
+    if failure is not None:
+        import concurrent.futures.process as cfp
+
+        if isinstance(failure, cfp.BrokenProcessPool):  # killed (the OS's OOM killer, kill -9)
+            from dmdopt.errors import WorkersFailed
+            raise WorkersFailed(f"a --jobs worker process died ({len(rows) // 2} of {len(pairs)} "
+                            "(method, seed) pairs finished, shown above): killed by the OS, "
+                            "out of memory? Try fewer --jobs") from None
+        raise failure  # a bug: its traceback, after what finished is printed and written
     return rows
+
+
+def _stop(pool) -> None:
+    """Stop a pool's running pairs now. The executor has no public terminate before Python
+    3.14, and a pair left running trains on for minutes after its launcher is gone."""
+    for proc in list((getattr(pool, "_processes", None) or {}).values()):
+        proc.terminate()
+    pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _set_threads(threads: int) -> None:
@@ -182,10 +223,17 @@ def _run_pair(*, method: str, seed: int, lr: float, quick: bool, steps: int, dmd
     model = _problem(quick)[1]
     dataset = _dataset(quick, cache_dir)
     training = _configs(method, lr=lr, steps=steps, seed=seed)
+    # A few untimed steps first: torch's one-time start-up (thread pool, allocator) would
+    # otherwise be billed to the plain run's wall time, which always goes first.
+    train(dataset=dataset, model=model, training=replace(training, max_steps=3, eval_every=3))
     try:
         plain = train(dataset=dataset, model=model, training=training)
-    except Diverged as exc:
-        return [], f"{method} seed {seed}: plain run diverged ({exc}); skipped"
+    except Diverged as exc:  # a row all the same: the table and the JSON show the divergence
+        return [{"method": method, "variant": "plain", "seed": seed, "lr": training.lr,
+                 "final_val_error": None, "cost": None, "wall_time": None,
+                 "cost_to_target": None, "wall_to_target": None, "speedup": None,
+                 "first_passage_cost": None, "first_passage_wall": None, "error": str(exc)}], \
+            f"{method} seed {seed}: plain run diverged ({exc}); no target for its DMD run"
     target = plain.val_error
     # The plain curve is not monotone (Adam and GD at their tuned rates oscillate), so it may
     # first reach its own final error before the budget ends: its first passage is the
@@ -225,13 +273,10 @@ def _run_pair(*, method: str, seed: int, lr: float, quick: bool, steps: int, dmd
                   f"{row['dmd_share']:.1%}")
 
 
-def _json_default(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {value!r}")
-
-
 def _table(rows: list[dict], methods, echo) -> None:
+    """Medians over each method's seeds. A DMD run that never reached the target counts as an
+    infinite cost and a speed-up of 0 (so a row whose median seed missed shows '-'); a plain
+    run that diverged has no target, so its seed has no DMD run and is named below the table."""
     head = (f"{'method':13s} {'lr':>7s} | {'plain err':>9s} {'plain bpe':>9s} {'plain s':>7s} | "
             f"{'dmd err':>8s} {'bpe->tgt':>8s} {'s->tgt':>7s} {'reached':>7s} | "
             f"{'cost x':>6s} {'fp x':>5s} {'wall x':>6s} {'dmd%':>5s} {'fwd%':>5s}")
@@ -240,28 +285,38 @@ def _table(rows: list[dict], methods, echo) -> None:
          "fp x = plain's own first passage to that error / DMD's (higher is better)")
     echo(head)
     echo("-" * len(head))
+    notes = []
     for method in methods:
-        plain = [r for r in rows if r["method"] == method]
+        every = [r for r in rows if r["method"] == method]
+        plain = [r for r in every if r.get("error") is None]
         dmd = [r for r in rows if r["method"] == f"{method}+dmd"]
+        if diverged := [r["seed"] for r in every if r.get("error") is not None]:
+            notes.append(f"{method}: the plain run diverged at seed(s) "
+                         f"{', '.join(map(str, diverged))} (no target, no DMD run there)")
+        if not every:
+            continue
         if not plain:
+            echo(f"{method:13s} {every[0]['lr']:>7.3g} | plain run diverged at every seed")
             continue
         reached = [r for r in dmd if r.get("cost_to_target") is not None]
-        pcost = _median([r["cost"] for r in plain])
-        pwall = _median([r["wall_time"] for r in plain])
-        ctt = _median([r["cost_to_target"] for r in dmd]) if len(reached) * 2 > len(dmd) else None
-        wtt = _median([r["wall_to_target"] for r in dmd]) if ctt is not None else None
         share = _median([r.get("dmd_share") for r in dmd])
         fwd = _median([r.get("fwd_share") for r in dmd])
-        echo(f"{method:13s} {plain[0]['lr']:>7.3g} | {_fmt(_median([r['final_val_error'] for r in plain]), '9.4f')} "
-             f"{_fmt(pcost, '9.0f')} {_fmt(pwall, '7.1f')} | "
-             f"{_fmt(_median([r['final_val_error'] for r in dmd]), '8.4f')} {_fmt(ctt, '8.0f')} "
-             f"{_fmt(wtt, '7.1f')} {f'{len(reached)}/{len(dmd)}':>7s} | "
-             f"{_fmt(_median([r.get('speedup') for r in dmd]) if ctt else None, '6.2f')} "
-             f"{_fmt(_median([r.get('first_passage_speedup') for r in dmd]) if ctt else None, '5.2f')} "
-             f"{_fmt(pwall / wtt if wtt else None, '6.2f')} "
+        echo(f"{method:13s} {plain[0]['lr']:>7.3g} | "
+             f"{_fmt(_median([r['final_val_error'] for r in plain]), '9.4f')} "
+             f"{_fmt(_median([r['cost'] for r in plain]), '9.0f')} "
+             f"{_fmt(_median([r['wall_time'] for r in plain]), '7.1f')} | "
+             f"{_fmt(_median([r['final_val_error'] for r in dmd], math.inf), '8.4f')} "
+             f"{_fmt(_median([r['cost_to_target'] for r in dmd], math.inf), '8.0f')} "
+             f"{_fmt(_median([r['wall_to_target'] for r in dmd], math.inf), '7.1f')} "
+             f"{f'{len(reached)}/{len(dmd)}':>7s} | "
+             f"{_fmt(_median([r.get('speedup') for r in dmd], 0.0) or None, '6.2f')} "
+             f"{_fmt(_median([r.get('first_passage_speedup') for r in dmd], 0.0) or None, '5.2f')} "
+             f"{_fmt(_median([r.get('wall_speedup') for r in dmd], 0.0) or None, '6.2f')} "
              f"{_fmt(100 * share if share is not None else None, '5.1f')} "
              f"{_fmt(100 * fwd if fwd is not None else None, '5.1f')}")
     echo("")
+    for note in notes:
+        echo(note)
 
 
 def add_arguments(parser) -> None:
@@ -303,6 +358,10 @@ def run_from_args(args, error: Callable[[str], NoReturn]) -> list[dict]:
         method, _, value = item.partition("=")
         if method not in METHODS:
             error(f"--lr: unknown method {method!r}")
+        if method not in methods:  # it would be silently ignored
+            error(f"--lr: {method!r} is not among --methods {','.join(methods)}")
+        if method in lrs:  # the last would silently win
+            error(f"--lr: {method!r} is given twice")
         try:
             lrs[method] = float(value)
         except ValueError:
@@ -333,6 +392,13 @@ def run_from_args(args, error: Callable[[str], NoReturn]) -> list[dict]:
             dmd = DMDConfig.from_dict(fields)
         except (TypeError, ValueError) as exc:
             error(f"--dmd: {exc}")
+    from dmdopt.training.config import TrainConfig
+
+    steps = args.steps or (QUICK_STEPS if args.quick else TrainConfig().max_steps)
+    first = (dmd or DMDConfig()).first_jump_step
+    if steps < first:  # the window never fills: the "DMD" runs would be plain ones
+        error(f"--steps {steps} is fewer than the DMD window ({first} steps before the first "
+              "jump): DMD would never run")
     if args.json is not None and (why := unwritable(args.json)) is not None:
         error(f"--json: cannot write {args.json}: {why}")  # now, not after the whole run
     t0 = time.perf_counter()
@@ -347,6 +413,8 @@ def main(argv=None) -> None:  # pragma: no cover - thin wrapper for benchmarks/b
     import argparse
     import sys
 
+    from dmdopt.errors import UserError, WorkersFailed
+
     parser = argparse.ArgumentParser(description="plain vs DMD-accelerated training")
     add_arguments(parser)
     args = parser.parse_args(argv)
@@ -355,3 +423,7 @@ def main(argv=None) -> None:  # pragma: no cover - thin wrapper for benchmarks/b
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except UserError as exc:  # as `dmdopt bench` reports it: one line, exit 2
+        parser.exit(2, f"{parser.prog}: error: {exc}\n")
+    except WorkersFailed as exc:  # not the user's mistake: one line, exit 1
+        parser.exit(1, f"{parser.prog}: error: {exc}\n")

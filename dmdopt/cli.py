@@ -373,12 +373,16 @@ def cmd_ui(args) -> int:
 
 def cmd_bench(args) -> int:
     from dmdopt.bench import run_from_args
+    from dmdopt.errors import WorkersFailed
 
     try:
         run_from_args(args, args.parser_error)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM (see run_from_args)
         print("interrupted", file=sys.stderr)
         return 130
+    except WorkersFailed as exc:  # a --jobs worker killed: what finished is printed and written
+        print(f"dmdopt: error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -103,3 +103,116 @@ def test_dmd_option_takes_a_ladder(monkeypatch):
     monkeypatch.setattr(dmdopt.bench, "run_benchmark", lambda **kw: seen.update(kw) or [])
     assert main(["bench", "--methods", "gd", "--dmd", "window=10,line_search=0.25:1:4"]) == 0
     assert seen["dmd"].line_search == (0.25, 1.0, 4.0) and seen["dmd"].window == 10
+
+
+def _rows(method, seed, plain_cost, to_target, dmd_error=0.1):
+    """A (plain, DMD) pair of rows as `_run_pair` returns them; to_target None = a miss."""
+    plain = {"method": method, "variant": "plain", "seed": seed, "lr": 1.0,
+             "final_val_error": 0.2, "cost": plain_cost, "wall_time": 10.0,
+             "cost_to_target": plain_cost, "wall_to_target": 10.0, "speedup": 1.0,
+             "first_passage_cost": plain_cost, "first_passage_wall": 10.0}
+    hit = to_target is not None
+    dmd = {"method": f"{method}+dmd", "variant": "dmd", "seed": seed, "lr": 1.0,
+           "final_val_error": dmd_error, "cost": plain_cost, "wall_time": 10.0,
+           "cost_to_target": to_target, "wall_to_target": to_target / 100 if hit else None,
+           "speedup": plain_cost / to_target if hit else None,
+           "first_passage_speedup": plain_cost / to_target if hit else None,
+           "wall_speedup": 10.0 / (to_target / 100) if hit else None,
+           "dmd_share": 0.03, "fwd_share": 0.05, "jumps_accepted": 1, "jumps_rejected": 0}
+    return [plain, dmd]
+
+
+def _table_line(rows, method="gd"):
+    from dmdopt.bench import _table
+
+    lines = []
+    _table(rows, (method,), lines.append)
+    return next(line for line in lines if line.startswith(method)).split()
+
+
+def test_a_seed_that_missed_the_target_counts_in_the_medians():
+    """The medians dropped the seed that missed: 500, 1000 and a miss printed 750 and 3.00x."""
+    rows = [*_rows("gd", 0, 2000, 500), *_rows("gd", 1, 2000, 1000),
+            *_rows("gd", 2, 2000, None, dmd_error=float("inf"))]  # missed, then diverged
+    cols = _table_line(rows)
+    # method lr | plain err bpe s | dmd err, bpe->tgt, s->tgt, reached | cost x, fp x, wall x ...
+    assert cols[7:11] == ["0.1000", "1000", "10.0", "2/3"]
+    assert cols[12:15] == ["2.00", "2.00", "1.00"]  # wall x: the median of per-seed ratios
+    two_missed = [*_rows("gd", 0, 2000, 500), *_rows("gd", 1, 2000, None),
+                  *_rows("gd", 2, 2000, None)]
+    cols = _table_line(two_missed)
+    assert cols[8:11] == ["-", "-", "1/3"] and cols[12:15] == ["-", "-", "-"]
+
+
+def test_failed_pairs_keep_the_finished_ones_and_the_json_is_strict(tmp_path, monkeypatch,
+                                                                   capsys):
+    """A diverged plain run was dropped from the table and the JSON; a diverged DMD run's
+    error was written as `Infinity` (not JSON); a pair that raised lost every finished row."""
+    import dmdopt.bench
+
+    def fake_pair(*, method, seed, **_):
+        if method == "adam":
+            raise RuntimeError("a bug in one pair")
+        if seed == 0:
+            return [{"method": "gd", "variant": "plain", "seed": 0, "lr": 8.0,
+                     "final_val_error": None, "error": "loss is nan"}], "gd seed 0: diverged"
+        return _rows("gd", seed, 2000, 800, dmd_error=float("inf")), f"gd seed {seed}"
+
+    monkeypatch.setattr(dmdopt.bench, "_run_pair", fake_pair)
+    monkeypatch.setattr(dmdopt.bench, "_dataset", lambda *a: None)
+    out = tmp_path / "rows.json"
+    with pytest.raises(RuntimeError, match="a bug in one pair"):
+        dmdopt.bench.run_benchmark(seeds=2, methods=("gd", "adam"), json_path=out,
+                                   echo=print)
+    printed = capsys.readouterr().out
+    assert "gd: the plain run diverged at seed(s) 0" in printed
+    rows = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+    assert [(r["method"], r["seed"]) for r in rows] == [("gd", 0), ("gd", 1), ("gd+dmd", 1)]
+    assert rows[0]["error"] == "loss is nan" and rows[2]["final_val_error"] is None
+
+
+@pytest.mark.parametrize(("argv", "needle"), [
+    (["--quick", "--steps", "10"], "--steps 10 is fewer than the DMD window (20"),
+    (["--steps", "12", "--dmd", "window=5,warmup=8"], "(13 steps before the first jump)"),
+    (["--methods", "gd", "--lr", "adam=1"], "'adam' is not among --methods gd"),
+    (["--methods", "gd", "--lr", "gd=1", "--lr", "gd=2"], "'gd' is given twice"),
+])
+def test_bench_arguments_that_would_be_ignored_are_refused(argv, needle, capsys):
+    """Each ran before: a "DMD" run without a jump (cost x 1.00), or an --lr silently unused."""
+    with pytest.raises(SystemExit) as info:
+        main(["bench", *argv])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and err.count("\n") == 0
+
+
+@pytest.mark.slow
+def test_a_killed_bench_worker_is_one_line_and_exit_1(tmp_path):
+    """A --jobs worker killed (the OOM killer, kill -9) gave a BrokenProcessPool traceback."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "dmdopt", "bench", "--quick", "--seeds", "2",
+                             "--methods", "gd", "--jobs", "2", "--steps", "20000"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=os.environ | {"PYTHONUNBUFFERED": "1"})
+    for line in proc.stdout:
+        if line.startswith("DMD:"):
+            break
+    for _ in range(120):
+        if len(children(proc.pid)) >= 3:
+            break
+        time.sleep(0.5)
+    kids = children(proc.pid)
+    assert len(kids) >= 3, "the workers did not start"
+    time.sleep(2)
+    workers = [k for k in kids if b"resource_tracker" not in open(f"/proc/{k}/cmdline", "rb").read()]
+    os.kill(workers[0], signal.SIGKILL)  # a pair worker, not multiprocessing's tracker
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and "Traceback" not in err, err
+    assert "a --jobs worker process died" in err and err.strip().count("\n") == 0, err
+    time.sleep(1)
+    assert not [k for k in kids if alive(k)]
