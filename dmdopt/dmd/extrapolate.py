@@ -122,11 +122,18 @@ def _check_growing(growing: str) -> None:
         raise ValueError(f"growing must be one of {GROWING_POLICIES}; got growing={growing!r}")
 
 
+def _check_tol(tol: float) -> None:
+    # tol >= 1 would call lambda = 0 neutral (0/0), NaN would make every mode growing
+    if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not 0 <= tol < 1:
+        raise ValueError(f"tol must be a number in [0, 1); got tol={tol!r}")
+
+
 def stabilized_gain(eigenvalues: Tensor, horizon: float, tol: float = NEUTRAL_TOL,
                     growing: str = "drop") -> Tensor:
     """g_h with the eigenvalue policy: neutral on the circle (inf: dropped); growing dropped,
     or with ``growing="drift"`` and a finite horizon projected onto the circle like neutral."""
     _check_growing(growing)
+    _check_tol(tol)
     lam = eigenvalues.to(torch.complex128)
     mod = lam.abs()
     if math.isinf(horizon):
@@ -302,11 +309,12 @@ def extrapolate(
 ) -> Tensor:
     """x_{m-1+horizon} (shape (p,)) from the snapshots (p x m) by affine-exact DMD.
 
-    `fit_dmd(snapshots, rank=rank).predict(horizon)`; the horizon and the growing-mode policy
-    are validated first so a bad value fails before the O(p m^2) work.
+    `fit_dmd(snapshots, rank=rank).predict(horizon)`; the horizon, the growing-mode policy and
+    `tol` are validated first so a bad value fails before the O(p m^2) work.
     """
     h = parse_horizon(horizon)
     _check_growing(growing)
+    _check_tol(tol)
     return fit_dmd(snapshots, rank=rank).predict(h, tol=tol, growing=growing)
 
 

@@ -18,7 +18,11 @@ otherwise the weights are rolled back bit for bit. Either way a fresh window sta
 model's buffers (e.g. BatchNorm running statistics, which a closure run in train mode
 updates) are restored to what they were before the test. A window
 holding a non-finite snapshot makes its Gram non-finite and the jump is rejected before any
-forward pass, so NaN never reaches the weights.
+forward pass, so NaN never reaches the weights; a candidate that moves no weights (every mode
+dropped) is skipped without one. Every closure call of a jump sees the same random numbers (a
+dropout layer draws the same masks for each candidate, so the test compares weights, not
+noise) and leaves the caller's RNG streams as they were. An exception or Ctrl-C inside a
+closure rolls the weights and buffers back before it propagates.
 
 Cost: every closure call is added to the `CostCounter` (`forward_weight` batches each), the
 fits (`dmd_flops`) and every extra candidate (2pr + p per group for a predict, 3p for a
@@ -168,8 +172,17 @@ class DMDAccelerator:
         return flat if bool(torch.isfinite(flat).all()) else now
 
     def _loss(self, closure: Callable[[], torch.Tensor]) -> float:
+        """The closure's loss, forward only. Every call of one jump sees the same random
+        numbers (a dropout layer draws the same masks for each candidate, so the test compares
+        weights, not noise), and the caller's RNG streams are left as they were."""
         t0 = time.perf_counter()
-        with torch.no_grad():
+        device = self.buffers[0].device if self.buffers else torch.device("cpu")
+        cuda = [device] if device.type == "cuda" else []
+        with torch.no_grad(), torch.random.fork_rng(devices=cuda):
+            torch.default_generator.manual_seed(self.steps_seen)  # this jump's draw
+            for dev in cuda:
+                with torch.cuda.device(dev):
+                    torch.cuda.manual_seed(self.steps_seen)
             value = float(closure())
         self.stats["forward_passes"] += 1
         self.stats["forward_seconds"] += time.perf_counter() - t0
@@ -236,40 +249,18 @@ class DMDAccelerator:
             targets = [self._moved(now, f.displacement(math.inf))
                        for f, now in zip(fits, current, strict=True)]
         self.stats["dmd_seconds"] += time.perf_counter() - t0
-        base_loss = self._loss(closure)
 
-        best_loss, best_h, best_params = base_loss, None, None
-        prev_loss, rose = base_loss, False
-        for n_cand, (_, horizon, factor) in enumerate(self._candidates()):
+        best_params = None
+        try:
+            best_loss, best_h, best_params = self._line_search(closure, fits, targets, current)
+        finally:  # also on an error or Ctrl-C in a closure: never left on a half-tested jump
             t0 = time.perf_counter()
-            candidate = []
-            for i, (fit, group, now) in enumerate(zip(fits, self.groups, current, strict=True)):
-                p, r = now.numel(), fit.rank
-                if targets is not None:
-                    flat = targets[i] if factor == 1.0 else torch.lerp(now, targets[i], factor)
-                    if factor != 1.0:
-                        self._charge(3 * p)
-                else:
-                    flat = self._moved(now, fit.displacement(horizon, growing=self.growing))
-                    if n_cand:  # the first predict is in dmd_flops already
-                        self._charge(2 * p * r + p)
-                candidate.append(flat)
-                self._assign(group, flat)
-            self.stats["dmd_seconds"] += time.perf_counter() - t0
-            loss = self._loss(closure)
-            if loss < best_loss:
-                best_loss, best_h, best_params = loss, horizon, candidate
-            elif loss > prev_loss and (best_params is not None or rose):
-                break  # past the minimum along the (unimodal) ladder, or rising twice
-            rose = loss > prev_loss
-            prev_loss = loss
-
-        t0 = time.perf_counter()
-        for buf, saved in zip(self.model.buffers(), buffers, strict=True):
-            buf.copy_(saved)
-        if best_params is None:  # no candidate improved the loss: roll back exactly
-            for group, now in zip(self.groups, current, strict=True):
-                self._assign(group, now)
+            for buf, saved in zip(self.model.buffers(), buffers, strict=True):
+                buf.copy_(saved)
+            if best_params is None:  # no candidate improved the loss: roll back exactly
+                for group, now in zip(self.groups, current, strict=True):
+                    self._assign(group, now)
+        if best_params is None:
             self.stats["jumps_rejected"] += 1
             self.stats["dmd_seconds"] += time.perf_counter() - t0
             return False
@@ -281,6 +272,50 @@ class DMDAccelerator:
         self.stats["chosen_horizons"].append(best_h)
         self.stats["dmd_seconds"] += time.perf_counter() - t0
         return True
+
+    def _line_search(self, closure, fits, targets, current):
+        """(best loss, its horizon, its weights per group) along the ladder; weights None when
+        no candidate beats the current loss. A candidate that moves no group (every mode
+        dropped, or a non-finite move) is the current weights: skipped, no forward spent."""
+        base_loss = None  # evaluated only once some candidate moves
+        best_loss, best_h, best_params = math.inf, None, None
+        prev_loss, rose = math.inf, False
+        for n_cand, (_, horizon, factor) in enumerate(self._candidates()):
+            t0 = time.perf_counter()
+            candidate, moved = [], False
+            for i, (fit, now) in enumerate(zip(fits, current, strict=True)):
+                p, r = now.numel(), fit.rank
+                if targets is not None:
+                    if targets[i] is now:  # no converged state to move toward
+                        flat = now
+                    elif factor == 1.0:
+                        flat = targets[i]
+                    else:
+                        flat = torch.lerp(now, targets[i], factor)
+                        self._charge(3 * p)
+                else:
+                    move = fit.displacement(horizon, growing=self.growing)
+                    if n_cand and move is not None:  # the first predict is in dmd_flops already
+                        self._charge(2 * p * r + p)
+                    flat = self._moved(now, move)  # `now` itself when there is no move
+                moved = moved or flat is not now
+                candidate.append(flat)
+            self.stats["dmd_seconds"] += time.perf_counter() - t0
+            if not moved:
+                continue
+            if base_loss is None:  # the weights the jump must beat, tested at the first move
+                base_loss = self._loss(closure)
+                best_loss, prev_loss = base_loss, base_loss
+            for group, flat in zip(self.groups, candidate, strict=True):
+                self._assign(group, flat)
+            loss = self._loss(closure)
+            if loss < best_loss:
+                best_loss, best_h, best_params = loss, horizon, candidate
+            elif loss > prev_loss and (best_params is not None or rose):
+                break  # past the minimum along the (unimodal) ladder, or rising twice
+            rose = loss > prev_loss
+            prev_loss = loss
+        return best_loss, best_h, best_params
 
     def _charge(self, flops: float) -> None:
         self.stats["dmd_flops"] += flops

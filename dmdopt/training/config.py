@@ -100,8 +100,11 @@ class TrainConfig:
             raise ValueError(f"training.eval_every must be a positive integer, got {self.eval_every!r}")
         if not _is_int(self.seed) or not 0 <= self.seed < 2**63:  # torch and numpy both take it
             raise ValueError(f"training.seed must be an integer in [0, 2**63), got {self.seed!r}")
-        if not isinstance(self.device, str) or not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
-            raise ValueError(f"training.device must be auto, cpu, mps, cuda or cuda:N, got {self.device!r}")
+        if self.device == "mps":  # Apple GPUs: no float64, which the POD and the metrics use
+            raise ValueError("training.device = 'mps' is not supported (MPS has no float64, "
+                             "which the POD's small matrices and the metrics use): use cpu")
+        if not isinstance(self.device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ValueError(f"training.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -167,6 +170,8 @@ class DMDConfig:
                     f"dmd.rank must be at most window - 2 = {self.window - 2} (the DMD modes a "
                     f"window supports), got {rank!r}"
                 )
+        elif _is_number(rank) and rank == 0:  # 0.0 as `dmdopt.dmd` reads it: the optimal threshold
+            object.__setattr__(self, "rank", 0)
         elif _is_number(rank):
             if not 0 < rank <= 1:
                 raise ValueError(f"dmd.rank as an energy fraction must be in (0, 1], got {rank!r}")

@@ -78,8 +78,6 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"training.device is {name!r} but no CUDA device is visible")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("training.device is 'mps' but this torch has no usable MPS device")
     device = torch.device(name)
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise ValueError(f"training.device is {name!r} but only {torch.cuda.device_count()} "

@@ -254,6 +254,16 @@ def test_bad_horizon_raises(horizon):
         extrapolate(torch.randn(5, 4), rank=1, horizon=horizon)
 
 
+@pytest.mark.parametrize("tol", [-1e-3, 1.0, 2.0, math.nan, "small", True])
+def test_bad_tol_raises(tol):
+    """tol >= 1 called lambda = 0 neutral (0/0: the prediction silently fell back to the last
+    snapshot); NaN made every mode growing."""
+    with pytest.raises(ValueError, match="tol"):
+        extrapolate(torch.randn(5, 6, dtype=F64), rank=2, horizon=5, tol=tol)
+    with pytest.raises(ValueError, match="tol"):
+        fit_dmd(torch.randn(5, 6, dtype=F64), rank=2).predict(5, tol=tol)
+
+
 def test_bad_rank_raises_even_for_trivial_data():
     with pytest.raises(ValueError, match="rank=-2"):
         fit_dmd(torch.randn(5, 2), rank=-2)

@@ -437,3 +437,77 @@ def test_growing_auto_follows_a_growing_mode_under_sgd_only(opt, kept):
         out = acc.step(closure)
     assert out is kept
     assert float(w.detach()) == pytest.approx(goal if kept else xs[-1], rel=1e-9)
+    # 'drop' leaves nothing to extrapolate: every candidate would be the current weights, and
+    # each was evaluated anyway (one forward per rung, charged)
+    assert acc.stats["forward_passes"] == (2 if kept else 0)
+
+
+
+def test_a_jump_that_moves_nothing_spends_no_forward_pass():
+    """horizon=inf with only a neutral mode (lambda = 1: a constant drift) has no converged
+    state; the ladder's four candidates were all the current weights, 5 forwards charged."""
+    w, acc = _affine_accelerator(DMDConfig(window=6, rank=1, horizon="inf",
+                                           line_search=(0.25, 0.5, 0.75, 1.0),
+                                           snapshot_dtype="float64"))
+    cost = acc.cost = CostCounter(flops_per_backprop=1.0)
+    for k in range(6):
+        with torch.no_grad():
+            w.fill_(0.5 * k)  # x_{k+1} = x_k + 0.5
+        out = acc.step(lambda: w.detach().pow(2).sum())
+    assert out is False and float(w.detach()) == 2.5
+    assert acc.stats["forward_passes"] == 0 and cost.forward_passes == 0
+
+
+def test_every_closure_call_of_a_jump_sees_the_same_random_numbers():
+    """A dropout closure drew new masks per candidate (the test compared noise), and the
+    caller's RNG was left advanced by the test."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 32), nn.Tanh(), nn.Dropout(0.5), nn.Linear(32, 1))
+    x, y = torch.randn(64, 4), torch.randn(64, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    acc = DMDAccelerator(model, opt, DMDConfig(window=5, rank=2, horizon=5))
+    draws = []
+
+    def closure():
+        draws.append(torch.rand(3))  # what a dropout layer draws
+        return ((model(x) - y) ** 2).mean()
+
+    for _ in range(5):
+        opt.zero_grad()
+        ((model(x) - y) ** 2).mean().backward()
+        opt.step()
+        state = torch.get_rng_state()
+        acc.step(closure)
+    assert len(draws) >= 2 and all(torch.equal(d, draws[0]) for d in draws)
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's stream is untouched
+
+
+def test_an_error_in_the_closure_rolls_the_jump_back():
+    """The weights were left on the candidate under test, and the buffers as it set them."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, 1))
+    x, y = torch.randn(64, 4), torch.randn(64, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    acc = DMDAccelerator(model, opt, DMDConfig(window=5, rank=2, horizon=5))
+    calls = []
+
+    def closure():
+        calls.append(1)
+        loss = ((model(x) - y) ** 2).mean()  # train mode: moves the running statistics
+        if len(calls) == 2:  # on the first candidate
+            raise KeyboardInterrupt
+        return loss
+
+    for step in range(5):
+        opt.zero_grad()
+        ((model(x) - y) ** 2).mean().backward()
+        opt.step()
+        if step == 4:
+            weights = _params(model)
+            buffers = [b.clone() for b in model.buffers()]
+            with pytest.raises(KeyboardInterrupt):
+                acc.step(closure)
+        else:
+            acc.step(closure)
+    assert all(torch.equal(p.detach(), q) for p, q in zip(model.parameters(), weights, strict=True))
+    assert all(torch.equal(b, c) for b, c in zip(model.buffers(), buffers, strict=True))

@@ -169,6 +169,15 @@ def test_dmd_config_accepts_inf_and_numpy_numbers():
     assert training == TrainConfig(lr=1e-3, max_steps=10, seed=3)
     with pytest.raises(ValueError, match="dmd.rank must be an integer or a fraction"):
         DMDConfig(rank=np.bool_(True))
+    # 0.0 is the optimal hard threshold, as `dmdopt.dmd` reads it (was: "an energy fraction
+    # must be in (0, 1]")
+    assert DMDConfig(rank=0.0) == DMDConfig(rank=0) and type(DMDConfig(rank=0.0).rank) is int
+
+
+def test_mps_is_refused_with_the_reason():
+    """Accepted before, then every run crashed on the first float64 tensor (the metrics)."""
+    with pytest.raises(ValueError, match="mps.*float64"):
+        TrainConfig(device="mps")
 
 
 @pytest.mark.parametrize(("cut", "warmup"), [(23, 0), (20, 3)])
