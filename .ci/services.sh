@@ -13,7 +13,7 @@
 #   DMDOPT_SERVICES_DIR   state dir: mlflow db/artifacts/log/pid   (default /tmp/dmdopt-services)
 #   DMDOPT_PG_PASSWORD    password of the `dmdopt` role             (default dmdopt-ci)
 #   DMDOPT_MLFLOW_PORT    first port tried for mlflow               (default 5055)
-#   MLFLOW                the mlflow executable  (default: `mlflow` on PATH, else /work/venv/bin/mlflow)
+#   MLFLOW                the mlflow executable  (default: `mlflow` on PATH: the activated venv)
 set -euo pipefail
 
 ENV_FILE="${1:?usage: $0 ENV_FILE}"
@@ -81,8 +81,8 @@ POSTGRES_URL="postgresql://dmdopt:${PG_PW_URL}@127.0.0.1:${PG_PORT}/dmdopt"
 say "PostgreSQL up: postgresql://dmdopt:***@127.0.0.1:${PG_PORT}/dmdopt"
 
 # ------------------------------------------------------------------ MLflow server
-MLFLOW="${MLFLOW:-$(command -v mlflow || echo /work/venv/bin/mlflow)}"
-[ -x "$MLFLOW" ] || die "mlflow executable not found (set MLFLOW=/path/to/mlflow)"
+MLFLOW="${MLFLOW:-$(command -v mlflow || true)}"
+[ -n "$MLFLOW" ] && [ -x "$MLFLOW" ] || die "mlflow executable not found (activate the venv, or set MLFLOW=/path/to/mlflow)"
 
 # A REST call (not just /health: it also needs the backend store and the Host check to pass),
 # over bash's /dev/tcp -- a bare Debian has no curl.

@@ -345,9 +345,12 @@ def cmd_export(args) -> int:
 
 
 def cmd_dashboard(args) -> int:
+    from dmdopt._util import unwritable
     from dmdopt.tracking.dashboard import write_dashboard
 
     _output_is_not_the_study_file(args)
+    if (why := unwritable(args.output)) is not None:  # `-o out/` wrote a file named `out`
+        raise UserError(f"--output: cannot write {args.output}: {why}")
     name, _, summary = _summary(args)
     try:
         write_dashboard(summary, args.output)
@@ -397,7 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=_positive_int)
     p.add_argument("--seed", type=int)
     p.add_argument("--workers", type=_positive_int)
-    p.add_argument("--cache-dir", default=DEFAULT_CACHE)
+    p.add_argument("--cache-dir", type=_path, default=DEFAULT_CACHE)
     p.add_argument("--json", action="store_true")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_data)
@@ -428,9 +431,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dmd-horizon", type=float, help="extrapolation horizon in steps, or inf "
                    "(default 20)")
     p.add_argument("--checkpoint-dir", type=_path, help="--config only (default dmdopt-runs/checkpoints)")
-    p.add_argument("--tracking-uri", type=_tracking_uri, help="--config only")
-    p.add_argument("--no-mlflow", action="store_true", help="--config only")
-    p.add_argument("--cache-dir", default=DEFAULT_CACHE)
+    logging_to = p.add_mutually_exclusive_group()  # both: one of them would be ignored
+    logging_to.add_argument("--tracking-uri", type=_tracking_uri, help="--config only")
+    logging_to.add_argument("--no-mlflow", action="store_true", help="--config only")
+    p.add_argument("--cache-dir", type=_path, default=DEFAULT_CACHE)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_train)
 
@@ -442,9 +446,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=_positive_seconds)
     p.add_argument("--storage", type=_url, help="Optuna storage URL (default: the study file's)")
     p.add_argument("--workers", type=_workers, default=1, help="processes on this machine, or 'auto'")
-    p.add_argument("--tracking-uri", type=_tracking_uri, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///dmdopt-runs/mlflow.db)")
-    p.add_argument("--no-mlflow", action="store_true")
-    p.add_argument("--cache-dir", default=DEFAULT_CACHE)
+    logging_to = p.add_mutually_exclusive_group()
+    logging_to.add_argument("--tracking-uri", type=_tracking_uri, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///dmdopt-runs/mlflow.db)")
+    logging_to.add_argument("--no-mlflow", action="store_true")
+    p.add_argument("--cache-dir", type=_path, default=DEFAULT_CACHE)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_study_run)
     for cmd, func, helptext in (("status", cmd_study_status, "trial counts and the reference"),
@@ -492,7 +497,8 @@ def _out_of_memory(exc: BaseException) -> bool:
     """torch's CPU allocator raises a RuntimeError, CUDA's an OutOfMemoryError (a subclass)."""
     text = str(exc)
     return (isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"
-            or "can't allocate memory" in text or "out of memory" in text.lower())
+            or "can't allocate memory" in text or "out of memory" in text.lower()
+            or "Storage size calculation overflowed" in text)  # larger than any memory
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -509,6 +515,12 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except (MemoryError, RuntimeError) as exc:  # a model or window too large for this machine
+        from dmdopt.training.loop import Diverged
+
+        if isinstance(exc, Diverged):  # the settings' fault: a learning rate too large
+            print(f"dmdopt: error: training diverged: {exc} (a smaller learning rate, --lr or "
+                  "training.lr, trains)", file=sys.stderr)
+            return 2
         if not _out_of_memory(exc):
             raise
         print(f"dmdopt: error: out of memory: {str(exc).strip().splitlines()[0][:300]} (a smaller "

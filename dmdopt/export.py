@@ -192,7 +192,8 @@ def tuned_config_from_summary(summary: dict, *, policy: str = "knee", value: flo
     }
     return TunedConfig(dmd=dmd, training=training, model=model, problem=problem,
                        provenance={k: v for k, v in provenance.items() if v is not None},
-                       expected={k: v for k, v in expected.items() if v is not None})
+                       expected={k: v for k, v in expected.items()
+                                 if v is not None and v == v})  # NaN: nothing to compare
 
 
 def export_tuned_config(summary: dict, path: str | os.PathLike, *, policy: str = "knee",
@@ -427,8 +428,8 @@ def _check_expected(table: Any, where: str) -> dict:
                                 f"got {value!r}")
             out[key] = value
             continue
-        if isinstance(value, str) and value.strip().lower() in ("inf", "-inf", "nan"):
-            out[key] = float(value)  # how non-finite numbers are written
+        if isinstance(value, str) and value.strip().lower() == "inf":
+            out[key] = math.inf  # how an infinite number is written (NaN and -inf never are)
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) \
                 or value < 0:

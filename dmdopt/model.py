@@ -30,11 +30,12 @@ class ModelConfig:
     activation: str = "tanh"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.width, int) or isinstance(self.width, bool) or self.width < 1:
-            raise ValueError(f"model.width must be a positive integer, got {self.width!r}")
-        if not isinstance(self.depth, int) or isinstance(self.depth, bool) or self.depth < 1:
-            raise ValueError(f"model.depth must be a positive integer, got {self.depth!r}")
-        if self.activation not in ACTIVATIONS:
+        # below 2**63: torch takes sizes as int64 (a larger one was a TypeError traceback)
+        if not isinstance(self.width, int) or isinstance(self.width, bool) or not 1 <= self.width < 2**63:
+            raise ValueError(f"model.width must be a positive integer below 2**63, got {self.width!r}")
+        if not isinstance(self.depth, int) or isinstance(self.depth, bool) or not 1 <= self.depth < 2**63:
+            raise ValueError(f"model.depth must be a positive integer below 2**63, got {self.depth!r}")
+        if not isinstance(self.activation, str) or self.activation not in ACTIVATIONS:
             raise ValueError(
                 f"model.activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}"
             )

@@ -150,7 +150,7 @@ def run_production(
     instead of raising, so the finished run's figures are not lost."""
     from dmdopt.export import load_tuned_config
     from dmdopt.problem import load_dataset
-    from dmdopt.training.loop import resolve_device, train
+    from dmdopt.training.loop import CheckpointMismatch, resolve_device, train
 
     tuned = load_tuned_config(config_path)
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
@@ -193,8 +193,11 @@ def run_production(
     if log_mlflow:  # a bad URI or a dead server is found now, not after the training
         _check_tracking(tracking_uri)
     dataset = load_dataset(tuned.problem, cache_dir=cache_dir or DEFAULT_DATA_DIR, progress=progress)
-    result = train(dataset=dataset, model=tuned.model, training=training, dmd=tuned.dmd,
-                   progress=progress, checkpoint_path=ckpt, checkpoint_every=every)
+    try:
+        result = train(dataset=dataset, model=tuned.model, training=training, dmd=tuned.dmd,
+                       progress=progress, checkpoint_path=ckpt, checkpoint_every=every)
+    except CheckpointMismatch as exc:  # right keys, wrong contents (edited or foreign)
+        raise UserError(f"{exc}; delete it to start over") from None
 
     summary: dict[str, Any] = dict(result.metrics)
     summary.update({

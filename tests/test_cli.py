@@ -42,6 +42,10 @@ def test_help_lists_commands():
     ["export", "x", "-o", ""],
     ["train", "--config", "t.toml", "--device", ""],  # was: the config's device, silently
     ["train", "--config", "t.toml", "--checkpoint-dir", ""],  # was: the default folder
+    ["train", "--cache-dir", ""],  # was: the dataset cached in the current folder
+    ["data", "--cache-dir", ""],
+    ["train", "--config", "t.toml", "--tracking-uri", "sqlite:///x.db", "--no-mlflow"],  # one ignored
+    ["study", "run", "x.toml", "--tracking-uri", "sqlite:///x.db", "--no-mlflow"],
 ])
 def test_bad_arguments_one_line_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as info:
@@ -73,6 +77,7 @@ def test_an_in_memory_storage_is_refused(url, tmp_path, monkeypatch, capsys):
     (["train", "--steps", "3", "--dmd-horizon", "0"], "dmd.horizon"),  # was: DMD silently off
     (["train", "--steps", "10", "--dmd-window", "11"], "exceeds --steps 10"),  # so was this
     (["train", "--steps", "10", "--accept-rows", "8"], "applies only with DMD"),  # was: ignored
+    (["train", "--steps", "10", "--momentum", "0.5"], "applies to optimizer 'sgd' only"),  # so was this
 ])
 def test_train_flags_that_do_not_apply_are_refused(argv, needle, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
@@ -165,6 +170,26 @@ def test_data_and_train_run(tmp_path, monkeypatch, capsys):
     assert "val_rel_l2" in out and "cost_bpe" in out
 
 
+def test_a_diverging_run_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
+    """A learning rate too large gave a Diverged traceback (exit 1), in `train` and in a
+    study's reference run; the study is dropped, as any study whose reference never finished."""
+    import optuna
+    from study_files import tiny_study_toml
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--grid", "16", "--samples", "40", "--steps", "5", "--optimizer", "sgd",
+                 "--lr", "1e30", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "training diverged: training loss is" in err and "--lr" in err and err.count("\n") == 0
+    (tmp_path / "s.toml").write_text(tiny_study_toml(
+        training='optimizer = "sgd"\nlr = 1e30\nmax_steps = 60\neval_every = 10'))
+    assert main(["study", "run", "s.toml", "--no-mlflow", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "the reference run (plain sgd at lr 1e+30) diverged" in err and err.count("\n") == 0
+    storage = f"sqlite:///{tmp_path / 'dmdopt-runs' / 'optuna.db'}"
+    assert optuna.get_all_study_names(storage=storage) == []
+
+
 def test_one_dmd_flag_leaves_the_others_at_dmdconfigs_defaults(tmp_path, monkeypatch):
     """`--dmd-window 5` alone ran rank 8 and horizon 100, not the documented defaults."""
     import dmdopt.training as training_pkg
@@ -251,6 +276,8 @@ def test_export_refuses_to_overwrite_the_study_file(tmp_path, monkeypatch, capsy
         err = capsys.readouterr().err.strip()
         assert "is the study file itself" in err and err.count("\n") == 0
     assert (tmp_path / "s.toml").read_text() == before
+    assert main(["dashboard", "s.toml", "-o", "out/"]) == 2  # wrote a file named `out`
+    assert "is a directory" in capsys.readouterr().err and not (tmp_path / "out").is_file()
 
 
 @pytest.mark.parametrize("kind", ["binary", "directory"])
@@ -347,10 +374,11 @@ def test_ui_on_a_port_in_use_is_one_line_and_exit_2(capsys):
 def test_a_model_too_large_for_memory_is_one_line(tmp_path, monkeypatch, capsys):
     """torch's allocator error was a traceback; the dataset here is tiny, the model is not."""
     monkeypatch.chdir(tmp_path)
-    assert main(["train", "--grid", "8", "--samples", "20", "--steps", "2", "--quiet",
-                 "--width", "10000000000"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("dmdopt: error: out of memory") and err.count("\n") == 0
+    for width in ("10000000000", str(2**63 - 1)):  # the second overflowed torch's size count
+        assert main(["train", "--grid", "8", "--samples", "20", "--steps", "2", "--quiet",
+                     "--width", width]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("dmdopt: error: out of memory") and err.count("\n") == 0
 
 
 def test_a_read_only_mlflow_store_fails_at_once(tmp_path, monkeypatch, capsys):

@@ -207,6 +207,10 @@ def _drop(data: dict, dotted: str) -> dict:
     (lambda d: _set(d, "problem.diffusivity", [0.1]), ["problem.diffusivity", "0.1"]),
     (lambda d: _set(d, "expected.val_rel_l2", "low"), ["expected.val_rel_l2", "low"]),
     (lambda d: _set(d, "expected.cpu_threads", 0), ["expected.cpu_threads", "0"]),
+    (lambda d: _set(d, "expected.val_rel_l2", "nan"), ["expected.val_rel_l2", "nan"]),
+    (lambda d: _set(d, "expected.cost_bpe", "-inf"), ["expected.cost_bpe", "-inf"]),
+    (lambda d: _set(d, "model.activation", ["tanh"]), ["model.activation", "['tanh']"]),
+    (lambda d: _set(d, "model.width", 2**63), ["model.width", str(2**63)]),
     (lambda d: _set(d, "expected.cpu_threads", 2.5), ["expected.cpu_threads", "2.5"]),
     (lambda d: _set(d, "provenance.trial_number", -1), ["provenance.trial_number", "-1"]),
 ])

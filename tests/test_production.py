@@ -177,6 +177,12 @@ def test_bad_arguments_and_checkpoints_are_user_errors(tmp_path, cache_dir, unin
     torch.save({"state": {"step": 5}}, out_dir / f"{load_tuned_config(config).settings_hash()}.pt")
     with pytest.raises(UserError, match="not a dmdopt training checkpoint.*'model'.*delete it"):
         produce(config, out_dir, cache_dir)
+    # every key, the wrong contents (another model's weights): was a load_state_dict traceback
+    saved = torch.load(uninterrupted_checkpoint(tmp_path, config, cache_dir), weights_only=False)
+    saved["model"] = {}
+    torch.save(saved, out_dir / f"{load_tuned_config(config).settings_hash()}.pt")
+    with pytest.raises(UserError, match="does not fit this run.*Missing key.*delete it"):
+        produce(config, out_dir, cache_dir)
     # fewer steps than the DMD window: it never fills, DMD would silently not run
     with pytest.raises(UserError, match="fewer than the DMD window"):
         produce(config, tmp_path / "ck3", cache_dir, steps=DMD.window - 1)
@@ -187,6 +193,12 @@ def test_bad_arguments_and_checkpoints_are_user_errors(tmp_path, cache_dir, unin
     with pytest.raises(UserError, match=r"fewer than the DMD window \(5 after dmd.warmup = 4\)"
                                         r".*steps >= 9"):
         produce(tmp_path / "warm.toml", tmp_path / "ck4", cache_dir, steps=8)
+
+
+def uninterrupted_checkpoint(tmp_path: Path, config: Path, cache_dir: Path) -> Path:
+    """A real checkpoint of `config`'s run (written at its end)."""
+    ck = tmp_path / "ck-real"
+    return Path(produce(config, ck, cache_dir)["checkpoint"])
 
 
 def test_an_unusable_tracking_store_fails_before_training(tmp_path, cache_dir, uninterrupted):

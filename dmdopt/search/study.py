@@ -36,7 +36,7 @@ from dmdopt.search.objective import METRIC_NAMES, Objective, reference_run
 from dmdopt.search.sampler import make_sampler, nsga2_population
 from dmdopt.search.storage import made_by_another_tool, open_storage
 from dmdopt.search.summary import UID_PREFIX, is_surplus, study_uid, summarize
-from dmdopt.training.loop import resolve_device
+from dmdopt.training.loop import Diverged, resolve_device
 
 log = logging.getLogger("dmdopt")
 
@@ -154,6 +154,11 @@ def prepare_study(config: StudyConfig, *, storage_url: str, cache_dir="dmdopt-ru
         echo(f"reference: plain {config.training.optimizer} for {config.training.max_steps} steps ...")
         try:
             reference = reference_run(config, dataset)
+        except Diverged as exc:  # the settings' fault, before any trial: one line, exit 2
+            drop_empty_study()
+            t = config.training
+            raise UserError(f"training: the reference run (plain {t.optimizer} at lr {t.lr:g}) "
+                            f"diverged: {exc}; lower training.lr") from None
         except BaseException:
             drop_empty_study()
             raise

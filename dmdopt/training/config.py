@@ -86,6 +86,9 @@ class TrainConfig:
             raise ValueError(f"training.lr must be a positive number, got {self.lr!r}")
         if not _is_number(self.momentum) or not 0 <= self.momentum < 1:
             raise ValueError(f"training.momentum must be in [0, 1), got {self.momentum!r}")
+        if self.momentum and self.optimizer != "sgd":  # it would be silently unused
+            raise ValueError(f"training.momentum = {self.momentum!r} applies to optimizer 'sgd' "
+                             f"only, not {self.optimizer!r}")
         if self.batch_size is not None and (not _is_int(self.batch_size) or self.batch_size < 1):
             raise ValueError(f"training.batch_size must be a positive integer, got {self.batch_size!r}")
         if self.accept_rows is not None and (not _is_int(self.accept_rows) or self.accept_rows < 1):

@@ -30,6 +30,10 @@ class Diverged(RuntimeError):
     """Training produced a non-finite or exploding loss."""
 
 
+class CheckpointMismatch(ValueError):
+    """A checkpoint that does not fit this run (another model, optimiser or DMD window)."""
+
+
 @dataclass
 class TrainResult:
     """Everything a training run produced, apart from the weights (in `model`)."""
@@ -182,13 +186,18 @@ def train(
         # onto the CPU: the RNG states must stay there (a CUDA run's resume failed otherwise);
         # the loads below copy weights, moments and snapshots onto the training device
         saved = torch.load(ckpt, map_location="cpu", weights_only=False)
-        net.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        if accelerator is not None and saved.get("accelerator") is not None:
-            accelerator.load_state_dict(saved["accelerator"])
-        batch_gen.set_state(saved["batch_gen"])
-        torch.set_rng_state(saved["torch_rng"])
-        cost = CostCounter(**{k: v for k, v in saved["cost"].items() if k != "backprop_equivalent"})
+        try:
+            net.load_state_dict(saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
+            if accelerator is not None and saved.get("accelerator") is not None:
+                accelerator.load_state_dict(saved["accelerator"])
+            batch_gen.set_state(saved["batch_gen"])
+            torch.set_rng_state(saved["torch_rng"])
+            cost = CostCounter(**{k: v for k, v in saved["cost"].items() if k != "backprop_equivalent"})
+        except (KeyError, RuntimeError, TypeError, ValueError, AttributeError) as exc:
+            first = " ".join(str(exc).split())[:160]
+            raise CheckpointMismatch(f"checkpoint {ckpt} does not fit this run "
+                                     f"({type(exc).__name__}: {first})") from None
         if accelerator is not None:
             accelerator.cost = cost
         state = saved["state"]
