@@ -50,7 +50,7 @@ import torch
 from torch import Tensor
 
 from .operator import DMDOperator, dmd_from_gram
-from .pod import _rows_gram, _rows_single, column_gram, combine_columns, parse_rank
+from .pod import _combine_rows, _rows_gram, _rows_single, column_gram, combine_columns, parse_rank
 
 __all__ = [
     "GROWING_POLICIES",
@@ -293,7 +293,7 @@ def fit_dmd(snapshots: Tensor, *, rank: int | float | str) -> DMDFit:
     )
     work = snapshots.dtype if snapshots.dtype in (torch.float32, torch.float64) else torch.float32
     if rows32 is not None:
-        basis = (rows32[: coeff.shape[0]].T @ coeff.to(rows32.device, torch.float32)).to(work)
+        basis = _combine_rows(rows32, coeff, work)
     else:
         basis = combine_columns(snapshots, coeff, differences=True, out_dtype=work)
     return DMDFit(last, "ok", op, basis, amplitudes, basis_norm, passes)

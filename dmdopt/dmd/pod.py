@@ -259,20 +259,26 @@ def combine_columns(
 ) -> Tensor:
     """D[:, :k] @ coefficients (k x r, float64) as a p x r tensor on the data's device.
 
-    Used to form the POD modes U = D V Sigma^-1 block by block in float64 and store them in
-    `out_dtype` (default: the data's dtype), so a float32 layer keeps float32 modes.
+    Used to form the POD modes U = D V Sigma^-1 and store them in `out_dtype` (default: the
+    data's dtype), so a float32 layer keeps float32 modes: one float32 product for float32
+    and half data, block by block in float64 for float64 data.
     """
-    p = data.shape[0]
-    k, r = coefficients.shape
     rows32 = _rows_single(data, differences)
     if rows32 is not None:
-        coeff32 = coefficients.to(data.device, torch.float32)
-        return (rows32[:k].T @ coeff32).to(out_dtype or data.dtype)
+        return _combine_rows(rows32, coefficients, out_dtype or data.dtype)
+    p = data.shape[0]
+    k, r = coefficients.shape
     out = torch.empty(p, r, dtype=out_dtype or data.dtype, device=data.device)
     coeff = coefficients.to(data.device, torch.float64)
     for rows, block in _row_blocks(data, differences):
         out[rows] = (block[:, :k] @ coeff).to(out.dtype)
     return out
+
+
+def _combine_rows(rows32: Tensor, coefficients: Tensor, out_dtype: torch.dtype) -> Tensor:
+    """rows32[:k].T @ coefficients in float32, for a caller that holds the float32 rows."""
+    k = coefficients.shape[0]
+    return (rows32[:k].T @ coefficients.to(rows32.device, torch.float32)).to(out_dtype)
 
 
 # --------------------------------------------------------------------------- POD
@@ -339,4 +345,6 @@ def pod(data: Tensor, rank: int | float | str = "full") -> POD:
     rows32 = _rows_single(data, False)
     gram = column_gram(data) if rows32 is None else rows_gram(rows32, rank, n_rows=data.shape[0])
     small = pod_from_gram(gram, rank, n_rows=data.shape[0])
+    if rows32 is not None:  # the float32 rows are at hand: no second copy of them
+        return POD(_combine_rows(rows32, small.coefficients, data.dtype), small)
     return POD(combine_columns(data, small.coefficients), small)

@@ -141,3 +141,26 @@ def test_gram_rtol_is_method_of_snapshots_limit():
 def test_pod_rejects_non_matrix():
     with pytest.raises(ValueError, match="2-D"):
         pod(torch.zeros(5), 1)
+
+
+POD_MEMORY = """
+import resource, torch
+from dmdopt.dmd import pod
+data = torch.rand(2_000_000, 20)  # (p x n) in column layout: pod makes the float32 rows once
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+modes = pod(data, rank=4).modes
+assert modes.shape == (2_000_000, 4) and modes.dtype == torch.float32
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+"""
+
+
+def test_pod_holds_one_float32_copy_of_the_rows():
+    """`pod` kept its float32 rows for the Gram while forming the modes from a second copy."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", POD_MEMORY], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows_mb = 4 * 20 * 2_000_000 / 2**20  # 153 MB; the modes add 31 MB
+    assert float(out.stdout.split()[-1]) < 1.5 * rows_mb
