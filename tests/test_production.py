@@ -115,6 +115,22 @@ def test_a_result_far_from_the_trial_gives_one_warning_line(tmp_path, cache_dir,
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
+def test_an_edited_problem_is_named_instead_of_a_failed_reproduction(tmp_path, cache_dir,
+                                                                    uninterrupted, caplog):
+    """A [problem] edited after the export trained another dataset and ended in "differs
+    from the trial ... check the dataset" with reproduced = False."""
+    tuned = TunedConfig(dmd=DMD, training=TRAINING, model=MODEL, problem=PROBLEM,
+                        provenance={"dataset_hash": "0123456789abcdef"},
+                        expected={"val_rel_l2": uninterrupted.val_error * 1.5})
+    write_tuned_config(tuned, tmp_path / "tuned.toml")
+    with caplog.at_level(logging.WARNING):
+        out = produce(tmp_path / "tuned.toml", tmp_path / "ck", cache_dir)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "[problem] is not the one the trial trained on" in warnings[0]
+    assert "0123456789abcdef" in warnings[0] and PROBLEM.config_hash() in warnings[0]
+    assert out["reproduced"] is None and out["expected_val_rel_l2"] is None
+
+
 def test_a_run_stopped_at_its_target_is_not_trained_further_when_rerun(tmp_path, cache_dir,
                                                                        uninterrupted):
     target = uninterrupted.curve[2]["val_error"] * 1.0001  # first reached at step 20
