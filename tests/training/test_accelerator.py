@@ -212,14 +212,19 @@ def test_a_gram_redone_in_float64_is_charged_twice():
     assert cost.dmd_flops == dmd_flops(300, 20, fit.rank, gram_passes=2)
 
 
-def test_the_accept_test_leaves_buffers_as_they_were():
-    """A closure run in train mode updates BatchNorm's running statistics once per candidate;
-    the accelerator restores them, for a rejected and for a kept jump."""
+def _batchnorm_problem():
+    """(model, x, y, optimizer, accelerator): an MLP with a BatchNorm layer, window 5."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, 1))
     x, y = torch.randn(64, 4), torch.randn(64, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    acc = DMDAccelerator(model, opt, DMDConfig(window=5, rank=2, horizon=5))
+    return model, x, y, opt, DMDAccelerator(model, opt, DMDConfig(window=5, rank=2, horizon=5))
+
+
+def test_the_accept_test_leaves_buffers_as_they_were():
+    """A closure run in train mode updates BatchNorm's running statistics once per candidate;
+    the accelerator restores them, for a rejected and for a kept jump."""
+    model, x, y, opt, acc = _batchnorm_problem()
     outcomes = []
     for make_worse in (True, False):
         for _ in range(5):
@@ -484,11 +489,7 @@ def test_every_closure_call_of_a_jump_sees_the_same_random_numbers():
 
 def test_an_error_in_the_closure_rolls_the_jump_back():
     """The weights were left on the candidate under test, and the buffers as it set them."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, 1))
-    x, y = torch.randn(64, 4), torch.randn(64, 1)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    acc = DMDAccelerator(model, opt, DMDConfig(window=5, rank=2, horizon=5))
+    model, x, y, opt, acc = _batchnorm_problem()
     calls = []
 
     def closure():

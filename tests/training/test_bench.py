@@ -61,11 +61,9 @@ def test_parallel_jobs_give_the_rows_of_a_sequential_run(tmp_path, monkeypatch):
 
 
 
-@pytest.mark.slow
-def test_sigterm_to_a_parallel_bench_stops_its_workers(tmp_path):
-    """`kill PID` of `dmdopt bench --jobs 2` used to leave both pair workers training on."""
+def _parallel_bench_in_training(tmp_path):
+    """(process, its children): `dmdopt bench --jobs 2`, once both pair workers train."""
     import os
-    import signal
     import subprocess
     import sys
     import time
@@ -84,6 +82,16 @@ def test_sigterm_to_a_parallel_bench_stops_its_workers(tmp_path):
     kids = children(proc.pid)
     assert len(kids) >= 3, "the workers did not start"
     time.sleep(2)  # into their training
+    return proc, kids
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_parallel_bench_stops_its_workers(tmp_path):
+    """`kill PID` of `dmdopt bench --jobs 2` used to leave both pair workers training on."""
+    import signal
+    import time
+
+    proc, kids = _parallel_bench_in_training(tmp_path)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "Traceback" not in err, err
@@ -191,24 +199,9 @@ def test_a_killed_bench_worker_is_one_line_and_exit_1(tmp_path):
     """A --jobs worker killed (the OOM killer, kill -9) gave a BrokenProcessPool traceback."""
     import os
     import signal
-    import subprocess
-    import sys
     import time
 
-    proc = subprocess.Popen([sys.executable, "-m", "dmdopt", "bench", "--quick", "--seeds", "2",
-                             "--methods", "gd", "--jobs", "2", "--steps", "20000"], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=os.environ | {"PYTHONUNBUFFERED": "1"})
-    for line in proc.stdout:
-        if line.startswith("DMD:"):
-            break
-    for _ in range(120):
-        if len(children(proc.pid)) >= 3:
-            break
-        time.sleep(0.5)
-    kids = children(proc.pid)
-    assert len(kids) >= 3, "the workers did not start"
-    time.sleep(2)
+    proc, kids = _parallel_bench_in_training(tmp_path)
     workers = [k for k in kids if b"resource_tracker" not in open(f"/proc/{k}/cmdline", "rb").read()]
     os.kill(workers[0], signal.SIGKILL)  # a pair worker, not multiprocessing's tracker
     _, err = proc.communicate(timeout=60)
