@@ -178,7 +178,9 @@ def cmd_train(args) -> int:
                 given["rank"] = _number(args.dmd_rank)
             dmd = DMDConfig(**given)
             if dmd.first_jump_step > training.max_steps:  # the window never fills: DMD silently off
-                raise ValueError(f"--dmd-window {dmd.window} exceeds --steps {training.max_steps}: "
+                window = (f"--dmd-window {dmd.window}" if args.dmd_window is not None
+                          else f"the DMD window ({dmd.window}, the default)")
+                raise ValueError(f"{window} exceeds --steps {training.max_steps}: "
                                  "such a window never fills, so DMD would never run")
         elif args.accept_rows is not None:  # it sizes DMD's accept test: nothing to apply it to
             raise ValueError("--accept-rows applies only with DMD (--dmd-window, --dmd-rank or "

@@ -120,6 +120,8 @@ class DMDAccelerator:
         # One row per snapshot (window x n): a step writes one contiguous row (a column of a
         # p x window buffer would be p strided writes: ~10x slower at p = 530k).
         self.buffers = [torch.empty(config.window, n, dtype=dtype, device=device) for n in self.sizes]
+        self._cuda_devices = sorted({p.device for g in self.groups for p in g if p.device.type == "cuda"},
+                                    key=lambda d: d.index or 0)  # whose RNG the accept test forks
         self.filled = 0
         self.steps_seen = 0
         self.stats = {"jumps_accepted": 0, "jumps_rejected": 0, "forward_passes": 0,
@@ -176,8 +178,7 @@ class DMDAccelerator:
         numbers (a dropout layer draws the same masks for each candidate, so the test compares
         weights, not noise), and the caller's RNG streams are left as they were."""
         t0 = time.perf_counter()
-        device = self.buffers[0].device if self.buffers else torch.device("cpu")
-        cuda = [device] if device.type == "cuda" else []
+        cuda = self._cuda_devices  # the model's, wherever the snapshots are kept
         with torch.no_grad(), torch.random.fork_rng(devices=cuda):
             torch.default_generator.manual_seed(self.steps_seen)  # this jump's draw
             for dev in cuda:

@@ -195,6 +195,8 @@ def train(
             torch.set_rng_state(saved["torch_rng"])
             cost = CostCounter(**{k: v for k, v in saved["cost"].items() if k != "backprop_equivalent"})
         except (KeyError, RuntimeError, TypeError, ValueError, AttributeError) as exc:
+            if type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower():
+                raise  # a good checkpoint on a full device: not the checkpoint's fault
             first = " ".join(str(exc).split())[:160]
             raise CheckpointMismatch(f"checkpoint {ckpt} does not fit this run "
                                      f"({type(exc).__name__}: {first})") from None

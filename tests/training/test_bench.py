@@ -150,6 +150,21 @@ def test_a_seed_that_missed_the_target_counts_in_the_medians():
                   *_rows("gd", 2, 2000, None)]
     cols = _table_line(two_missed)
     assert cols[8:11] == ["-", "-", "1/3"] and cols[12:15] == ["-", "-", "-"]
+    # an even count: the worse middle value, not the mean of a hit (4.00x) and a miss (2.00x)
+    cols = _table_line([*_rows("gd", 0, 2000, 500), *_rows("gd", 1, 2000, None)])
+    assert cols[8:11] == ["-", "-", "1/2"] and cols[12:15] == ["-", "-", "-"]
+
+
+def test_a_learning_rate_that_diverges_at_once_is_a_row_not_an_abort(tmp_path):
+    """The untimed warm-up steps diverged before the plain run's own check: the whole
+    benchmark stopped with "training diverged" instead of naming the seed."""
+    from dmdopt.bench import run_benchmark
+
+    lines = []
+    rows = run_benchmark(quick=True, seeds=1, steps=20, methods=("gd",), lrs={"gd": 1e4},
+                         echo=lines.append, cache_dir=str(tmp_path / "data"))
+    assert [(r["method"], r["variant"]) for r in rows] == [("gd", "plain")] and rows[0]["error"]
+    assert any("the plain run diverged at seed(s) 0" in line for line in lines)
 
 
 def test_failed_pairs_keep_the_finished_ones_and_the_json_is_strict(tmp_path, monkeypatch,

@@ -126,6 +126,27 @@ def test_ctrl_c_during_a_checkpoint_save_waits_for_the_save(tiny_dataset, tmp_pa
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+def test_a_checkpoint_that_does_not_fit_is_named_and_out_of_memory_is_not(tiny_dataset, tmp_path,
+                                                                        monkeypatch):
+    """Another model's checkpoint is a CheckpointMismatch; an allocator failure while loading
+    a good one stays an out-of-memory error (not "delete it")."""
+    from dmdopt.training.loop import CheckpointMismatch
+
+    ckpt = tmp_path / "run.pt"
+    config = TrainConfig(max_steps=10, eval_every=10)
+    train(dataset=tiny_dataset, model=SMALL, training=config, checkpoint_path=ckpt)
+    with pytest.raises(CheckpointMismatch, match="does not fit this run"):
+        train(dataset=tiny_dataset, model=ModelConfig(width=8, depth=2), training=config,
+              checkpoint_path=ckpt)
+
+    def full(*_a, **_k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(torch.optim.Adam, "load_state_dict", full)
+    with pytest.raises(torch.OutOfMemoryError):
+        train(dataset=tiny_dataset, model=SMALL, training=config, checkpoint_path=ckpt)
+
+
 def test_divergence_raises(tiny_dataset):
     from dmdopt.training import Diverged
 
