@@ -85,6 +85,15 @@ def atomic_file(final: str | Path, mode: str = "w") -> Iterator[IO]:
         raise
 
 
+def out_of_memory(exc: BaseException) -> bool:
+    """torch's CPU allocator raises a RuntimeError, CUDA's an OutOfMemoryError (a subclass);
+    a size past int64 ("Storage size calculation overflowed") is larger than any memory."""
+    text = str(exc)
+    return (isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"
+            or "can't allocate memory" in text or "out of memory" in text.lower()
+            or "Storage size calculation overflowed" in text)
+
+
 def unwritable(path: str | Path) -> str | None:
     """Why `path` cannot be written by `atomic_file` (None if it can), checked before long
     work so that a bad output path fails first, not after the work it was meant to keep.

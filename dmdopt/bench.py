@@ -85,6 +85,13 @@ def _dataset(quick: bool, cache_dir: str):
     return load_dataset(_problem(quick)[0], cache_dir=cache_dir, progress=False)
 
 
+def _budget(steps: int | None, quick: bool) -> int:
+    """The steps each run trains: `steps`, else the problem's default budget."""
+    from dmdopt.training.config import TrainConfig
+
+    return steps or (QUICK_STEPS if quick else TrainConfig().max_steps)
+
+
 def _median(values, missing: float | None = None):
     """Median over the seeds. `missing` stands in for a seed without a value (a DMD run that
     never reached the target: cost inf, speed-up 0), so a miss moves the median instead of
@@ -133,9 +140,9 @@ def run_benchmark(*, seeds: int = 3, steps: int | None = None, json_path=None,
     in one process, so its ratios compare like with like (wall times are those of a shared
     machine). `threads` per process (jobs > 1 only) defaults to the cores split between them.
     """
-    from dmdopt.training.config import DMDConfig, TrainConfig
+    from dmdopt.training.config import DMDConfig
 
-    steps = steps or (QUICK_STEPS if quick else TrainConfig().max_steps)
+    steps = _budget(steps, quick)
     dmd = dmd or DMDConfig()
     lrs = {m: (lrs or {}).get(m, LEARNING_RATES[m][1 if quick else 0]) for m in methods}
     problem, model = _problem(quick)
@@ -400,9 +407,7 @@ def run_from_args(args, error: Callable[[str], NoReturn]) -> list[dict]:
             dmd = DMDConfig.from_dict(fields)
         except (TypeError, ValueError) as exc:
             error(f"--dmd: {exc}")
-    from dmdopt.training.config import TrainConfig
-
-    steps = args.steps or (QUICK_STEPS if args.quick else TrainConfig().max_steps)
+    steps = _budget(args.steps, args.quick)
     first = (dmd or DMDConfig()).first_jump_step
     if steps < first:  # the window never fills: the "DMD" runs would be plain ones
         error(f"--steps {steps} is fewer than the DMD window ({first} steps before the first "

@@ -495,14 +495,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _out_of_memory(exc: BaseException) -> bool:
-    """torch's CPU allocator raises a RuntimeError, CUDA's an OutOfMemoryError (a subclass)."""
-    text = str(exc)
-    return (isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"
-            or "can't allocate memory" in text or "out of memory" in text.lower()
-            or "Storage size calculation overflowed" in text)  # larger than any memory
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -523,7 +515,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"dmdopt: error: training diverged: {exc} (a smaller learning rate, --lr or "
                   "training.lr, trains)", file=sys.stderr)
             return 2
-        if not _out_of_memory(exc):
+        from dmdopt._util import out_of_memory
+
+        if not out_of_memory(exc):
             raise
         print(f"dmdopt: error: out of memory: {str(exc).strip().splitlines()[0][:300]} (a smaller "
               "model.width/depth, dmd.window or problem size fits)", file=sys.stderr)

@@ -192,8 +192,8 @@ def tuned_config_from_summary(summary: dict, *, policy: str = "knee", value: flo
     }
     return TunedConfig(dmd=dmd, training=training, model=model, problem=problem,
                        provenance={k: v for k, v in provenance.items() if v is not None},
-                       expected={k: v for k, v in expected.items()
-                                 if v is not None and v == v})  # NaN: nothing to compare
+                       expected={k: v for k, v in expected.items()  # NaN: nothing to compare
+                                 if v is not None and not (isinstance(v, float) and math.isnan(v))})
 
 
 def export_tuned_config(summary: dict, path: str | os.PathLike, *, policy: str = "knee",

@@ -212,13 +212,13 @@ def run_production(
         "expected_val_rel_l2": None, "val_rel_diff": None, "tolerance": None, "reproduced": None,
     })
     expected = tuned.expected.get("val_rel_l2")
-    exported_on = tuned.provenance.get("dataset_hash")
-    if expected is not None and exported_on not in (None, tuned.problem.config_hash()):
+    exported_on, now_on = tuned.provenance.get("dataset_hash"), tuned.problem.config_hash()
+    if expected is not None and exported_on not in (None, now_on):
         # [problem] edited after the export: the trial's figures are for another dataset
         logger.warning("[problem] is not the one the trial trained on (dataset hash %s in "
                        "[provenance], %s now: the section was edited, or this dmdopt hashes it "
                        "differently): the run is not compared with [expected]", exported_on,
-                       tuned.problem.config_hash())
+                       now_on)
         expected = None
     if expected is not None and requested_steps == tuned.training.max_steps:
         import torch

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dmdopt._util import atomic_file, deferred_interrupts
+from dmdopt._util import atomic_file, deferred_interrupts, out_of_memory
 from dmdopt.model import ModelConfig, Regressor, build_regressor
 from dmdopt.training.config import DMDConfig, TrainConfig
 from dmdopt.training.cost import CostCounter, flops_per_backprop
@@ -195,7 +195,7 @@ def train(
             torch.set_rng_state(saved["torch_rng"])
             cost = CostCounter(**{k: v for k, v in saved["cost"].items() if k != "backprop_equivalent"})
         except (KeyError, RuntimeError, TypeError, ValueError, AttributeError) as exc:
-            if type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower():
+            if out_of_memory(exc):
                 raise  # a good checkpoint on a full device: not the checkpoint's fault
             first = " ".join(str(exc).split())[:160]
             raise CheckpointMismatch(f"checkpoint {ckpt} does not fit this run "
