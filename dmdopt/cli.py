@@ -315,8 +315,10 @@ def cmd_study_pareto(args) -> int:
 
 def cmd_study_sync(args) -> int:
     from dmdopt.tracking import StudyTracker
+    from dmdopt.tracking.runs import check_tracking_uri
 
     name, _, summary = _summary(args)
+    check_tracking_uri(args.tracking_uri)
     added = StudyTracker(args.tracking_uri, name, summary.get("study_uid")).sync(summary)
     if added is None:  # the reason was warned (once) by the tracker
         raise UserError("sync-mlflow: the MLflow tracking store failed (see the warning above); "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import socket
 import subprocess
 import sys
 
@@ -158,6 +159,40 @@ def test_study_on_an_absent_gpu_is_one_line_and_creates_nothing(tmp_path, monkey
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "training.device" in err and "Traceback" not in err
     assert not db.exists()
+
+
+def test_a_tracking_uri_mlflow_cannot_open_is_refused_before_any_trial(tmp_path, monkeypatch,
+                                                                       capsys):
+    """`localhost:5000` (no http://) used to cost one warning, after which the whole study ran
+    untracked; an unknown scheme is now one line, exit 2, before the study is created."""
+    from study_files import tiny_study_toml
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "s.toml").write_text(tiny_study_toml(n_trials=1))
+    db = tmp_path / "o.db"
+    storage = f"sqlite:///{db}"
+    assert main(["study", "run", "s.toml", "--storage", storage, "--tracking-uri",
+                 "localhost:5000", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--tracking-uri" in err and "localhost:5000" in err
+    assert not db.exists()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "foo://u:secret@host")
+    assert main(["study", "run", "s.toml", "--storage", storage, "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "$MLFLOW_TRACKING_URI" in err and "secret" not in err and not db.exists()
+    with socket.socket() as free:  # a port the UI could listen on: the URI is what fails
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    assert main(["ui", "--port", str(port)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "$MLFLOW_TRACKING_URI" in err and "secret" not in err
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    import optuna
+
+    optuna.create_study(study_name="bare", storage=storage, directions=["minimize", "minimize"])
+    assert main(["study", "sync-mlflow", "bare", "--storage", storage, "--tracking-uri",
+                 "localhost:5000"]) == 2
+    assert "no tracking store" in capsys.readouterr().err
 
 
 def test_data_and_train_run(tmp_path, monkeypatch, capsys):

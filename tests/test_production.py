@@ -170,6 +170,21 @@ def test_checkpoint_names_are_stable_across_versions():
         != tuned.settings_hash()
 
 
+def test_equal_settings_written_differently_name_one_checkpoint():
+    """lr = 1 in a hand-written TOML is the 1.0 an export writes, and -0.0 is 0.0: one
+    checkpoint (and one dataset cache key), not a silent restart under another name."""
+    def tuned(training, problem):
+        return TunedConfig(dmd=DMDConfig(), training=training, model=ModelConfig(), problem=problem)
+
+    ints = tuned(TrainConfig(optimizer="sgd", lr=1, momentum=-0.0, target_error=1),
+                 ProblemConfig(decay=(-0.0, 1), source_width=1))
+    floats = tuned(TrainConfig(optimizer="sgd", lr=1.0, momentum=0.0, target_error=1.0),
+                   ProblemConfig(decay=(0.0, 1.0), source_width=1.0))
+    assert ints.settings_hash() == floats.settings_hash()
+    assert ints.problem.config_hash() == floats.problem.config_hash()
+    assert type(ints.training.lr) is float and str(ints.training.momentum) == "0.0"
+
+
 def test_bad_arguments_and_checkpoints_are_user_errors(tmp_path, cache_dir, uninterrupted):
     config = write_config(tmp_path / "tuned.toml", uninterrupted)
     with pytest.raises(UserError, match="training.device.*tpu"):

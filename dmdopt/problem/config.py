@@ -54,7 +54,7 @@ def _as_range(name: str, value: Any) -> tuple[float, float]:
     if (not isinstance(value, (list, tuple)) or len(value) != 2
             or any(isinstance(v, bool) or not isinstance(v, Real) for v in value)):
         raise ValueError(f"problem.{name} must be a (low, high) pair of numbers, got {value!r}")
-    lo, hi = (float(v) for v in value)
+    lo, hi = (float(v) + 0.0 for v in value)  # + 0.0: -0.0 is 0.0, one cache key
     if not (math.isfinite(lo) and math.isfinite(hi)) or lo > hi:
         raise ValueError(f"problem.{name} must be a finite (low, high) with low <= high, got {value!r}")
     return lo, hi
@@ -100,7 +100,7 @@ class ProblemConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, Real) or not math.isfinite(v):
                 raise ValueError(f"problem.{name} must be a finite number, got {v!r}")
-            object.__setattr__(self, name, float(v))
+            object.__setattr__(self, name, float(v) + 0.0)
         for name in ("source_width", "source_strength"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"problem.{name} must be > 0, got {getattr(self, name)!r}")

@@ -34,6 +34,7 @@ from dmdopt._util import (
     sqlite_file,
     versions,
 )
+from dmdopt.errors import UserError
 
 log = logging.getLogger(__name__)
 # MLflow announces its one-off sqlite schema set-up at INFO on every new store; in a study's
@@ -74,6 +75,25 @@ def _logged_at(run) -> int:
 def resolve_tracking_uri(uri: str | None) -> str:
     """Explicit URI, else $MLFLOW_TRACKING_URI, else the local sqlite default."""
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def check_tracking_uri(tracking_uri: str | None, field: str = "--tracking-uri") -> str:
+    """The resolved URI; UserError (exit 2) when MLflow has no tracking store for its scheme.
+    A typo such as `localhost:5000` (no http://) would otherwise run a whole study untracked
+    after one warning; an unreachable store of a known scheme stays best-effort (it may come
+    back)."""
+    uri = resolve_tracking_uri(tracking_uri)
+    try:  # the registry MLflow resolves every URI with (a lookup: no connection, no file)
+        from mlflow.tracking._tracking_service.utils import _tracking_store_registry as registry
+    except ImportError:  # a future MLflow moved it: MLflow itself reports the URI later
+        return uri
+    try:
+        registry.get_store_builder(uri)
+    except MlflowException:
+        where = field if tracking_uri else "$MLFLOW_TRACKING_URI"  # the default store works
+        raise UserError(f"{where}: MLflow has no tracking store for {mask_url(uri)!r}; use e.g. "
+                        "http://HOST:5000, sqlite:///PATH.db or postgresql://...") from None
+    return uri
 
 
 def local_artifact_root(uri: str) -> Path | None:

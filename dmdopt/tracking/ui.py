@@ -23,9 +23,9 @@ from typing import IO
 from dmdopt.errors import UserError
 from dmdopt.tracking.runs import (
     DEFAULT_ARTIFACTS,
+    check_tracking_uri,
     local_artifact_root,
     prepare_local_store,
-    resolve_tracking_uri,
 )
 
 
@@ -87,7 +87,7 @@ def start_ui(*, host: str = "127.0.0.1", port: int = 5000, backend_store_uri: st
     if not 0 < int(port) < 65536:
         raise UserError(f"ui.port: must be in 1..65535, got {port!r}")
     _check_can_listen(host, int(port))
-    uri = resolve_tracking_uri(backend_store_uri)
+    uri = check_tracking_uri(backend_store_uri, "ui.backend_store_uri")
     if uri.startswith(("http://", "https://")):
         raise UserError(f"ui.backend_store_uri: {uri!r} is already a tracking server; "
                         "open it in a browser instead")

@@ -108,6 +108,11 @@ class TrainConfig:
                              "which the POD's small matrices and the metrics use): use cpu")
         if not isinstance(self.device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"training.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        # one spelling per value, so that equal settings hash (name a checkpoint) alike: lr = 1
+        # in a hand-written TOML is the 1.0 an export writes, and momentum -0.0 is 0.0
+        for name in ("lr", "momentum", "target_error"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, float(getattr(self, name)) + 0.0)
 
     def to_dict(self) -> dict:
         return asdict(self)
