@@ -113,7 +113,7 @@ def main() -> None:
     lrs = args.lrs or DEFAULTS[args.method][0]
     targets = args.targets or DEFAULTS[args.method][1]
     rows = run(lrs, args.seeds, args.steps, targets, method=args.method)
-    print(table(rows, args.targets))
+    print(table(rows, targets))
 
 
 if __name__ == "__main__":  # the dataset build spawns workers

@@ -2,7 +2,8 @@
 
 Public surface (everything else is private):
     DMDConfig, DMDAccelerator, train, TrainResult   -- training (dmdopt.training)
-    run_study, recommend, load_tuned_config          -- studies and tuned configs
+    load_dataset                                     -- the problem's data (dmdopt.problem)
+    load_study_file, run_study, recommend, load_tuned_config -- studies and tuned configs
     dmdopt.dmd.extrapolate                           -- one (p x m) snapshot matrix
 Imports are lazy so `import dmdopt` stays cheap and the CLI starts fast.
 """
@@ -22,6 +23,8 @@ _EXPORTS = {
     "TrainResult": "dmdopt.training.loop",
     "ModelConfig": "dmdopt.model",
     "ProblemConfig": "dmdopt.problem.config",
+    "load_dataset": "dmdopt.problem.dataset",
+    "load_study_file": "dmdopt.search.config",
     "run_study": "dmdopt.search.study",
     "recommend": "dmdopt.search.recommend",
     "load_tuned_config": "dmdopt.export",
@@ -29,13 +32,15 @@ _EXPORTS = {
 
 __all__ = [
     "DMDAccelerator", "DMDConfig", "ModelConfig", "ProblemConfig", "TrainConfig", "TrainResult",
-    "load_tuned_config", "recommend", "run_study", "train",
+    "load_dataset", "load_study_file", "load_tuned_config", "recommend", "run_study", "train",
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
     from dmdopt.export import load_tuned_config
     from dmdopt.model import ModelConfig
     from dmdopt.problem.config import ProblemConfig
+    from dmdopt.problem.dataset import load_dataset
+    from dmdopt.search.config import load_study_file
     from dmdopt.search.recommend import recommend
     from dmdopt.search.study import run_study
     from dmdopt.training.accelerator import DMDAccelerator

@@ -283,13 +283,26 @@ def parse_study(data: dict, *, where: str = "study file") -> StudyConfig:
                        training=training, dmd=dmd_fixed, space=space, raw=data)
 
 
+def shipped_studies() -> dict[str, Path]:
+    """The study files that ship inside the package (the repository's `studies/`), by name."""
+    from importlib.resources import files
+
+    folder = files("dmdopt.studies")
+    return {f.name.removesuffix(".toml"): Path(str(f)) for f in folder.iterdir()
+            if f.name.endswith(".toml") and f.is_file()}
+
+
 def load_study_file(path: str | Path) -> StudyConfig:
-    """Read and validate a study TOML file."""
+    """Read and validate a study TOML file: a path, or the name of a shipped study (`quick`,
+    `quick.toml`) when no such file is here, so the README's studies run from any folder."""
     p = Path(path)
     if p.is_dir():
         raise UserError(f"study file {p} is a directory")
+    if not p.is_file() and len(p.parts) == 1:
+        p = shipped_studies().get(p.name.removesuffix(".toml"), p)
     if not p.is_file():
-        raise UserError(f"study file not found: {p}")
+        names = ", ".join(sorted(shipped_studies()))
+        raise UserError(f"study file not found: {p} (shipped studies, by name: {names})")
     try:
         data = tomllib.loads(p.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:

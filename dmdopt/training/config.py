@@ -57,14 +57,16 @@ class TrainConfig:
     """The base optimiser and the budget.
 
     `max_steps` is the budget in backprop steps; `target_error` (validation relative L2) stops
-    earlier when reached. `batch_size=None` means full batch. `eval_every` sets the learning
+    earlier when reached. `batch_size=None` means full batch, as does any size at or above
+    the training rows (as torch's DataLoader, one batch). `eval_every` sets the learning
     curve's resolution; monitoring evaluations are *not* counted as training cost.
 
     `accept_rows`: how many training rows DMD's accept test (the line search's forward passes)
     evaluates: a fixed random subset, drawn once from `seed`; None = the whole training set.
     With mini-batches the whole set costs n_train / batch_size batch forwards per candidate,
     more than a jump saves; a subset the size of a batch makes DMD pay (measured in
-    `benchmarks/probe_minibatch.py`). Ignored without DMD.
+    `benchmarks/probe_minibatch.py`). At or above the training rows: the whole set. Ignored
+    without DMD (`train --accept-rows` without DMD flags is refused).
     """
 
     optimizer: str = "adam"

@@ -107,7 +107,27 @@ def test_cli_bad_file_exit_2_and_nothing_created(tmp_path, monkeypatch, capsys):
 
 def test_cli_missing_file_exit_2(tmp_path, capsys):
     assert main(["study", "run", str(tmp_path / "nope.toml")]) == 2
-    assert "not found" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "not found" in err and "quick" in err  # names the shipped studies
+
+
+def test_a_shipped_study_runs_by_name_from_any_folder_and_a_local_file_wins(tmp_path,
+                                                                          monkeypatch):
+    """`dmdopt study run quick` from a folder without `studies/` (it was 'not found')."""
+    from pathlib import Path
+
+    from dmdopt.search.config import shipped_studies
+
+    monkeypatch.chdir(tmp_path)
+    root = Path(__file__).resolve().parents[2] / "studies"
+    assert {n: p.resolve() for n, p in shipped_studies().items()} == \
+        {p.stem: p.resolve() for p in root.glob("*.toml")}
+    for spelled in ("quick", "quick.toml"):
+        assert load_study_file(spelled).raw == load_study_file(root / "quick.toml").raw
+    (tmp_path / "quick.toml").write_text(tiny_study_toml(name="mine"))
+    assert load_study_file("quick.toml").name == "mine"  # a file here is the file meant
+    with pytest.raises(UserError, match="not found"):
+        load_study_file("sub/quick.toml")  # a path is a path, never a shipped name
 
 
 def test_searched_growing_policy_reaches_the_dmd_config(tmp_path):

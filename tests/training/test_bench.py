@@ -224,3 +224,39 @@ def test_a_killed_bench_worker_is_one_line_and_exit_1(tmp_path):
     assert "a --jobs worker process died" in err and err.strip().count("\n") == 0, err
     time.sleep(1)
     assert not [k for k in kids if alive(k)]
+
+
+def test_bench_lr_takes_each_methods_defaults_and_prints_best_against_best(monkeypatch, capsys):
+    """`benchmarks/bench_lr.py --method adam` (its table crashed on the method's default
+    targets once every run had finished): the rates and targets of the method, and the best
+    DMD cost over rates against the best plain one, a miss counting as never."""
+    import importlib.util
+    import math
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).parents[2] / "benchmarks" / "bench_lr.py"
+    spec = importlib.util.spec_from_file_location("bench_lr", path)
+    bench_lr = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_lr)
+    seen = {}
+
+    def fake_run(lrs, seeds, steps, targets, *, method):
+        seen.update(lrs=lrs, targets=targets, method=method)
+        cost = {"plain": {3e-3: 1000.0, 5e-3: 800.0, 1e-2: math.inf},
+                "dmd": {3e-3: 700.0, 5e-3: 600.0, 1e-2: 100.0}}
+        return [{"lr": lr, "seed": s, "variant": v,
+                 "costs": {t: cost[v][lr] if t > min(targets) or lr != 1e-2 else math.inf
+                           for t in targets}}
+                for lr in lrs for s in range(seeds) for v in ("plain", "dmd")]
+
+    monkeypatch.setattr(bench_lr, "run", fake_run)
+    monkeypatch.setattr(sys, "argv", ["bench_lr.py", "--method", "adam", "--seeds", "1"])
+    bench_lr.main()
+    assert seen == {"lrs": (3e-3, 5e-3, 1e-2), "targets": (0.10, 0.08, 0.07, 0.0637),
+                    "method": "adam"}
+    lines = capsys.readouterr().out.splitlines()
+    assert "to 0.0637" in lines[0]
+    best = lines[-1].split()
+    # to 0.1: dmd's best 100 (lr 1e-2) / plain's best 800; to 0.0637: 600 / 800
+    assert best[:2] == ["best", "dmd/plain"] and best[2] == "0.12x" and best[-1] == "0.75x"
