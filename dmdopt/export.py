@@ -13,7 +13,8 @@ extension. Schema version 1::
                   versions {dmdopt, torch, optuna, mlflow} and git_commit of the code that ran
                   the trial, created_at (UTC, the export's time)
     [expected]    the trial's metrics: cost_bpe, cost_total, val_rel_l2, test_rel_l2, speedup,
-                  device (where the trial ran), cpu_threads (torch's threads there, on a CPU)
+                  device (where the trial ran), cpu_threads and cpu_capability (torch's threads
+                  and vector kernels there, on a CPU)
 
 TOML has no null: a key whose value is None is left out, and reading puts None back -- only
 keys whose default is None may be missing; any other missing key is an error, so a config
@@ -53,7 +54,7 @@ PROVENANCE_KEYS = ("study_name", "trial_number", "policy", "storage", "dataset_h
 # before they existed resumes its checkpoint instead of restarting under a new name
 _ADDED_LATER = {"training": ("accept_rows",)}
 EXPECTED_KEYS = ("cost_bpe", "cost_total", "val_rel_l2", "test_rel_l2", "speedup", "device",
-                 "cpu_threads")
+                 "cpu_threads", "cpu_capability")
 
 
 def _problem_cls():
@@ -178,6 +179,7 @@ def tuned_config_from_summary(summary: dict, *, policy: str = "knee", value: flo
         "speedup": attrs.get("speedup"),
         "device": attrs.get("device"),
         "cpu_threads": attrs.get("cpu_threads") if attrs.get("device") == "cpu" else None,
+        "cpu_capability": attrs.get("cpu_capability") if attrs.get("device") == "cpu" else None,
     }
     code = attrs.get("code") or {}  # the code the trial ran; older studies: the exporter's
     provenance = {
@@ -417,9 +419,9 @@ def _check_expected(table: Any, where: str) -> dict:
             raise UserError(f"{where}: unknown key expected.{key} = {_one_line(repr(value))}")
         if value is None:
             continue
-        if key == "device":
+        if key in ("device", "cpu_capability"):
             if not isinstance(value, str):
-                raise UserError(f"{where}: expected.device must be a string, got {value!r}")
+                raise UserError(f"{where}: expected.{key} must be a string, got {value!r}")
             out[key] = value
             continue
         if key == "cpu_threads":  # a thread count: compared with the production run's

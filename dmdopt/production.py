@@ -51,15 +51,19 @@ def checkpoint_cadence(max_steps: int, window: int) -> int:
 
 
 def tolerance_for(expected_device: str | None, device: str, *,
-                  expected_threads: int | None = None, threads: int | None = None) -> float:
+                  expected_threads: int | None = None, threads: int | None = None,
+                  expected_capability: str | None = None, capability: str | None = None) -> float:
     """1e-6 when the trial ran on the same device type (cpu/cuda/mps) and, on a CPU, with the
-    same torch thread count (when the trial recorded it), else 5%."""
+    same torch thread count and vector kernels (AVX2, AVX512, ...: each where the trial
+    recorded it), else 5%."""
     kind = device.split(":")[0]
     if not expected_device or expected_device.split(":")[0] != kind:
         return OTHER_DEVICE_TOLERANCE
-    if kind == "cpu" and expected_threads is not None and threads is not None \
-            and expected_threads != threads:
-        return OTHER_DEVICE_TOLERANCE  # a study's --workers split the cores between processes
+    if kind == "cpu":
+        for recorded, now in ((expected_threads, threads), (expected_capability, capability)):
+            # a study's --workers split the cores; another machine's CPU has other kernels
+            if recorded is not None and now is not None and recorded != now:
+                return OTHER_DEVICE_TOLERANCE
     return SAME_DEVICE_TOLERANCE
 
 
@@ -223,22 +227,27 @@ def run_production(
     if expected is not None and requested_steps == tuned.training.max_steps:
         import torch
 
-        threads = torch.get_num_threads()
+        threads, capability = torch.get_num_threads(), torch.backends.cpu.get_cpu_capability()
         tol = tolerance_for(tuned.expected.get("device"), str(resolved), threads=threads,
-                            expected_threads=tuned.expected.get("cpu_threads"))
+                            expected_threads=tuned.expected.get("cpu_threads"),
+                            capability=capability,
+                            expected_capability=tuned.expected.get("cpu_capability"))
         diff = abs(result.val_error - expected) / max(abs(expected), 1e-300)
         summary.update(expected_val_rel_l2=expected, val_rel_diff=diff, tolerance=tol,
                        reproduced=diff <= tol)
         if diff > tol:
-            def where(device, n):
-                return f"{device} ({n} threads)" if device == "cpu" and n else device
+            def where(device, n, kernels):
+                if device != "cpu" or not (n or kernels):
+                    return device
+                return f"cpu ({', '.join(filter(None, (n and f'{n} threads', kernels)))})"
 
             logger.warning(
                 "val_rel_l2 %.6g differs from the trial's %.6g by %.3g%% (tolerance %.3g%%, "
-                "trial on %s, now on %s): check the dataset, versions, device and thread count",
-                result.val_error, expected, 100 * diff, 100 * tol,
+                "trial on %s, now on %s): check the dataset, versions, device, thread count and "
+                "CPU", result.val_error, expected, 100 * diff, 100 * tol,
                 where(tuned.expected.get("device", "an unknown device"),
-                      tuned.expected.get("cpu_threads")), where(result.device, threads))
+                      tuned.expected.get("cpu_threads"), tuned.expected.get("cpu_capability")),
+                where(result.device, threads, capability))
     summary["run_id"] = None
     if log_mlflow:
         marker = ckpt.with_name(f"{key}.mlflow.json")  # which run holds this checkpoint's result

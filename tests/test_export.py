@@ -34,7 +34,7 @@ def make_trial(number: int, cost: float, err: float, *, window: int = 12, rank=5
         "values": [cost, err] if state == "COMPLETE" else None,
         "user_attrs": {"cost_total": cost * 1.5, "cost_to_reference": cost, "val_error": err,
                        "test_error": err * 1.1, "speedup": 600.0 / cost, "device": "cpu",
-                       "cpu_threads": 3,
+                       "cpu_threads": 3, "cpu_capability": "AVX2",
                        "training": training, "dmd": dmd},
         "datetime_start": "2024-01-01T00:00:00", "datetime_complete": "2024-01-01T00:01:00",
     }
@@ -80,6 +80,7 @@ def test_round_trip_keeps_every_setting(summary, tmp_path, suffix):
     assert loaded.dmd == DMDConfig.from_dict(trial["user_attrs"]["dmd"])
     assert math.isinf(loaded.dmd.horizon) and loaded.dmd.line_search == (1.0, 0.5)
     assert loaded.expected["device"] == "cpu" and loaded.expected["cpu_threads"] == 3
+    assert loaded.expected["cpu_capability"] == "AVX2"
     assert loaded.training == TrainConfig.from_dict(trial["user_attrs"]["training"])
     assert loaded.training.batch_size is None and loaded.training.target_error is None
     assert loaded.model == ModelConfig(width=16, depth=2, activation="gelu")
@@ -92,7 +93,7 @@ def test_round_trip_keeps_every_setting(summary, tmp_path, suffix):
     assert datetime.fromisoformat(prov["created_at"]).utcoffset().total_seconds() == 0
     assert loaded.expected == {"cost_bpe": 150.0, "cost_total": 225.0, "val_rel_l2": 0.05,
                                "test_rel_l2": pytest.approx(0.055), "speedup": 4.0,
-                               "device": "cpu", "cpu_threads": 3}
+                               "device": "cpu", "cpu_threads": 3, "cpu_capability": "AVX2"}
     text = path.read_text()
     assert "s3cret" not in text
     assert not list(tmp_path.glob(".*tmp"))  # no temp file left behind
@@ -212,6 +213,7 @@ def _drop(data: dict, dotted: str) -> dict:
     (lambda d: _set(d, "model.activation", ["tanh"]), ["model.activation", "['tanh']"]),
     (lambda d: _set(d, "model.width", 2**63), ["model.width", str(2**63)]),
     (lambda d: _set(d, "expected.cpu_threads", 2.5), ["expected.cpu_threads", "2.5"]),
+    (lambda d: _set(d, "expected.cpu_capability", 512), ["expected.cpu_capability", "512"]),
     (lambda d: _set(d, "provenance.trial_number", -1), ["provenance.trial_number", "-1"]),
 ])
 def test_bad_values_are_one_line_naming_file_field_and_value(good, tmp_path, mutate, needles):

@@ -142,6 +142,9 @@ class Objective:
             "curve": curve_summary(result), "device": result.device,
             # CPU results depend on it (reductions split by thread): production compares
             "cpu_threads": torch.get_num_threads(),
+            # and on the vector kernels torch picked for this CPU (AVX2, AVX512, ...): the same
+            # trial ended 0.8% apart on two machines with the same threads (README's tour)
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "forward_passes": result.cost["forward_passes"], "backprop_steps": result.cost["backprop_steps"],
             "code": self.code,
         }

@@ -101,6 +101,7 @@ def test_study_runs_and_records_reference_and_objectives(study_dir):
         assert t.user_attrs["curve"][0][0] == 0.0
         assert "dmdopt" in t.user_attrs["code"]["versions"]  # what an export's provenance names
         assert t.user_attrs["cpu_threads"] == torch.get_num_threads()  # production compares it
+        assert t.user_attrs["cpu_capability"] == torch.backends.cpu.get_cpu_capability()  # and it
     assert (study_dir / "dmdopt-runs" / "optuna.db").exists()
     uid = summarize(study)["study_uid"]  # its identity in MLflow, beside its name
     assert isinstance(uid, str) and len(uid) == 32
