@@ -16,7 +16,8 @@ from typing import IO
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)  # read once, at import (single-threaded): os.umask can only be read by setting it
 
-_PASSWORD_IN_URL = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.\-]*://[^:/@\s]+:)(?P<pw>[^@\s]*)(?P<at>@)")
+# the password runs to the URL's last "@" (one typed with a raw "@" is masked whole)
+_PASSWORD_IN_URL = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.\-]*://[^:/@\s]+:)(?P<pw>\S*)(?P<at>@)(?=[^@\s]*(?:\s|$))")
 
 
 def mask_url(url: str | None) -> str | None:

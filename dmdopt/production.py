@@ -67,6 +67,22 @@ def tolerance_for(expected_device: str | None, device: str, *,
     return SAME_DEVICE_TOLERANCE
 
 
+def _adopt_legacy_checkpoint(ckpt_dir: Path, legacies: list[str], key: str) -> None:
+    """A checkpoint (and its MLflow marker) named by an older dmdopt's hash of these same
+    settings takes the current name, so the run resumes instead of starting again."""
+    if (ckpt_dir / f"{key}.pt").exists():
+        return
+    legacy = next((h for h in legacies if (ckpt_dir / f"{h}.pt").exists()), None)
+    if legacy is None:
+        return
+    for suffix in (".pt", ".mlflow.json"):
+        old = ckpt_dir / f"{legacy}{suffix}"
+        if old.exists():
+            old.rename(ckpt_dir / f"{key}{suffix}")
+    logger.info("checkpoint %s.pt renamed to %s.pt (this dmdopt names equal settings alike)",
+                legacy, key)
+
+
 def _checkpoint_step(path: Path) -> int | None:
     """The step of a checkpoint written by `train()`; None: none yet."""
     if not path.exists():
@@ -184,6 +200,7 @@ def run_production(
     if not os.access(ckpt_dir, os.W_OK):
         raise UserError(f"checkpoint directory {ckpt_dir} is not writable")
     ckpt = ckpt_dir / f"{key}.pt"
+    _adopt_legacy_checkpoint(ckpt_dir, tuned.legacy_settings_hashes(), key)
     requested_steps = training.max_steps
     start = _checkpoint_step(ckpt)
     if start is not None and start > training.max_steps:

@@ -187,12 +187,19 @@ def test_a_tracking_uri_mlflow_cannot_open_is_refused_before_any_trial(tmp_path,
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "$MLFLOW_TRACKING_URI" in err and "secret" not in err
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    for uri, needle in (("http://[::1:5000", "not a URI"), ("127.0.0.1:5000", "http://127.0.0.1:5000"),
+                        ("usr:secret@host:5000", "no tracking store")):
+        assert main(["study", "run", "s.toml", "--storage", storage, "--tracking-uri", uri,
+                     "--quiet"]) == 2, uri
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and needle in err and "secret" not in err, err
+    assert not db.exists()
     import optuna
 
     optuna.create_study(study_name="bare", storage=storage, directions=["minimize", "minimize"])
     assert main(["study", "sync-mlflow", "bare", "--storage", storage, "--tracking-uri",
                  "localhost:5000"]) == 2
-    assert "no tracking store" in capsys.readouterr().err
+    assert "http://localhost:5000" in capsys.readouterr().err  # the scheme it lacks
 
 
 def test_data_and_train_run(tmp_path, monkeypatch, capsys):

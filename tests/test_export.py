@@ -227,6 +227,18 @@ def test_bad_values_are_one_line_naming_file_field_and_value(good, tmp_path, mut
         assert needle in message
 
 
+def test_an_expected_figure_of_a_newer_dmdopt_is_skipped_with_one_warning(good, tmp_path, caplog):
+    """[expected] holds figures, not settings: a file exported by a newer dmdopt (which added
+    cpu_capability to it here) must still run on an older one, as data it cannot compare."""
+    import logging
+
+    good["expected"]["flops_per_joule"] = 3.5
+    with caplog.at_level(logging.WARNING):
+        loaded = load_tuned_config(_write_json(tmp_path, good))
+    assert "flops_per_joule" not in loaded.expected and loaded.expected["cpu_threads"] == 3
+    assert [r.getMessage().count("flops_per_joule") for r in caplog.records] == [1]
+
+
 def test_an_expected_nan_is_no_figure_to_compare(good, tmp_path):
     """Export wrote NaN as "nan"; such a file loads, without that figure."""
     good["expected"]["test_rel_l2"] = "nan"

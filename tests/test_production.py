@@ -107,6 +107,16 @@ def test_a_result_far_from_the_trial_gives_one_warning_line(tmp_path, cache_dir,
     assert len(warnings) == 1 and "\n" not in warnings[0].getMessage()
     assert "differs from the trial" in warnings[0].getMessage()
     assert torch.backends.cpu.get_cpu_capability() in warnings[0].getMessage()  # names the CPU
+    # a trial on other kernels: 5%, and the warning names both (10% off here)
+    caplog.clear()
+    other = write_config(tmp_path / "other.json", uninterrupted,
+                         val_rel_l2=uninterrupted.val_error * 1.1, cpu_capability="OTHER_CPU")
+    with caplog.at_level(logging.WARNING):
+        elsewhere = produce(other, tmp_path / "ck", cache_dir)
+    message = next(r for r in caplog.records if r.levelno >= logging.WARNING).getMessage()
+    assert elsewhere["tolerance"] == 0.05 and "OTHER_CPU" in message
+    assert torch.backends.cpu.get_cpu_capability() in message
+    caplog.clear()
     assert out["reproduced"] is False and out["val_rel_diff"] == pytest.approx(1 / 101)
     # the same 1% gap from a trial on another device type is within the 5% tolerance
     caplog.clear()
@@ -177,6 +187,31 @@ def test_checkpoint_names_are_stable_across_versions():
     assert tuned.settings_hash() == "a7b083b3586e95c9"  # computed by the code of 2026-12-01
     assert replace(tuned, training=replace(tuned.training, accept_rows=256)).settings_hash() \
         != tuned.settings_hash()
+
+
+def test_a_checkpoint_named_before_integers_hashed_as_floats_is_renamed_not_retrained(tmp_path):
+    """`lr = 2` in a config used to hash as the int it was written as; it is stored as 2.0 now,
+    so its checkpoint's name changed: production takes the old-named checkpoint over."""
+    from dmdopt.production import _adopt_legacy_checkpoint
+
+    tuned = TunedConfig(dmd=DMDConfig(window=24, rank=5, horizon=57.6),
+                        training=TrainConfig(optimizer="sgd", lr=2, momentum=0, max_steps=600),
+                        model=ModelConfig(width=64, depth=2), problem=ProblemConfig(grid=32, n_samples=512))
+    key = tuned.settings_hash()
+    legacy = "b0a6b79834b5bd0c"  # the name the code of 0554d97 gave it (lr 2, momentum 0)
+    assert legacy in tuned.legacy_settings_hashes() and key not in tuned.legacy_settings_hashes()
+    (tmp_path / f"{legacy}.pt").write_bytes(b"weights")
+    (tmp_path / f"{legacy}.mlflow.json").write_text("{}")
+    _adopt_legacy_checkpoint(tmp_path, tuned.legacy_settings_hashes(), key)
+    assert (tmp_path / f"{key}.pt").read_bytes() == b"weights"
+    assert (tmp_path / f"{key}.mlflow.json").exists() and not (tmp_path / f"{legacy}.pt").exists()
+    (tmp_path / f"{legacy}.pt").write_bytes(b"older")  # a current-named one is never replaced
+    _adopt_legacy_checkpoint(tmp_path, tuned.legacy_settings_hashes(), key)
+    assert (tmp_path / f"{key}.pt").read_bytes() == b"weights"
+    # lr 3e-3 is not a whole number: only momentum 0.0 may have been written as 0
+    adam = TunedConfig(dmd=DMDConfig(), training=TrainConfig(lr=3e-3), model=ModelConfig(),
+                       problem=ProblemConfig())
+    assert len(adam.legacy_settings_hashes()) == 1
 
 
 def test_equal_settings_written_differently_name_one_checkpoint():

@@ -7,6 +7,7 @@ Every mistake (unknown key, wrong type, empty or inverted range, rank above wind
 from __future__ import annotations
 
 import math
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -283,12 +284,18 @@ def parse_study(data: dict, *, where: str = "study file") -> StudyConfig:
                        training=training, dmd=dmd_fixed, space=space, raw=data)
 
 
-def shipped_studies() -> dict[str, Path]:
-    """The study files that ship inside the package (the repository's `studies/`), by name."""
+def shipped_studies() -> dict[str, Any]:
+    """The study files that ship inside the package (the repository's `studies/`), by name:
+    paths, or importlib Traversables where the package is not on a file system (a zip); the
+    repository's folder when `dmdopt.studies` is not mapped (a checkout on PYTHONPATH)."""
     from importlib.resources import files
 
-    folder = files("dmdopt.studies")
-    return {f.name.removesuffix(".toml"): Path(str(f)) for f in folder.iterdir()
+    try:
+        folder = files("dmdopt.studies")
+        entries = list(folder.iterdir())
+    except (ModuleNotFoundError, FileNotFoundError):
+        entries = list((Path(__file__).resolve().parents[2] / "studies").glob("*.toml"))
+    return {f.name.removesuffix(".toml"): f for f in entries
             if f.name.endswith(".toml") and f.is_file()}
 
 
@@ -298,7 +305,7 @@ def load_study_file(path: str | Path) -> StudyConfig:
     p = Path(path)
     if p.is_dir():
         raise UserError(f"study file {p} is a directory")
-    if not p.is_file() and len(p.parts) == 1:
+    if not p.is_file() and not re.search(r"[/\\]", str(path)):  # a bare name, not ./quick.toml
         p = shipped_studies().get(p.name.removesuffix(".toml"), p)
     if not p.is_file():
         names = ", ".join(sorted(shipped_studies()))

@@ -83,16 +83,22 @@ def check_tracking_uri(tracking_uri: str | None, field: str = "--tracking-uri") 
     after one warning; an unreachable store of a known scheme stays best-effort (it may come
     back)."""
     uri = resolve_tracking_uri(tracking_uri)
+    where = field if tracking_uri else "$MLFLOW_TRACKING_URI"  # the default store works
+    shown = mask_url(uri) if "://" in str(uri) else re.sub(r"^.*@", "***@", str(uri))
+    if re.fullmatch(r"[\w.-]+:\d+", str(uri)):  # 127.0.0.1:5000: no scheme, read as a folder
+        raise UserError(f"{where}: {shown!r} has no scheme; a tracking server is "
+                        f"http://{shown}")
     try:  # the registry MLflow resolves every URI with (a lookup: no connection, no file)
         from mlflow.tracking._tracking_service.utils import _tracking_store_registry as registry
-    except ImportError:  # a future MLflow moved it: MLflow itself reports the URI later
-        return uri
-    try:
+
         registry.get_store_builder(uri)
     except MlflowException:
-        where = field if tracking_uri else "$MLFLOW_TRACKING_URI"  # the default store works
-        raise UserError(f"{where}: MLflow has no tracking store for {mask_url(uri)!r}; use e.g. "
+        raise UserError(f"{where}: MLflow has no tracking store for {shown!r}; use e.g. "
                         "http://HOST:5000, sqlite:///PATH.db or postgresql://...") from None
+    except ValueError as exc:  # urlparse: 'http://[::1:5000' is no URL
+        raise UserError(f"{where}: {shown!r} is not a URI ({exc})") from None
+    except (ImportError, AttributeError, TypeError):  # MLflow moved it: MLflow reports later
+        pass
     return uri
 
 

@@ -126,8 +126,18 @@ def test_a_shipped_study_runs_by_name_from_any_folder_and_a_local_file_wins(tmp_
         assert load_study_file(spelled).raw == load_study_file(root / "quick.toml").raw
     (tmp_path / "quick.toml").write_text(tiny_study_toml(name="mine"))
     assert load_study_file("quick.toml").name == "mine"  # a file here is the file meant
-    with pytest.raises(UserError, match="not found"):
-        load_study_file("sub/quick.toml")  # a path is a path, never a shipped name
+    for path in ("sub/quick.toml", "./default.toml"):  # a path is a path, never a shipped name
+        with pytest.raises(UserError, match="not found"):
+            load_study_file(path)
+    # a checkout on PYTHONPATH, where `dmdopt.studies` is not mapped: the repository's folder
+    import importlib.resources
+
+    def unmapped(name):
+        raise ModuleNotFoundError(name)
+
+    monkeypatch.setattr(importlib.resources, "files", unmapped)
+    assert sorted(shipped_studies()) == sorted(p.stem for p in root.glob("*.toml"))
+    assert load_study_file("default").name == "default"
 
 
 def test_searched_growing_policy_reaches_the_dmd_config(tmp_path):
