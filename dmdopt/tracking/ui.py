@@ -20,6 +20,7 @@ import urllib.request
 from pathlib import Path
 from typing import IO
 
+from dmdopt._util import mask_url
 from dmdopt.errors import UserError
 from dmdopt.tracking.runs import (
     DEFAULT_ARTIFACTS,
@@ -89,7 +90,7 @@ def start_ui(*, host: str = "127.0.0.1", port: int = 5000, backend_store_uri: st
     _check_can_listen(host, int(port))
     uri = check_tracking_uri(backend_store_uri, "ui.backend_store_uri")
     if uri.startswith(("http://", "https://")):
-        raise UserError(f"ui.backend_store_uri: {uri!r} is already a tracking server; "
+        raise UserError(f"ui.backend_store_uri: {mask_url(uri)!r} is already a tracking server; "
                         "open it in a browser instead")
     try:
         prepare_local_store(uri)

@@ -262,6 +262,9 @@ def test_ui_refuses_remote_hosts_without_opt_in(tmp_path):
         start_ui(host="0.0.0.0", backend_store_uri=f"sqlite:///{tmp_path}/mlflow.db")
     with pytest.raises(UserError, match="already a tracking server"):
         start_ui(backend_store_uri="http://127.0.0.1:5000")
+    with pytest.raises(UserError, match=r"u:\*\*\*@") as info:  # the password is not shown
+        start_ui(backend_store_uri="https://u:secret@127.0.0.1:5000")
+    assert "secret" not in str(info.value)
     assert is_loopback("localhost") and is_loopback("::1") and not is_loopback("10.0.0.5")
     cmd = server_command(host="127.0.0.1", port=5001, backend_store_uri="sqlite:///x.db",
                          artifacts="/tmp/art")
