@@ -43,7 +43,7 @@ from typing import Any
 from dmdopt._util import atomic_file, git_commit, mask_url, versions
 from dmdopt.errors import UserError
 from dmdopt.model import ModelConfig
-from dmdopt.training.config import DMDConfig, TrainConfig
+from dmdopt.training.config import TRAIN_FLOAT_FIELDS, DMDConfig, TrainConfig
 
 SCHEMA_VERSION = 1
 FORMATS = {".toml": "toml", ".json": "json", ".yaml": "yaml", ".yml": "yaml"}
@@ -102,7 +102,7 @@ class TunedConfig:
         known: every combination). Production renames such a checkpoint, never retrains."""
         import itertools
 
-        whole = [k for k in ("lr", "momentum", "target_error")
+        whole = [k for k in TRAIN_FLOAT_FIELDS
                  if isinstance(v := getattr(self.training, k), float) and v.is_integer()]
         subsets = itertools.chain.from_iterable(
             itertools.combinations(whole, n) for n in range(1, len(whole) + 1))

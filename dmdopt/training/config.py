@@ -20,6 +20,9 @@ OPTIMIZER_STATE_POLICIES = ("keep", "reset")
 SNAPSHOT_DTYPES = ("float32", "float64", "bfloat16", "float16")
 SNAPSHOT_DEVICES = ("same", "cpu")
 GROWING_CHOICES = ("auto", "drop", "drift")  # dmdopt.dmd.GROWING_POLICIES, plus 'auto' (per optimiser)
+# TrainConfig fields stored as float, so `lr = 1` and `lr = 1.0` are one setting (one hash);
+# `TunedConfig.legacy_settings_hashes` re-spells them as ints for the names of before
+TRAIN_FLOAT_FIELDS = ("lr", "momentum", "target_error")
 
 
 def _is_int(value: Any) -> bool:
@@ -112,7 +115,7 @@ class TrainConfig:
             raise ValueError(f"training.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         # one spelling per value, so that equal settings hash (name a checkpoint) alike: lr = 1
         # in a hand-written TOML is the 1.0 an export writes, and momentum -0.0 is 0.0
-        for name in ("lr", "momentum", "target_error"):
+        for name in TRAIN_FLOAT_FIELDS:
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, float(getattr(self, name)) + 0.0)
 
