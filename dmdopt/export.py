@@ -176,6 +176,10 @@ def tuned_config_from_summary(summary: dict, *, policy: str = "knee", value: flo
         raise UserError(f"trial {number} is {trial.get('state')}, not COMPLETE: nothing to export")
     attrs = trial.get("user_attrs", {})
     config = summary.get("config") or {}
+    # the model and problem the trials ran: the study's resolved settings, which its creator's
+    # defaults filled in; a study made before dmdopt stored them has only the file's sections,
+    # which this dmdopt's defaults fill in
+    resolved = summary.get("resolved") or {}
     where = f"study {summary.get('study_name')!r} trial {number}"
     for key in ("training", "dmd"):
         if not isinstance(attrs.get(key), dict):
@@ -183,8 +187,8 @@ def tuned_config_from_summary(summary: dict, *, policy: str = "knee", value: flo
     try:
         dmd = DMDConfig.from_dict(attrs["dmd"])
         training = TrainConfig.from_dict(attrs["training"])
-        model = ModelConfig.from_dict(config.get("model", {}))
-        problem = _problem_cls().from_dict(config.get("problem", {}))
+        model = ModelConfig.from_dict(resolved.get("model") or config.get("model", {}))
+        problem = _problem_cls().from_dict(resolved.get("problem") or config.get("problem", {}))
     except (ValueError, TypeError) as exc:
         raise UserError(f"{where}: {exc}") from None
 
@@ -205,7 +209,8 @@ def tuned_config_from_summary(summary: dict, *, policy: str = "knee", value: flo
         "trial_number": number,
         "policy": policy_text,
         "storage": mask_url(summary.get("storage")),
-        "dataset_hash": problem.config_hash(),
+        # the trials' dataset: another solver version gives another hash for the same fields
+        "dataset_hash": resolved.get("dataset_hash") or problem.config_hash(),
         "versions": code.get("versions") or versions(),
         "git_commit": code.get("git_commit") if code else git_commit(),
         "created_at": datetime.now(UTC).replace(microsecond=0).isoformat(),

@@ -318,3 +318,27 @@ def test_the_recorded_commit_says_when_the_code_differs_from_it(tmp_path):
     assert clean is not None and len(clean) == 40
     (tmp_path / "f.py").write_text("x = 2\n")  # what a trial ran is no longer that commit
     assert git_commit(tmp_path) == clean + "-dirty"
+
+
+def test_model_and_problem_are_the_ones_the_trials_ran_not_the_exporters_defaults(summary, tmp_path):
+    """The study file names only some [model]/[problem] keys; an export filled the rest with
+    the exporting dmdopt's defaults, so after a change of defaults it wrote a model and dataset
+    the trials never trained. The study's stored `resolved` settings win (older studies have
+    none: the exporter's defaults, as before)."""
+    import copy
+
+    from dmdopt.model import ModelConfig
+    from dmdopt.problem import ProblemConfig
+
+    ran_model = ModelConfig.from_dict(MODEL).to_dict() | {"activation": "relu"}
+    ran_problem = ProblemConfig.from_dict(PROBLEM).to_dict() | {"source_width": 0.07}
+    resolved_summary = copy.deepcopy(summary)
+    resolved_summary["resolved"] = {"model": ran_model, "problem": ran_problem,
+                                    "dataset_hash": "0123456789abcdef"}
+    tuned = export_tuned_config(resolved_summary, tmp_path / "t.toml")
+    assert tuned.model.to_dict() == ran_model and tuned.problem.to_dict() == ran_problem
+    assert tuned.provenance["dataset_hash"] == "0123456789abcdef"  # the trials' solver's hash
+    assert load_tuned_config(tmp_path / "t.toml").model.activation == "relu"
+    legacy = export_tuned_config(summary, tmp_path / "l.toml")
+    assert legacy.model == ModelConfig.from_dict(MODEL)
+    assert legacy.provenance["dataset_hash"] == ProblemConfig.from_dict(PROBLEM).config_hash()

@@ -36,6 +36,7 @@ from dmdopt.search.objective import METRIC_NAMES, Objective, reference_run
 from dmdopt.search.sampler import make_sampler, nsga2_population
 from dmdopt.search.storage import made_by_another_tool, open_storage
 from dmdopt.search.summary import UID_PREFIX, is_surplus, study_uid, summarize
+from dmdopt.training.config import DMDConfig
 from dmdopt.training.loop import Diverged, resolve_device
 
 log = logging.getLogger("dmdopt")
@@ -75,6 +76,47 @@ def _load_dataset(config: StudyConfig, cache_dir: str | os.PathLike, progress: b
     return load_dataset(ProblemConfig.from_dict(config.problem), cache_dir=cache_dir, progress=progress)
 
 
+def resolved_settings(config: StudyConfig) -> dict:
+    """The settings the file means once this dmdopt's defaults fill it in: the dataset's hash
+    (every [problem] field and the solver version), the model and the base training.
+
+    The digest covers only what the file says, so a worker of another dmdopt version, whose
+    defaults or solver differ, would join the study and train another problem; and an export
+    would write the exporter's defaults, not the ones the trials ran with."""
+    from dmdopt.problem import ProblemConfig
+
+    problem = ProblemConfig.from_dict(config.problem)
+    # the DMD options every trial shares: the file's [dmd] over DMDConfig's defaults (window,
+    # rank and horizon are searched, so they have no study-wide value)
+    dmd = {k: v for k, v in (DMDConfig().to_dict() | dict(config.dmd)).items()
+           if k not in ("window", "rank", "horizon")}
+    return {"dataset_hash": problem.config_hash(), "problem": problem.to_dict(),
+            "model": config.model.to_dict(), "training": config.training.to_dict(), "dmd": dmd}
+
+
+def _check_resolved(study: optuna.Study, config: StudyConfig, storage_url: str) -> None:
+    """Refuse to work on a study whose trials ran settings this dmdopt resolves differently."""
+    stored = study.user_attrs.get("resolved")
+    if not isinstance(stored, dict):  # a study made before dmdopt stored them
+        return
+    here = json.loads(json.dumps(resolved_settings(config), default=str))
+    for section in ("problem", "model", "training", "dmd"):
+        theirs, ours = stored.get(section) or {}, here[section]
+        for key in sorted(set(theirs) | set(ours)):
+            if theirs.get(key, "(unset)") != ours.get(key, "(unset)"):
+                raise UserError(
+                    f"study {config.name!r} in {mask_url(storage_url)} was created by a dmdopt "
+                    f"whose defaults give {section}.{key} = {theirs.get(key, '(unset)')!r}; this "
+                    f"one gives {ours.get(key, '(unset)')!r}: run the version that created it "
+                    f"(its trials' `code` attribute names it), or write {section}.{key} in a "
+                    "study of another name")
+    if stored.get("dataset_hash") != here["dataset_hash"]:  # same fields, another solver
+        raise UserError(
+            f"study {config.name!r} in {mask_url(storage_url)} was created by a dmdopt whose "
+            f"solver builds dataset {stored.get('dataset_hash')}; this one builds "
+            f"{here['dataset_hash']}: run the version that created it")
+
+
 def _open_study(config: StudyConfig, storage, storage_url: str,
                 n_trials: int | None) -> optuna.Study:
     """Create (with its uid, config and objectives) or load the study; refuse another config."""
@@ -102,6 +144,7 @@ def _open_study(config: StudyConfig, storage, storage_url: str,
             study.set_user_attr(f"{UID_PREFIX}{uuid.uuid4().hex}", True)
         study.set_user_attr("config_digest", digest)
         study.set_user_attr("config", json.loads(json.dumps(config.raw, default=str)))
+        study.set_user_attr("resolved", json.loads(json.dumps(resolved_settings(config), default=str)))
         quota = n_trials if n_trials is not None else config.n_trials
         study.set_user_attr("nsga2_population", nsga2_population(quota))
         if config.mode == "cost_to_target":
@@ -114,6 +157,8 @@ def _open_study(config: StudyConfig, storage, storage_url: str,
             f"study {config.name!r} already exists in {mask_url(storage_url)} with a different "
             "configuration; give this one another [study] name or use another storage"
         )
+    else:
+        _check_resolved(study, config, storage_url)
     return study
 
 

@@ -135,6 +135,7 @@ def summarize(study: optuna.Study, *, storage_url: str | None = None, policy: st
         "metric_names": ["cost_bpe", "val_rel_l2"],  # what each trial's `values` hold
         "storage": mask_url(storage_url),
         "config": study.user_attrs.get("config", {}),
+        "resolved": study.user_attrs.get("resolved"),  # the file over its creator's defaults
         "reference": study.user_attrs.get("reference"),
         "trials": rows,
         "pareto": pareto_numbers(study),

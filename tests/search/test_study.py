@@ -134,6 +134,46 @@ def test_rerun_resumes_and_keeps_finished_trials(study_dir):
     assert len(complete(run(config, n_trials=3))) == 3
 
 
+@pytest.mark.parametrize("section, key, theirs", [("model", "activation", "relu"),
+                                                 ("dmd", "grouping", "global"),
+                                                 ("training", "seed", 7),
+                                                 ("problem", "source_width", 0.07)])
+def test_a_study_made_by_a_dmdopt_with_other_defaults_is_refused_before_any_training(
+        study_dir, monkeypatch, section, key, theirs):
+    """The digest covers only what the file says: a worker whose dmdopt fills the rest with
+    other defaults (or whose solver builds another dataset) trained another problem into the
+    same front. It is one line naming the field and both values; the finished trials stay."""
+    from dmdopt.errors import UserError
+
+    config = config_for(study_dir, n_trials=1)
+    study = run(config)
+    resolved = study.user_attrs["resolved"]
+    assert resolved["model"] == config.model.to_dict()
+    assert resolved["dataset_hash"] and resolved["dmd"]["grouping"] == "layer"
+    assert key not in config.raw.get(section, {})  # the file leaves it to the defaults
+    resolved[section][key] = theirs  # as a creator with another default wrote it
+    study.set_user_attr("resolved", resolved)
+    count = count_training(monkeypatch)
+    with pytest.raises(UserError, match=rf"{section}\.{key} = {theirs!r}; this one gives"):
+        run(config, n_trials=2)
+    assert count["n"] == 0 and len(complete(load_study(config.name, config.storage))) == 1
+    resolved = study.user_attrs["resolved"] | {"dataset_hash": "0" * 16}
+    resolved[section] = run_resolved(config)[section]
+    study.set_user_attr("resolved", resolved)
+    with pytest.raises(UserError, match="whose solver builds dataset 0000000000000000"):
+        run(config, n_trials=2)
+    study.set_user_attr("resolved", run_resolved(config))  # the same dmdopt: it resumes
+    assert len(complete(run(config, n_trials=2))) == 2
+
+
+def run_resolved(config):
+    import json
+
+    from dmdopt.search.study import resolved_settings
+
+    return json.loads(json.dumps(resolved_settings(config), default=str))
+
+
 def test_interrupt_keeps_finished_trials_then_resumes(study_dir, monkeypatch, capfd):
     config = config_for(study_dir, n_trials=3)
     real_train = objective_module.train
