@@ -130,6 +130,24 @@ def train(
     optimiser, accelerator, RNG, curve, cost) is written atomically every `checkpoint_every`
     steps and a run that finds an existing checkpoint resumes from it, bit for bit.
     """
+    # flushing denormals is a CPU mode that outlives the call: put back the caller's after it
+    flushed = denormals_flushed()
+    try:
+        return _train(dataset=dataset, model=model, training=training, dmd=dmd,
+                      progress=progress, on_eval=on_eval, checkpoint_path=checkpoint_path,
+                      checkpoint_every=checkpoint_every)
+    finally:
+        torch.set_flush_denormal(flushed)
+
+
+def denormals_flushed() -> bool:
+    """Whether the CPU now flushes denormal floats to zero (torch has no getter for it)."""
+    return bool((torch.full((1,), 1e-40) * 1.0).item() == 0.0)
+
+
+def _train(*, dataset, model, training, dmd, progress, on_eval, checkpoint_path,
+           checkpoint_every) -> TrainResult:
+    """`train`'s body."""
     from dmdopt.training.accelerator import DMDAccelerator
 
     model_config = model or ModelConfig()

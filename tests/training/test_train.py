@@ -147,6 +147,32 @@ def test_a_checkpoint_that_does_not_fit_is_named_and_out_of_memory_is_not(tiny_d
         train(dataset=tiny_dataset, model=SMALL, training=config, checkpoint_path=ckpt)
 
 
+@pytest.mark.parametrize("caller_flushes", [False, True])
+def test_train_flushes_denormals_while_it_runs_and_puts_back_the_callers_mode(tiny_dataset,
+                                                                            caller_flushes):
+    """Flushing denormals is a CPU mode that outlives the call: `train` left it on in the
+    program that called it, whose own float code then lost its denormals."""
+    from dmdopt.training.loop import denormals_flushed
+
+    torch.set_flush_denormal(caller_flushes)
+    try:
+        seen = []
+        train(dataset=tiny_dataset, model=SMALL, on_eval=lambda _: seen.append(denormals_flushed()),
+              training=TrainConfig(max_steps=5, eval_every=5, device="cpu"))
+        assert seen and all(seen)  # on while it trains
+        assert denormals_flushed() is caller_flushes
+
+        def stop(point):
+            raise RuntimeError("stop here")
+
+        with pytest.raises(RuntimeError, match="stop here"):  # also after an error in the run
+            train(dataset=tiny_dataset, model=SMALL, on_eval=stop,
+                  training=TrainConfig(max_steps=5, eval_every=5, device="cpu"))
+        assert denormals_flushed() is caller_flushes
+    finally:
+        torch.set_flush_denormal(False)
+
+
 def test_divergence_raises(tiny_dataset):
     from dmdopt.training import Diverged
 
