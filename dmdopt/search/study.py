@@ -86,12 +86,19 @@ def resolved_settings(config: StudyConfig) -> dict:
     from dmdopt.problem import ProblemConfig
 
     problem = ProblemConfig.from_dict(config.problem)
-    # the DMD options every trial shares: the file's [dmd] over DMDConfig's defaults (window,
-    # rank and horizon are searched, so they have no study-wide value)
-    dmd = {k: v for k, v in (DMDConfig().to_dict() | dict(config.dmd)).items()
-           if k not in ("window", "rank", "horizon")}
+    # only what every trial shares: a searched setting has no study-wide value (the default
+    # ladder stays when a study may pick the `default` line-search preset, which is that ladder)
+    space = config.space
+    searched = {"window", "rank", "horizon"}
+    searched |= {knob for knob in ("optimizer_state", "growing") if getattr(space, knob)}
+    if space.line_search and "default" not in space.line_search:
+        searched.add("line_search")
+    dmd = {k: v for k, v in (DMDConfig().to_dict() | dict(config.dmd)).items() if k not in searched}
+    training = config.training.to_dict()
+    if space.lr is not None:
+        training.pop("lr")
     return {"dataset_hash": problem.config_hash(), "problem": problem.to_dict(),
-            "model": config.model.to_dict(), "training": config.training.to_dict(), "dmd": dmd}
+            "model": config.model.to_dict(), "training": training, "dmd": dmd}
 
 
 def _check_resolved(study: optuna.Study, config: StudyConfig, storage_url: str) -> None:
@@ -102,15 +109,19 @@ def _check_resolved(study: optuna.Study, config: StudyConfig, storage_url: str) 
     here = json.loads(json.dumps(resolved_settings(config), default=str))
     for section in ("problem", "model", "training", "dmd"):
         theirs, ours = stored.get(section) or {}, here[section]
-        for key in sorted(set(theirs) | set(ours)):
-            if theirs.get(key, "(unset)") != ours.get(key, "(unset)"):
+        # a key only one side has is a field added (or dropped) between the versions, whose
+        # default keeps the older behaviour (as `export._ADDED_LATER` assumes): not compared
+        for key in sorted(set(theirs) & set(ours)):
+            if theirs[key] != ours[key]:
                 raise UserError(
                     f"study {config.name!r} in {mask_url(storage_url)} was created by a dmdopt "
-                    f"whose defaults give {section}.{key} = {theirs.get(key, '(unset)')!r}; this "
-                    f"one gives {ours.get(key, '(unset)')!r}: run the version that created it "
-                    f"(its trials' `code` attribute names it), or write {section}.{key} in a "
-                    "study of another name")
-    if stored.get("dataset_hash") != here["dataset_hash"]:  # same fields, another solver
+                    f"whose defaults give {section}.{key} = {theirs[key]!r}; this one gives "
+                    f"{ours[key]!r}: run the version that created it (its trials' `code` "
+                    f"attribute names it), or write {section}.{key} in a study of another name")
+    # the hash covers every [problem] field and the solver version: with the same fields it
+    # differs only by the solver (with a field added, it differs anyway)
+    same_fields = set(stored.get("problem") or {}) == set(here["problem"])
+    if same_fields and stored.get("dataset_hash") != here["dataset_hash"]:
         raise UserError(
             f"study {config.name!r} in {mask_url(storage_url)} was created by a dmdopt whose "
             f"solver builds dataset {stored.get('dataset_hash')}; this one builds "
@@ -142,9 +153,11 @@ def _open_study(config: StudyConfig, storage, storage_url: str,
             # optuna.db) may hold studies of one name. Launchers starting together may each
             # add one; all of them read the smallest (see `study_uid`).
             study.set_user_attr(f"{UID_PREFIX}{uuid.uuid4().hex}", True)
-        study.set_user_attr("config_digest", digest)
+        # the digest last: each attribute commits on its own, and a launcher joining meanwhile
+        # takes a digest as a study whose record is complete
         study.set_user_attr("config", json.loads(json.dumps(config.raw, default=str)))
         study.set_user_attr("resolved", json.loads(json.dumps(resolved_settings(config), default=str)))
+        study.set_user_attr("config_digest", digest)
         quota = n_trials if n_trials is not None else config.n_trials
         study.set_user_attr("nsga2_population", nsga2_population(quota))
         if config.mode == "cost_to_target":

@@ -142,7 +142,7 @@ def train(
 
 def denormals_flushed() -> bool:
     """Whether the CPU now flushes denormal floats to zero (torch has no getter for it)."""
-    return bool((torch.full((1,), 1e-40) * 1.0).item() == 0.0)
+    return bool((torch.full((1,), 1e-40, dtype=torch.float32) * 1.0).item() == 0.0)
 
 
 def _train(*, dataset, model, training, dmd, progress, on_eval, checkpoint_path,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import optuna
@@ -164,6 +165,31 @@ def test_a_study_made_by_a_dmdopt_with_other_defaults_is_refused_before_any_trai
         run(config, n_trials=2)
     study.set_user_attr("resolved", run_resolved(config))  # the same dmdopt: it resumes
     assert len(complete(run(config, n_trials=2))) == 2
+
+
+def test_fields_added_between_versions_and_searched_knobs_are_not_compared(study_dir):
+    """A field one version has and the other lacks (`accept_rows` was added so) keeps the older
+    behaviour by default, and a searched knob has no study-wide value: neither may make a
+    study un-resumable (the first version of this check refused both)."""
+    from dmdopt.errors import UserError
+    from dmdopt.search.study import _check_resolved
+
+    search = '[search]\ngrowing = ["drop", "drift"]\n[search.lr]\nlow = 0.001\nhigh = 0.1'
+    config = config_for(study_dir, search=search)
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    here = run_resolved(config)
+    assert "growing" not in here["dmd"] and "lr" not in here["training"]
+    assert here["dmd"]["line_search"]  # the default ladder: not searched here
+    older = copy.deepcopy(here)
+    del older["training"]["accept_rows"], older["problem"]["source_width"]
+    older["dataset_hash"] = "0" * 16  # a field fewer: another hash for the same data
+    older["dmd"]["growing"], older["training"]["lr"] = "drop", 5.0  # as other defaults had it
+    study.set_user_attr("resolved", older)
+    _check_resolved(study, config, "sqlite://")  # nothing to refuse
+    older["training"]["max_steps"] = 61
+    study.set_user_attr("resolved", older)
+    with pytest.raises(UserError, match="training.max_steps = 61; this one gives 60"):
+        _check_resolved(study, config, "sqlite://")
 
 
 def run_resolved(config):

@@ -169,7 +169,10 @@ def test_train_flushes_denormals_while_it_runs_and_puts_back_the_callers_mode(ti
             train(dataset=tiny_dataset, model=SMALL, on_eval=stop,
                   training=TrainConfig(max_steps=5, eval_every=5, device="cpu"))
         assert denormals_flushed() is caller_flushes
+        torch.set_default_dtype(torch.float64)  # 1e-40 is no denormal in float64
+        assert denormals_flushed() is caller_flushes
     finally:
+        torch.set_default_dtype(torch.float32)
         torch.set_flush_denormal(False)
 
 
