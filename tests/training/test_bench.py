@@ -260,3 +260,20 @@ def test_bench_lr_takes_each_methods_defaults_and_prints_best_against_best(monke
     best = lines[-1].split()
     # to 0.1: dmd's best 100 (lr 1e-2) / plain's best 800; to 0.0637: 600 / 800
     assert best[:2] == ["best", "dmd/plain"] and best[2] == "0.12x" and best[-1] == "0.75x"
+
+
+def test_the_time_delay_probe_is_exact_for_heavy_ball_where_the_default_fit_is_not(capsys):
+    """`benchmarks/probe_delay_dmd.py` backs a README claim: its exactness part must hold."""
+    import importlib.util
+    import re
+    from pathlib import Path
+
+    path = Path(__file__).parents[2] / "benchmarks" / "probe_delay_dmd.py"
+    spec = importlib.util.spec_from_file_location("probe_delay_dmd", path)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    probe.exactness()
+    rows = re.findall(r"first-order DMD (\S+), time-delay DMD \(q = 2\) (\S+)", capsys.readouterr().out)
+    assert len(rows) == 3
+    for first, delay in rows:
+        assert float(first.rstrip(",")) > 1.0 and float(delay) < 1e-8
