@@ -43,6 +43,7 @@ from typing import Any
 from dmdopt._util import atomic_file, git_commit, mask_url, versions
 from dmdopt.errors import UserError
 from dmdopt.model import ModelConfig
+from dmdopt.pareto import speedup
 from dmdopt.training.config import TRAIN_FLOAT_FIELDS, DMDConfig, TrainConfig
 
 SCHEMA_VERSION = 1
@@ -54,6 +55,10 @@ PROVENANCE_KEYS = ("study_name", "trial_number", "policy", "storage", "dataset_h
 # keeps a config's behaviour: left out of the hash while None, so a production run started
 # before they existed resumes its checkpoint instead of restarting under a new name
 _ADDED_LATER = {"training": ("accept_rows",)}
+# a trial's settings recorded before a field existed: the behaviour of then, where today's
+# default differs (growing came in as "drop", which the code before it always did; its
+# default is "auto" since). Without this an old trial would export settings it never ran.
+_RECORDED_BEFORE = {"dmd": {"growing": "drop"}}
 EXPECTED_KEYS = ("cost_bpe", "cost_total", "val_rel_l2", "test_rel_l2", "speedup", "device",
                  "cpu_threads", "cpu_capability")
 
@@ -185,7 +190,7 @@ def tuned_config_from_summary(summary: dict, *, policy: str = "knee", value: flo
         if not isinstance(attrs.get(key), dict):
             raise UserError(f"{where}: user attribute {key!r} (its settings) is missing")
     try:
-        dmd = DMDConfig.from_dict(attrs["dmd"])
+        dmd = DMDConfig.from_dict(_RECORDED_BEFORE["dmd"] | attrs["dmd"])
         training = TrainConfig.from_dict(attrs["training"])
         model = ModelConfig.from_dict(resolved.get("model") or config.get("model", {}))
         problem = _problem_cls().from_dict(resolved.get("problem") or config.get("problem", {}))
@@ -198,7 +203,9 @@ def tuned_config_from_summary(summary: dict, *, policy: str = "knee", value: flo
         "cost_total": attrs.get("cost_total"),
         "val_rel_l2": values[1] if len(values) >= 2 else attrs.get("val_error"),
         "test_rel_l2": attrs.get("test_error"),
-        "speedup": attrs.get("speedup"),
+        # the speed-up of this point's cost (a cost_to_target trial records the one to the
+        # reference's error, not to the study's target): the one the front and dashboard show
+        "speedup": speedup(summary, trial),
         "device": attrs.get("device"),
         "cpu_threads": attrs.get("cpu_threads") if attrs.get("device") == "cpu" else None,
         "cpu_capability": attrs.get("cpu_capability") if attrs.get("device") == "cpu" else None,
@@ -280,8 +287,18 @@ def _toml_key(key: str) -> str:
 
 
 def _toml_str(text: str) -> str:
-    # JSON string escapes are valid TOML basic-string escapes; DEL is not allowed raw in TOML
-    return json.dumps(text, ensure_ascii=True).replace("\x7f", "\\u007f")
+    """A TOML basic string, pure ASCII. Not json.dumps: it writes a character beyond U+FFFF
+    (an emoji in a study name) as a surrogate pair, which TOML refuses; TOML spells it \\U."""
+    out = []
+    for ch in text:
+        code = ord(ch)
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif 0x20 <= code < 0x7F:
+            out.append(ch)
+        else:  # control characters, DEL and everything beyond ASCII
+            out.append(f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}")
+    return '"' + "".join(out) + '"'
 
 
 def _toml_value(value: Any) -> str:

@@ -290,6 +290,40 @@ def test_toml_writer_escapes_awkward_strings(summary, tmp_path):
     assert tuned.provenance["study_name"] == summary["study_name"]
 
 
+def test_toml_writer_spells_characters_beyond_the_bmp_as_toml_does(summary, tmp_path):
+    """json.dumps writes an emoji as a surrogate pair (\\ud83d\\ude00), which TOML refuses: the
+    export of a study named with one failed its own read-back check."""
+    summary["study_name"] = "q\U0001F600 é"
+    path = tmp_path / "tuned.toml"
+    export_tuned_config(summary, path)
+    assert path.read_text(encoding="utf-8").isascii()
+    assert load_tuned_config(path).provenance["study_name"] == "q\U0001F600 é"
+
+
+def test_a_cost_to_target_export_states_the_speedup_of_the_cost_it_states(summary, tmp_path):
+    """A cost_to_target point's cost is its spend to the study's target; the trial's recorded
+    speedup is to the reference's own error, reached earlier. The file paired the point's
+    cost with that other ratio, unlike the front and the dashboard."""
+    from dmdopt.pareto import speedup
+
+    trial = summary["trials"][2]  # 150 bpe to the target; the reference's error at 75
+    trial["user_attrs"].update(cost_total=150.0, cost_to_reference=75.0, speedup=600.0 / 75.0)
+    summary |= {"mode": "cost_to_target", "pareto": [2]}
+    tuned = export_tuned_config(summary, tmp_path / "t.toml")
+    assert tuned.expected["cost_bpe"] == 150.0
+    assert tuned.expected["speedup"] == pytest.approx(600.0 / 150.0) == speedup(summary, trial)
+
+
+def test_a_trial_recorded_before_the_growing_policy_exports_the_policy_it_ran(summary, tmp_path):
+    """Before DMDConfig.growing existed the code dropped growing modes; the field's default is
+    'auto' now (followed under SGD). An old trial's record has no key, and its export took
+    today's default: settings the trial never ran."""
+    del summary["trials"][2]["user_attrs"]["dmd"]["growing"]
+    assert export_tuned_config(summary, tmp_path / "old.toml").dmd.growing == "drop"
+    summary["trials"][2]["user_attrs"]["dmd"]["growing"] = "auto"  # recorded: kept
+    assert export_tuned_config(summary, tmp_path / "new.toml").dmd.growing == "auto"
+
+
 def test_provenance_names_the_code_that_ran_the_trial_not_the_exporting_one(summary, tmp_path):
     """An export after an upgrade recorded the exporting checkout's versions and commit beside
     the trial's figures; the trial's own record wins (older studies have none: export-time)."""
