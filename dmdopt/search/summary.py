@@ -70,11 +70,12 @@ def hypervolume_history(trials: list, ref_point: list[float]) -> list[list[float
     history, points = [], []
     # COMPLETE trials only, and before sorting: a WAITING trial (a dead worker's, re-queued)
     # has neither datetime, and comparing None with a datetime raised in every summary
-    # Infeasible trials (beyond max_error_ratio) are off the front, so they add no volume.
+    # Infeasible trials (beyond max_error_ratio) are off the front: they add no volume, but
+    # they are completed trials, so they count on the x axis (CONTRACT.md: n_complete)
     done = [t for t in trials if t.state == TrialState.COMPLETE and t.values is not None
-            and len(t.values) == 2 and is_feasible(t)]
+            and len(t.values) == 2]
     for t in sorted(done, key=lambda t: t.datetime_complete or t.datetime_start):
-        if all(v < r for v, r in zip(t.values, ref_point, strict=True)):
+        if is_feasible(t) and all(v < r for v, r in zip(t.values, ref_point, strict=True)):
             points.append(list(t.values))
         hv = compute_hypervolume(np.asarray(points), np.asarray(ref_point)) if points else 0.0
         history.append([len(history) + 1, float(hv)])

@@ -862,3 +862,22 @@ def test_a_long_curve_is_summarised_in_at_most_curve_points():
         summary = objective_module.curve_summary(result)
         assert len(summary) <= objective_module.CURVE_POINTS, n  # 200 points gave 101
         assert summary[0][0] == 0.0 and summary[-1][0] == n - 1
+
+
+def test_hypervolume_history_counts_infeasible_trials_on_its_axis():
+    """CONTRACT.md: one [n_complete, hv] per completed trial. Trials beyond max_error_ratio
+    add no volume, but the history numbered feasible trials only, so its x axis (and the
+    MLflow parent's hypervolume steps) ran short of the completed count."""
+    from optuna.distributions import FloatDistribution
+
+    from dmdopt.search.summary import hypervolume_history
+
+    dist = {"window": FloatDistribution(5, 60)}
+    trials = [optuna.trial.create_trial(params={"window": w}, distributions=dist, values=v,
+                                        constraints={"max_error_ratio": c})
+              for w, v, c in [(10, [50.0, 0.4], -0.1), (20, [20.0, 0.3], 0.2),
+                              (30, [40.0, 0.2], -0.05)]]
+    history = hypervolume_history(trials, [100.0, 1.0])
+    assert [n for n, _ in history] == [1, 2, 3]
+    assert history[0][1] == history[1][1] == pytest.approx(50.0 * 0.6)  # the infeasible adds none
+    assert history[2][1] > history[1][1]
