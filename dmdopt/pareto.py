@@ -50,8 +50,12 @@ def recommended_number(summary: dict) -> int | None:
 
 
 def reference_point(summary: dict) -> tuple[float, float] | None:
-    """(cost_bpe, val_rel_l2) of plain training, when the summary has it."""
+    """(cost_bpe, val_rel_l2) of plain training, when the summary has it. In a cost_to_target
+    study with its own target, the point where plain training first reached that target
+    (`to_target`, CONTRACT.md): the cost the trials' costs compare with."""
     ref = summary.get("reference") or {}
+    if summary.get("mode") == "cost_to_target" and isinstance(ref.get("to_target"), dict):
+        ref = ref["to_target"]
     cost, err = as_float(ref.get("cost_bpe")), as_float(ref.get("val_rel_l2"))
     return (cost, err) if cost is not None and err is not None else None
 
@@ -86,6 +90,8 @@ def speedup_first_passage(summary: dict, trial: dict) -> float | None:
     if attr is not None:
         return attr
     ref = summary.get("reference") or {}
+    if summary.get("mode") == "cost_to_target" and isinstance(ref.get("to_target"), dict):
+        return speedup(summary, trial)  # its cost to the target is a first passage already
     first = as_float(ref.get("first_passage_bpe"))
     cost = as_float((trial.get("values") or [None])[0])
     return first / cost if first and cost else speedup(summary, trial)

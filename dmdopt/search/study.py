@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import multiprocessing as mp
 import os
 import socket
@@ -229,6 +230,16 @@ def prepare_study(config: StudyConfig, *, storage_url: str, cache_dir="dmdopt-ru
                 f"training: plain {t.optimizer} at lr {t.lr:g} for {t.max_steps} steps ends at "
                 f"validation error {final:.4g}, no better than where it started ({start:.4g}); "
                 "lower training.lr or change training.max_steps")
+        bound = (config.max_error_ratio or math.inf) * final
+        if config.mode == "cost_to_target" and (config.target_error or 0.0) > bound:
+            # a trial stops at the target, so it ends near it: every hit would be infeasible,
+            # the study would have nothing to recommend and its pruning bound would never set
+            drop_empty_study()
+            raise UserError(
+                f"study: target_error = {config.target_error:g} is above max_error_ratio x the "
+                f"reference's error ({config.max_error_ratio:g} x {final:.4g} = {bound:.4g}), so "
+                "every trial that reaches the target would break the bound; lower "
+                "study.target_error or raise study.max_error_ratio")
         # Workers starting together on a new study each train the reference; the first one
         # stored wins, so every worker (and every plot) uses the same reference.
         study = reopened_if_deleted(study)
@@ -237,6 +248,11 @@ def prepare_study(config: StudyConfig, *, storage_url: str, cache_dir="dmdopt-ru
     reference = study.user_attrs["reference"]
     echo(f"reference: cost {reference['cost_bpe']:.0f} bpe, val error {reference['val_rel_l2']:.4f}, "
          f"wall {reference['wall_time']:.1f} s")
+    if to_target := reference.get("to_target"):
+        echo(f"reference: reaches the target {to_target['target_error']:g} at "
+             f"{to_target['cost_bpe']:.0f} bpe" if to_target["reached"] else
+             f"reference: never reaches the target {to_target['target_error']:g} in its "
+             f"{to_target['cost_bpe']:.0f} bpe (speed-ups against it are lower bounds)")
     return study, dataset
 
 

@@ -12,7 +12,7 @@ from optuna.trial import TrialState
 from processes import alive
 from study_files import tiny_study_toml
 
-from dmdopt.errors import WorkersFailed
+from dmdopt.errors import UserError, WorkersFailed
 from dmdopt.search import load_study_file, run_study
 from dmdopt.search import objective as objective_module
 from dmdopt.search.sampler import TrialSeededSampler
@@ -881,3 +881,65 @@ def test_hypervolume_history_counts_infeasible_trials_on_its_axis():
     assert [n for n, _ in history] == [1, 2, 3]
     assert history[0][1] == history[1][1] == pytest.approx(50.0 * 0.6)  # the infeasible adds none
     assert history[2][1] > history[1][1]
+
+
+def test_a_cost_to_target_speedup_compares_costs_to_the_same_error(monkeypatch):
+    """With a target above the reference's final error a trial stops at the target, short of
+    the reference's error; its speed-up divided that spend into the reference's whole budget
+    (60 / 30 = 2x here), though plain training reached the target at 20 bpe (0.67x)."""
+    import tomllib
+
+    from dmdopt import pareto
+    from dmdopt.search.config import parse_study
+
+    _scripted(monkeypatch, {5: [(0, 1.0), (15, 0.5), (30, 0.29)]})
+    config = parse_study(tomllib.loads(tiny_study_toml(
+        "t", n_trials=1, extra='mode = "cost_to_target"\ntarget_error = 0.3')))
+    reference = {"cost_bpe": 60.0, "val_rel_l2": 0.2, "first_passage_bpe": 60.0,
+                 "to_target": {"target_error": 0.3, "reached": True, "cost_bpe": 20.0,
+                               "val_rel_l2": 0.28}}
+    study = optuna.create_study(directions=["minimize"])
+    _enqueue(study, 5)
+    study.optimize(objective_module.Objective(config, None, reference), n_trials=1)
+    attrs = study.trials[0].user_attrs
+    assert attrs["speedup"] == pytest.approx(20 / 30) == attrs["speedup_first_passage"]
+    summary = {"mode": "cost_to_target", "reference": reference,
+               "trials": [{"number": 0, "values": [30.0, 0.29], "user_attrs": attrs}]}
+    assert pareto.reference_point(summary) == (20.0, 0.28)  # the table's reference row
+    assert pareto.speedup(summary, summary["trials"][0]) == pytest.approx(20 / 30)
+    assert pareto.speedup_first_passage(summary, summary["trials"][0]) == pytest.approx(20 / 30)
+    older = {**summary, "reference": {k: v for k, v in reference.items() if k != "to_target"}}
+    assert pareto.speedup(older, summary["trials"][0]) == pytest.approx(2.0)  # as it was
+
+
+def test_reference_run_records_where_plain_training_reaches_the_studys_target(study_dir):
+    import tomllib
+
+    from dmdopt.search.config import parse_study
+    from dmdopt.search.objective import reference_run
+
+    config = parse_study(tomllib.loads(tiny_study_toml(
+        "t", n_trials=1, extra='mode = "cost_to_target"\ntarget_error = 0.9')))
+    from dmdopt.problem import ProblemConfig, load_dataset
+
+    dataset = load_dataset(ProblemConfig.from_dict(config.problem), cache_dir=study_dir / "data",
+                           progress=False)
+    reference = reference_run(config, dataset)
+    to_target = reference["to_target"]
+    first = next(c for c, e in reference["curve"] if e <= 0.9)
+    assert to_target["reached"] and to_target["cost_bpe"] == first < reference["cost_bpe"]
+    assert to_target["val_rel_l2"] <= 0.9
+
+
+def test_a_target_no_trial_can_reach_within_max_error_ratio_is_refused(study_dir, capsys):
+    """A cost_to_target trial stops at its target, so a target above max_error_ratio x the
+    reference's error made every hit infeasible: no front, no recommendation, no pruning."""
+    from dmdopt.cli import main
+
+    (study_dir / "s.toml").write_text(tiny_study_toml(
+        n_trials=1, extra='mode = "cost_to_target"\ntarget_error = 0.9\nmax_error_ratio = 1.0'))
+    assert main(["study", "run", "s.toml", "--no-mlflow", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "target_error = 0.9 is above max_error_ratio x" in err[0]
+    with pytest.raises(UserError, match="not found"):  # none left: the corrected file runs
+        load_study("tiny", f"sqlite:///{study_dir}/dmdopt-runs/optuna.db")
