@@ -315,15 +315,20 @@ def cmd_study_pareto(args) -> int:
 
 def cmd_study_sync(args) -> int:
     from dmdopt.tracking import StudyTracker
-    from dmdopt.tracking.runs import check_tracking_uri
+    from dmdopt.tracking.runs import _HALF_LOGGED_AFTER_S, check_tracking_uri
 
     name, _, summary = _summary(args)
     check_tracking_uri(args.tracking_uri)
-    added = StudyTracker(args.tracking_uri, name, summary.get("study_uid")).sync(summary)
+    tracker = StudyTracker(args.tracking_uri, name, summary.get("study_uid"))
+    added = tracker.sync(summary)
     if added is None:  # the reason was warned (once) by the tracker
         raise UserError("sync-mlflow: the MLflow tracking store failed (see the warning above); "
                         "what was logged before the failure stays: run the command again")
     print(f"sync-mlflow: {added} trial run(s) added under the parent of study {name}")
+    if tracker.pending:  # not "all synced": another process may be writing them, or was cut off
+        print(f"sync-mlflow: trial(s) {', '.join(map(str, sorted(tracker.pending)))} left alone: "
+              f"a RUNNING child began less than {_HALF_LOGGED_AFTER_S // 60} min ago (another "
+              "process writing it, or one cut off); run the command again after that")
     return 0
 
 

@@ -18,6 +18,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import suppress
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -293,6 +294,10 @@ class StudyTracker:
         self._parent_id: str | None = None
         self._warned = False
         self._paused_until = -math.inf
+        # children this tracker began and a failure cut off (replaced at once, not after
+        # _HALF_LOGGED_AFTER_S), and trials left to another writer's young RUNNING child
+        self._cut_off: set[str] = set()
+        self.pending: set[int] = set()
         fail_fast(self.tracking_uri)
 
     # -- plumbing
@@ -460,9 +465,18 @@ class StudyTracker:
             run = self.client.create_run(self.experiment_id, start_time=start, tags=tags,
                                          run_name=f"trial-{number:03d}")
             run_id = run.info.run_id
-            log_batch(self.client, run_id, metrics=metrics, params=params)
-            _quiet_terminate(self.client, run_id, FINISHED_STATES[state],
-                             end_time=_epoch_ms(trial.get("datetime_complete"), now))
+            try:
+                log_batch(self.client, run_id, metrics=metrics, params=params)
+                _quiet_terminate(self.client, run_id, FINISHED_STATES[state],
+                                 end_time=_epoch_ms(trial.get("datetime_complete"), now))
+            except BaseException:
+                # ours, so no other writer to wait for: gone, or replaced by the next log_trial
+                # at once (it waited _HALF_LOGGED_AFTER_S, past the end of a run, for a child
+                # it could tell from another process's only by age)
+                self._cut_off.add(run_id)
+                with suppress(Exception):
+                    self.client.delete_run(run_id)
+                raise
         return run_id
 
     @tolerant
@@ -481,8 +495,11 @@ class StudyTracker:
         # than a write can take; until then, leave it to its writer.
         now_ns = time.time_ns()
         for running in existing:
-            if now_ns - _logged_at(running) < _HALF_LOGGED_AFTER_S * 1e9:
+            if (running.info.run_id not in self._cut_off
+                    and now_ns - _logged_at(running) < _HALF_LOGGED_AFTER_S * 1e9):
+                self.pending.add(number)
                 return None
+        self.pending.discard(number)
         for half_logged in existing:
             self.client.delete_run(half_logged.info.run_id)
         created = self._create_child(summary, trial, parent_id)

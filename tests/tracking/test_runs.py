@@ -314,15 +314,19 @@ def test_a_child_cut_off_while_written_is_replaced_by_the_next_sync(mlflow_store
         return real(client, run_id, **kw)
 
     monkeypatch.setattr(runs, "log_batch", store_gone)
+    monkeypatch.setattr(MlflowClient, "delete_run", lambda *a, **k: (_ for _ in ()).throw(
+        ConnectionError("server went away")))  # gone for the clean-up too
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert tracker.log_trial(summary, 0) is None  # failed (tolerated, warned)
     monkeypatch.setattr(runs, "log_batch", real)
+    monkeypatch.undo()
     half = _runs(mlflow_store, study_name, "child")
     assert list(half["status"]) == ["RUNNING"]
 
-    # just now: it may be another process still writing it, so it is left alone ...
-    assert StudyTracker(mlflow_store, study_name).sync(summary) == len(FINISHED) - 1
+    # just now: it may be another process still writing it, so it is left alone, and said so
+    other = StudyTracker(mlflow_store, study_name)
+    assert other.sync(summary) == len(FINISHED) - 1 and other.pending == {0}
     assert len(_runs(mlflow_store, study_name, "child")) == len(FINISHED)
     # ... until it is older than a write can take: then it is replaced (it stayed for good)
     monkeypatch.setattr(runs, "_HALF_LOGGED_AFTER_S", 0)
@@ -331,6 +335,44 @@ def test_a_child_cut_off_while_written_is_replaced_by_the_next_sync(mlflow_store
     assert len(children) == len(FINISHED) and set(children["status"]) <= {"FINISHED", "FAILED"}
     trial0 = children[children["tags.dmdopt.trial_number"] == "0"].iloc[0]
     assert trial0["metrics.cost_bpe"] == 300.0
+
+
+def test_the_tracker_that_was_cut_off_replaces_its_own_child_at_once(mlflow_store, make_summary,
+                                                                     study_name, monkeypatch):
+    """It could tell its own half-written child from another process's only by age, so a
+    failure in a run's last two minutes stayed unrepaired by that run's final sync (and the
+    sync said "0 added"). It deletes the child when it can, and replaces it when it cannot."""
+    import dmdopt.tracking.runs as runs
+
+    summary = make_summary(study_name)
+    tracker = StudyTracker(mlflow_store, study_name)
+    tracker.ensure_parent(summary)
+    real = runs.log_batch
+
+    def metrics_fail_for_trial_0(client, run_id, **kw):
+        if kw.get("metrics") and client.get_run(run_id).data.tags.get("dmdopt.trial_number") == "0":
+            raise ConnectionError("server went away")
+        return real(client, run_id, **kw)
+
+    monkeypatch.setattr(runs, "log_batch", metrics_fail_for_trial_0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert tracker.log_trial(summary, 0) is None
+    assert _runs(mlflow_store, study_name, "child").empty  # deleted: nothing half-written
+    real_delete = MlflowClient.delete_run
+    monkeypatch.setattr(MlflowClient, "delete_run", lambda *a, **k: (_ for _ in ()).throw(
+        ConnectionError("server went away")))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tracker.unpause()
+        assert tracker.log_trial(summary, 0) is None  # cut off again, and could not delete
+    assert list(_runs(mlflow_store, study_name, "child")["status"]) == ["RUNNING"]
+    monkeypatch.setattr(runs, "log_batch", real)
+    monkeypatch.setattr(MlflowClient, "delete_run", real_delete)
+    tracker.unpause()
+    assert tracker.sync(summary) == len(FINISHED) and not tracker.pending  # at once, not in 2 min
+    children = _runs(mlflow_store, study_name, "child")
+    assert len(children) == len(FINISHED) and set(children["status"]) <= {"FINISHED", "FAILED"}
 
 
 def test_two_processes_logging_one_trial_at_once_leave_one_child(mlflow_store, make_summary,
