@@ -129,6 +129,20 @@ def in_memory_sqlite(url: str) -> bool:
             or parsed.query.get("mode") == "memory")
 
 
+def with_sql_driver(url: str) -> str:
+    """`postgresql://` names SQLAlchemy's default driver, which is psycopg 3 since SQLAlchemy 2.1;
+    dmdopt's `postgres` extra installs psycopg2. Use whichever of the two is installed (for the
+    Optuna storage and an MLflow store alike)."""
+    import importlib.util
+
+    scheme, sep, rest = url.partition("://")
+    if sep and scheme in ("postgresql", "postgres"):
+        if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2"):
+            return f"postgresql+psycopg2://{rest}"
+        return f"postgresql://{rest}"
+    return url
+
+
 def sqlite_file(url: str) -> Path | None:
     """The database file of a sqlite URL (Optuna's or MLflow's; its query string left out),
     else None (another backend, an in-memory database, not a URL)."""

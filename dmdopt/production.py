@@ -327,11 +327,13 @@ def _short(exc: BaseException) -> str:
 def _check_tracking(tracking_uri: str | None) -> None:
     from dmdopt._util import mask_url
     from dmdopt.tracking.models import check_store
-    from dmdopt.tracking.runs import resolve_tracking_uri
+    from dmdopt.tracking.runs import check_tracking_uri, resolve_tracking_uri
 
+    check_tracking_uri(tracking_uri)  # a URI that can never work: the same line as study run's
     try:
         check_store(tracking_uri)
     except Exception as exc:  # noqa: BLE001 - any failure means the store is unusable
+        where = "--tracking-uri" if tracking_uri else "$MLFLOW_TRACKING_URI"
         raise UserError(f"MLflow tracking at {mask_url(resolve_tracking_uri(tracking_uri))} "
-                        f"cannot be used ({_short(exc)}); fix --tracking-uri or pass "
+                        f"cannot be used ({_short(exc)}); fix {where} or pass "
                         "--no-mlflow") from None

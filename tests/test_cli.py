@@ -188,7 +188,12 @@ def test_a_tracking_uri_mlflow_cannot_open_is_refused_before_any_trial(tmp_path,
     assert err.count("\n") == 0 and "$MLFLOW_TRACKING_URI" in err and "secret" not in err
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     for uri, needle in (("http://[::1:5000", "not a URI"), ("127.0.0.1:5000", "http://127.0.0.1:5000"),
-                        ("usr:secret@host:5000", "no tracking store")):
+                        ("usr:secret@host:5000", "no tracking store"),
+                        # stores that could never work, which ran the study untracked after a
+                        # warning (a folder: after 3.5 min of MLflow's retries)
+                        ("mlruns", "MLflow file store"), (f"file://{tmp_path}/m", "MLflow file store"),
+                        (f"sqlite:///{tmp_path}", "not a database file"),
+                        ("mysql://u:secret@h/db", "needs the Python driver")):
         assert main(["study", "run", "s.toml", "--storage", storage, "--tracking-uri", uri,
                      "--quiet"]) == 2, uri
         err = capsys.readouterr().err.strip()

@@ -7,7 +7,6 @@ is marked failed after `grace_period` and re-queued (at most MAX_RETRY times) by
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import random
 import time
@@ -15,7 +14,7 @@ import time
 import optuna
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
-from dmdopt._util import in_memory_sqlite, mask_url, read_only_sqlite, sqlite_file
+from dmdopt._util import in_memory_sqlite, mask_url, read_only_sqlite, sqlite_file, with_sql_driver
 from dmdopt.errors import UserError
 
 HEARTBEAT_INTERVAL = 10  # seconds between a running trial's heartbeats
@@ -50,17 +49,6 @@ def heartbeat_settings(heartbeat_interval: int | None = None,
     return interval, grace
 
 
-def _with_driver(url: str) -> str:
-    """`postgresql://` names SQLAlchemy's default driver, which is psycopg 3 since SQLAlchemy 2.1;
-    dmdopt's `postgres` extra installs psycopg2. Use whichever of the two is installed."""
-    scheme, sep, rest = url.partition("://")
-    if sep and scheme in ("postgresql", "postgres"):
-        if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2"):
-            return f"postgresql+psycopg2://{rest}"
-        return f"postgresql://{rest}"
-    return url
-
-
 def open_storage(url: str, *, heartbeat_interval: int | None = None,
                  grace_period: int | None = None, writable: bool = True) -> RDBStorage:
     """An RDB storage for `url`; failures are one clear line.
@@ -91,7 +79,7 @@ def open_storage(url: str, *, heartbeat_interval: int | None = None,
     for attempt in range(_SCHEMA_RACE_ATTEMPTS):
         try:
             return RDBStorage(
-                _with_driver(url), engine_kwargs=engine_kwargs,
+                with_sql_driver(url), engine_kwargs=engine_kwargs,
                 heartbeat_interval=heartbeat_interval, grace_period=grace_period,
                 heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY),
             )

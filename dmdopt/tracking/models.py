@@ -22,6 +22,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.types.schema import Schema, TensorSpec
 from torch import nn
 
+from dmdopt._util import with_sql_driver
 from dmdopt.tracking.runs import (
     fail_fast,
     flatten,
@@ -85,7 +86,7 @@ def check_store(tracking_uri: str | None) -> None:
     uri = resolve_tracking_uri(tracking_uri)
     fail_fast(uri)
     prepare_local_store(uri)
-    MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    MlflowClient(tracking_uri=with_sql_driver(uri)).search_experiments(max_results=1)
 
 
 def log_model_run(*, tracking_uri: str | None, experiment: str, run_name: str, model: nn.Module,
@@ -97,7 +98,7 @@ def log_model_run(*, tracking_uri: str | None, experiment: str, run_name: str, m
     uri = resolve_tracking_uri(tracking_uri)
     fail_fast(uri)
     prepare_local_store(uri)
-    client = MlflowClient(tracking_uri=uri)
+    client = MlflowClient(tracking_uri=with_sql_driver(uri))
     run = client.create_run(get_or_create_experiment(client, experiment, uri),
                             run_name=run_name, tags={"dmdopt.role": "production", **(tags or {})})
     run_id = run.info.run_id
@@ -127,7 +128,7 @@ def run_exists(tracking_uri: str | None, run_id: str) -> bool:
     that trained nothing new reuses it instead of logging a copy)."""
     uri = resolve_tracking_uri(tracking_uri)
     try:
-        run = MlflowClient(tracking_uri=uri).get_run(run_id)
+        run = MlflowClient(tracking_uri=with_sql_driver(uri)).get_run(run_id)
     except MlflowException:  # absent (another store, or purged)
         return False
     return run.info.lifecycle_stage == "active" and run.info.status == "FINISHED"
@@ -137,6 +138,6 @@ def load_logged_model(tracking_uri: str | None, run_id: str, *,
                       map_location: str | torch.device = "cpu") -> nn.Module:
     """The torch module logged by `log_model_run` (on the CPU unless told otherwise)."""
     uri = resolve_tracking_uri(tracking_uri)
-    with _tracking_uri(uri):
+    with _tracking_uri(with_sql_driver(uri)):
         return mlflow.pytorch.load_model(f"runs:/{run_id}/{MODEL_NAME}",
                                          map_location=map_location)

@@ -22,6 +22,7 @@ from contextlib import suppress
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlparse
 
 from mlflow.entities import Metric, Param, RunTag, ViewType
 from mlflow.exceptions import MlflowException
@@ -34,6 +35,7 @@ from dmdopt._util import (
     read_only_sqlite,
     sqlite_file,
     versions,
+    with_sql_driver,
 )
 from dmdopt.errors import UserError
 
@@ -92,15 +94,45 @@ def check_tracking_uri(tracking_uri: str | None, field: str = "--tracking-uri") 
     try:  # the registry MLflow resolves every URI with (a lookup: no connection, no file)
         from mlflow.tracking._tracking_service.utils import _tracking_store_registry as registry
 
-        registry.get_store_builder(uri)
+        builder = getattr(registry.get_store_builder(uri), "__name__", "")
     except MlflowException:
         raise UserError(f"{where}: MLflow has no tracking store for {shown!r}; use e.g. "
                         "http://HOST:5000, sqlite:///PATH.db or postgresql://...") from None
     except ValueError as exc:  # urlparse: 'http://[::1:5000' is no URL
         raise UserError(f"{where}: {shown!r} is not a URI ({exc})") from None
     except (ImportError, AttributeError, TypeError):  # MLflow moved it: MLflow reports later
-        pass
+        builder = ""
+    try:
+        scheme = urlparse(str(uri)).scheme.lower()
+    except ValueError as exc:
+        raise UserError(f"{where}: {shown!r} is not a URI ({exc})") from None
+    allowed = os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() in ("true", "1")
+    if builder == "_get_file_store" and not allowed:
+        # MLflow 3 raises on its folder store unless this opt-out is set: it never would work
+        raise UserError(f"{where}: {shown!r} is an MLflow file store, which MLflow 3 refuses "
+                        "(unless MLFLOW_ALLOW_FILE_STORE=true); use sqlite:///PATH.db")
+    if (path := sqlite_file(str(uri))) is not None and path.is_dir():
+        raise UserError(f"{where}: {shown!r} names the folder {path}, not a database file; "
+                        f"use e.g. sqlite:///{path / 'mlflow.db'}")
+    if scheme.split("+")[0] in ("postgresql", "postgres", "mysql", "mssql", "oracle"):
+        _check_sql_driver(uri, where, shown)
     return uri
+
+
+def _check_sql_driver(uri: str, where: str, shown: str) -> None:
+    """A database store whose Python driver is not installed: MLflow's error is a warning per
+    trial (ModuleNotFoundError: psycopg) while the whole study runs untracked."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        dialect = make_url(with_sql_driver(uri)).get_dialect()
+        dialect.import_dbapi()
+    except ImportError as exc:
+        hint = " (dmdopt's [postgres] extra installs psycopg2)" if "postgres" in uri else ""
+        raise UserError(f"{where}: {shown!r} needs the Python driver {exc.name or exc}, which is "
+                        f"not installed{hint}") from None
+    except Exception:  # noqa: BLE001 - a URL SQLAlchemy can't read: MLflow reports it
+        pass
 
 
 def local_artifact_root(uri: str) -> Path | None:
@@ -136,6 +168,8 @@ def prepare_local_store(uri: str) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         if (where := read_only_sqlite(path)) is not None:
             raise PermissionError(f"{where} is read-only")
+        if path.is_dir():  # sqlite cannot open it; MLflow retried for 3.5 min before failing
+            raise IsADirectoryError(f"{path} is a folder, not a database file")
         if path.is_file() and path.stat().st_size:
             # SQLite's file header, read without opening the database (a lock held by a
             # writer is no reason to refuse it)
@@ -324,7 +358,7 @@ class StudyTracker:
     def client(self) -> MlflowClient:
         if self._client is None:
             prepare_local_store(self.tracking_uri)
-            self._client = MlflowClient(tracking_uri=self.tracking_uri)
+            self._client = MlflowClient(tracking_uri=with_sql_driver(self.tracking_uri))
         return self._client
 
     @property

@@ -20,7 +20,7 @@ import urllib.request
 from pathlib import Path
 from typing import IO
 
-from dmdopt._util import mask_url
+from dmdopt._util import mask_url, with_sql_driver
 from dmdopt.errors import UserError
 from dmdopt.tracking.runs import (
     DEFAULT_ARTIFACTS,
@@ -50,7 +50,7 @@ def ui_url(host: str, port: int) -> str:
 def server_command(*, host: str, port: int, backend_store_uri: str, artifacts: str) -> list[str]:
     """`python -m mlflow server` serving (proxying) artifacts so the UI can show them."""
     return [sys.executable, "-m", "mlflow", "server",
-            "--backend-store-uri", backend_store_uri,
+            "--backend-store-uri", with_sql_driver(backend_store_uri),
             "--serve-artifacts", "--artifacts-destination", artifacts,
             "--host", host, "--port", str(port), "--workers", "1"]
 

@@ -492,3 +492,26 @@ def test_ui_refuses_a_store_that_is_not_a_database(tmp_path, capsys):
     with pytest.raises(UserError, match="bad.db is not a SQLite database"):
         start_ui(port=_free_port(), backend_store_uri=f"sqlite:///{tmp_path / 'bad.db'}")
     assert "MLflow UI:" not in capsys.readouterr().out
+
+
+def test_a_postgresql_store_uses_the_driver_that_is_installed(monkeypatch):
+    """SQLAlchemy 2.1 reads postgresql:// as psycopg 3; the [postgres] extra installs psycopg2.
+    The Optuna storage picked the installed one, MLflow did not: every trial warned
+    `No module named 'psycopg'` and the study ran untracked."""
+    import importlib.util
+
+    from dmdopt._util import with_sql_driver
+    from dmdopt.tracking.runs import check_tracking_uri
+
+    if importlib.util.find_spec("psycopg2") is None:
+        pytest.skip("needs psycopg2 (the [postgres] extra; [test] installs it)")
+    url = "postgresql://u:pw@db.example/mlflow"
+    expected = url if importlib.util.find_spec("psycopg") else url.replace("postgresql", "postgresql+psycopg2", 1)
+    assert with_sql_driver(url) == expected
+    assert check_tracking_uri(url) == url  # a driver is there: not refused (nothing connects)
+    import dmdopt.tracking.runs as runs
+
+    opened = []
+    monkeypatch.setattr(runs, "MlflowClient", lambda tracking_uri: opened.append(tracking_uri))
+    StudyTracker(url, "s").client  # noqa: B018 - the client is made on first use
+    assert opened == [expected]
