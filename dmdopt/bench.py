@@ -100,8 +100,8 @@ def _median(values, missing: float | None = None):
     values = [v for v in values if v is not None and not math.isnan(v)]
     if not values:
         return None
-    if missing is None or len(values) % 2:
-        return statistics.median(values)
+    if missing is None or len(values) % 2 or missing not in values:
+        return statistics.median(values)  # no miss among them: the same median as plain's
     # an even count with misses: the worse middle value, never the mean of a hit and a miss
     return statistics.median_high(values) if missing > 0 else statistics.median_low(values)
 

@@ -239,7 +239,12 @@ def _rows_gram(rows: Tensor, rank: int | float | str, *, n_rows: int,
     if small.rank == 0:  # degenerate or non-finite: float64 would not change the verdict
         return gram, 1
     floor = float(small.all_singular_values[0]) * math.sqrt(max(k, 1) * EPS32)
-    if float(small.singular_values[-1]) >= floor:
+    # The rule as it reads before the numerical-rank clip: float32 rounding can push a real
+    # direction's eigenvalue below zero (sigma clamped to 0), and the clip then hid that the
+    # rule wanted it, so whether the redo ran hung on the sign of the rounding (rank 6 of 7,
+    # an extrapolation 2e-2 off). Judge the last direction the rule wants, not the last kept.
+    wanted = select_rank(small.all_singular_values, rank, n_rows=n_rows, n_cols=k, rtol=-1.0)
+    if float(small.all_singular_values[wanted - 1]) >= floor:
         return gram, 1
     n, p = rows.shape
     gram = torch.zeros(n, n, dtype=torch.float64, device=rows.device)

@@ -153,6 +153,10 @@ def test_a_seed_that_missed_the_target_counts_in_the_medians():
     # an even count: the worse middle value, not the mean of a hit (4.00x) and a miss (2.00x)
     cols = _table_line([*_rows("gd", 0, 2000, 500), *_rows("gd", 1, 2000, None)])
     assert cols[8:11] == ["-", "-", "1/2"] and cols[12:15] == ["-", "-", "-"]
+    # an even count without a miss: the mean of the middle two, as plain's columns take it
+    # (the worse one was taken for every even count: 2.00x of 4.00x and 2.00x)
+    cols = _table_line([*_rows("gd", 0, 2000, 500), *_rows("gd", 1, 2000, 1000)])
+    assert cols[8:11] == ["750", "7.5", "2/2"] and cols[12:14] == ["3.00", "3.00"]
 
 
 def test_a_learning_rate_that_diverges_at_once_is_a_row_not_an_abort(tmp_path):
