@@ -77,11 +77,23 @@ def _study_ref(name: str, storage: str | None) -> tuple[str, str]:
 
 
 def _output_is_not_the_study_file(args) -> None:
-    """`export studies/x.toml -o studies/x.toml` would replace the study's definition."""
+    """`export studies/x.toml -o studies/x.toml` would replace the study's definition, and so
+    would `export quick -o quick.toml` (the study named by name, its file beside): an existing
+    study file (a TOML file with a [study] table) is never overwritten."""
+    import tomllib
+
     out, name = Path(args.output), Path(args.name)
     if args.name.endswith(".toml") and out.exists() and name.exists() and out.samefile(name):
         raise UserError(f"--output {args.output} is the study file itself; write the output "
                         "to another path")
+    if out.suffix == ".toml" and out.is_file():
+        try:
+            is_study = isinstance(tomllib.loads(out.read_text(encoding="utf-8-sig")).get("study"), dict)
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+            is_study = False
+        if is_study:
+            raise UserError(f"--output {args.output} is a study file (it has a [study] table); "
+                            "write the output to another path")
 
 
 def _summary(args, **kwargs) -> tuple[str, str, dict]:
@@ -360,6 +372,9 @@ def cmd_dashboard(args) -> int:
     _output_is_not_the_study_file(args)
     if (why := unwritable(args.output)) is not None:  # `-o out/` wrote a file named `out`
         raise UserError(f"--output: cannot write {args.output}: {why}")
+    if Path(args.output).suffix.lower() not in (".html", ".htm"):  # `-o study.toml`, `-o a.png`
+        raise UserError(f"--output: the dashboard is one HTML file: name it .html, got "
+                        f"{args.output!r}")
     name, _, summary = _summary(args)
     try:
         write_dashboard(summary, args.output)

@@ -325,6 +325,19 @@ def test_export_refuses_to_overwrite_the_study_file(tmp_path, monkeypatch, capsy
     assert (tmp_path / "s.toml").read_text() == before
     assert main(["dashboard", "s.toml", "-o", "out/"]) == 2  # wrote a file named `out`
     assert "is a directory" in capsys.readouterr().err and not (tmp_path / "out").is_file()
+    # the study named by name, its file beside: `export tiny -o s.toml` replaced it too
+    assert main(["study", "run", "s.toml", "--n-trials", "1", "--no-mlflow", "--quiet"]) == 0
+    capsys.readouterr()
+    for command in ("export", "dashboard"):
+        assert main([command, "tiny", "-o", "s.toml"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "is a study file" in err and err.count("\n") == 0, err
+    assert (tmp_path / "s.toml").read_text() == before
+    (tmp_path / "d.png").write_bytes(b"png")
+    assert main(["dashboard", "tiny", "-o", "d.png"]) == 2  # any file, written over as HTML
+    assert "name it .html" in capsys.readouterr().err and (tmp_path / "d.png").read_bytes() == b"png"
+    assert main(["export", "tiny", "-o", "t.toml"]) == 0  # a tuned config is no study file
+    assert main(["export", "tiny", "-o", "t.toml", "--trial", "0"]) == 0  # ... and is replaced
 
 
 @pytest.mark.parametrize("kind", ["binary", "directory"])
