@@ -250,7 +250,8 @@ def cmd_study_run(args) -> int:
         return 1
     from dmdopt._util import mask_url
 
-    print(f"done. next: dmdopt study pareto {config.name}"
+    after = "status" if config.mode == "cost_to_target" else "pareto"  # one objective: no front
+    print(f"done. next: dmdopt study {after} {config.name}"
           + (f" --storage {mask_url(args.storage)}" if args.storage else ""))
     return 0
 

@@ -162,6 +162,15 @@ def tuned_config_from_summary(summary: dict, *, policy: str = "knee", value: flo
             raise UserError(f"study {summary.get('study_name')!r} has no COMPLETE trial within its "
                             "constraints to export; pick one with --trial N")
         number, policy_text = summary["pareto"][0], "best (cost_to_target)"
+        best = _find_trial(summary, number)
+        spent = (best.get("values") or [None])[0]
+        if best.get("objective") is not None and spent is not None and best["objective"] > spent:
+            # a miss (charged spend x (1 + error/target)): the best is slower than plain
+            # training to nowhere; the two-objective mode refuses the like ("nothing beats")
+            raise UserError(
+                f"no trial of study {summary.get('study_name')!r} reached its target; the best, "
+                f"trial {number}, ended at val error {best['values'][1]:.4g} after {spent:.0f} "
+                f"bpe: raise target_error, or export it anyway with --trial {number}")
     elif number is None:
         policy, value = parse_policy(policy, value)
         points = points_from_summary(summary)

@@ -61,6 +61,8 @@ BAD = [
     ("include_inf on the window", tiny_study_toml().replace("low = 5\nhigh = 12",
                                                             "low = 5\nhigh = 12\ninclude_inf = true"),
      "window: unknown key 'include_inf'"),
+    # MLflow's experiment names hold 500 characters: the study ran, tracking failed for good
+    ("a name past MLflow's limit", tiny_study_toml("x" * 501), "at most 500 characters"),
     # nan passed `<= 0` and failed every trial after training, at set_constraint
     ("max_error_ratio nan", tiny_study_toml(extra="max_error_ratio = nan"), "max_error_ratio"),
     # the samplers' RNGs take 32 bits: seed 2**32 gave exactly seed 0's trials

@@ -81,3 +81,17 @@ def test_status_prints_what_a_trial_that_missed_the_target_spent(tmp_path, capsy
     single_objective_study(url, "miss", [(600.0, 0.48, False)])
     assert main(["study", "status", "miss", "--storage", url]) == 0
     assert "best       trial 0  cost 300.0 bpe  (target not reached)" in capsys.readouterr().out
+
+
+def test_a_study_whose_trials_all_missed_the_target_exports_only_on_request(tmp_path, capsys):
+    """Its best trial never reached the target: export wrote it as the recommendation (a
+    config slower than plain training), where the two-objective mode says nothing beats it."""
+    url = f"sqlite:///{tmp_path}/c.db"
+    single_objective_study(url, "miss", [(600.0, 0.48, False), (700.0, 0.55, False)])
+    out = tmp_path / "t.toml"
+    assert main(["export", "miss", "--storage", url, "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no trial of study 'miss' reached its target" in err[0]
+    assert "--trial 0" in err[0] and not out.exists()
+    assert main(["export", "miss", "--storage", url, "-o", str(out), "--trial", "0"]) == 0
+    assert load_tuned_config(out).provenance["trial_number"] == 0
