@@ -358,8 +358,9 @@ def run_from_args(args, error: Callable[[str], NoReturn]) -> list[dict]:
     like Ctrl-C, after the --jobs workers are stopped."""
     from dmdopt.training.config import DMDConfig
 
-    if args.seeds < 1 or (args.steps is not None and args.steps < 1) or args.jobs < 1:
-        error("--seeds, --steps and --jobs must be positive integers")
+    for flag, value in (("--seeds", args.seeds), ("--steps", args.steps), ("--jobs", args.jobs)):
+        if value is not None and value < 1:
+            error(f"{flag} must be a positive integer, got {value}")
     methods = tuple(m for m in args.methods.split(",") if m)
     if not methods:
         error(f"--methods: no method given in {args.methods!r} (known: {', '.join(METHODS)})")
@@ -412,6 +413,8 @@ def run_from_args(args, error: Callable[[str], NoReturn]) -> list[dict]:
     if steps < first:  # the window never fills: the "DMD" runs would be plain ones
         error(f"--steps {steps} is fewer than the DMD window ({first} steps before the first "
               "jump): DMD would never run")
+    if args.json is not None and not args.json:
+        error("--json: give a file path, got an empty string")
     if args.json is not None and (why := unwritable(args.json)) is not None:
         error(f"--json: cannot write {args.json}: {why}")  # now, not after the whole run
     t0 = time.perf_counter()

@@ -350,8 +350,8 @@ def cmd_export(args) -> int:
     from dmdopt.search.recommend import parse_policy
 
     _output_is_not_the_study_file(args)
-    named = args.policy or "knee"
-    policy, value = parse_policy(named if args.value is None else f"{named}={args.value}")
+    named = "knee" if args.policy is None else args.policy  # `--policy ''` is no policy
+    policy, value = parse_policy(named, args.value)
     _, _, summary = _summary(args, policy=policy, value=value)
     given = args.policy is not None or args.value is not None
     if given and args.trial is None and summary.get("mode") == "cost_to_target":

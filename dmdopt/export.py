@@ -395,7 +395,7 @@ def load_tuned_config(path: str | os.PathLike) -> TunedConfig:
     if not path.is_file():
         raise UserError(f"tuned config not found: {path}")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a BOM (Windows editors): no error
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"{path}: cannot read: {_one_line(exc)}") from None
     return _validate(_parse(text, fmt, str(path)), str(path))
@@ -498,9 +498,12 @@ def _validate(data: Any, where: str) -> TunedConfig:
     if not isinstance(data, dict):
         raise UserError(f"{where}: expected a table of sections, got {_one_line(repr(data))[:80]}")
     if "schema_version" not in data:
+        if isinstance(data.get("study"), dict):  # the other kind of dmdopt file
+            raise UserError(f"{where}: this is a study file ([study] table), not a tuned config: "
+                            "run it with `dmdopt study run`, then `dmdopt export` its result")
         raise UserError(f"{where}: missing key schema_version (this dmdopt reads {SCHEMA_VERSION})")
     version = data["schema_version"]
-    if version != SCHEMA_VERSION or isinstance(version, bool):
+    if version != SCHEMA_VERSION or not isinstance(version, int) or isinstance(version, bool):
         raise UserError(f"{where}: unsupported schema_version {version!r} "
                         f"(this dmdopt reads {SCHEMA_VERSION})")
     allowed = {"schema_version", *SETTINGS_SECTIONS, "provenance", "expected"}

@@ -186,10 +186,12 @@ def run_production(
     every = checkpoint_every or checkpoint_cadence(training.max_steps, tuned.dmd.window)
     first = tuned.dmd.first_jump_step
     if first > training.max_steps:  # as `train --steps N --dmd-window W` refuses
-        raise UserError(f"{training.max_steps} steps are fewer than the DMD window "
-                        f"({tuned.dmd.window}" + (f" after dmd.warmup = {tuned.dmd.warmup}"
-                                                  if tuned.dmd.warmup else "")
-                        + f"): it never fills, so DMD would never run; pass steps >= {first}")
+        source = "--steps" if steps else "training.max_steps ="
+        raise UserError(f"{source} {training.max_steps} is fewer than the DMD window "
+                        f"(dmd.window = {tuned.dmd.window}"
+                        + (f" after dmd.warmup = {tuned.dmd.warmup}" if tuned.dmd.warmup else "")
+                        + f", in {config_path}): it never fills, so DMD would never run; pass "
+                        f"--steps >= {first}")
 
     key = tuned.settings_hash()
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else DEFAULT_CHECKPOINT_DIR

@@ -81,10 +81,31 @@ def test_an_in_memory_storage_is_refused(url, tmp_path, monkeypatch, capsys):
     (["train", "--steps", "10", "--momentum", "0.5"], "applies to optimizer 'sgd' only"),  # so was this
 ])
 def test_train_flags_that_do_not_apply_are_refused(argv, needle, tmp_path, monkeypatch, capsys):
+    _refused_in_one_line(argv, needle, tmp_path, monkeypatch, capsys)
+
+
+@pytest.mark.parametrize(("argv", "needle"), [
+    # was "--seeds, --steps and --jobs must be positive integers": which, and what value?
+    (["bench", "--seeds", "0"], "--seeds must be a positive integer, got 0"),
+    (["bench", "--jobs", "-2"], "--jobs must be a positive integer, got -2"),
+    (["bench", "--json", ""], "--json: give a file path"),  # was "cannot write : it is a directory"
+    (["export", "x", "-o", "t.toml", "--policy", ""], "policy must be one of"),  # was: knee
+    # was "got '10=20.0'"
+    (["export", "x", "-o", "t.toml", "--policy", "budget=10", "--value", "20"], "already has a value"),
+])
+def test_bad_flag_values_name_the_flag_and_the_value(argv, needle, tmp_path, monkeypatch, capsys):
+    _refused_in_one_line(argv, needle, tmp_path, monkeypatch, capsys)
+
+
+def _refused_in_one_line(argv, needle, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    assert main(argv) == 2
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse's error(), as the bench options report
+        code = exc.code
+    assert code == 2
     err = capsys.readouterr().err.strip()
-    assert needle in err and err.count("\n") == 0
+    assert needle in err and err.count("\n") == 0, err
     assert not list(tmp_path.iterdir())  # refused before any data, checkpoint or store
 
 

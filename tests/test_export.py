@@ -189,6 +189,9 @@ def _drop(data: dict, dotted: str) -> dict:
 @pytest.mark.parametrize(("mutate", "needles"), [
     (lambda d: _set(d, "schema_version", 2), ["schema_version", "2"]),
     (lambda d: _drop(d, "schema_version"), ["schema_version"]),
+    (lambda d: _set(d, "schema_version", 1.0), ["schema_version", "1.0"]),  # was read as 1
+    # a study file given to train --config: "missing key schema_version"
+    (lambda d: {"study": {"name": "q"}, "problem": d["problem"]}, ["this is a study file"]),
     (lambda d: _drop(d, "dmd"), ["[dmd]"]),
     (lambda d: _drop(d, "problem"), ["[problem]"]),
     (lambda d: _set(d, "extras", {}), ["extras"]),

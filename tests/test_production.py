@@ -265,7 +265,7 @@ def test_bad_arguments_and_checkpoints_are_user_errors(tmp_path, cache_dir, unin
     warm = TunedConfig(dmd=DMDConfig(window=5, rank=3, horizon=20.0, warmup=4), training=TRAINING,
                        model=MODEL, problem=PROBLEM)
     write_tuned_config(warm, tmp_path / "warm.toml")
-    with pytest.raises(UserError, match=r"fewer than the DMD window \(5 after dmd.warmup = 4\)"
+    with pytest.raises(UserError, match=r"fewer than the DMD window \(dmd.window = 5 after dmd.warmup = 4, in "
                                         r".*steps >= 9"):
         produce(tmp_path / "warm.toml", tmp_path / "ck4", cache_dir, steps=8)
 

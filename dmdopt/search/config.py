@@ -205,6 +205,9 @@ def parse_study(data: dict, *, where: str = "study file") -> StudyConfig:
     """Validate a study dict (parsed TOML) into a `StudyConfig`."""
     from dmdopt.problem import ProblemConfig
 
+    if "schema_version" in data and "study" not in data:  # the other kind of dmdopt file
+        raise UserError(f"{where}: this is a tuned config (from `dmdopt export`), not a study "
+                        "file: train with it by `dmdopt train --config`")
     _check_keys(data, {"study", "problem", "model", "training", "dmd", "search"}, where)
     study = data.get("study")
     if study is None:
@@ -280,6 +283,12 @@ def parse_study(data: dict, *, where: str = "study file") -> StudyConfig:
                         + (f" after dmd.warmup = {warmup}" if warmup else "")
                         + f" exceeds training.max_steps = {training.max_steps}: such a window "
                         "never fills, so DMD would never run")
+    if training.eval_every >= training.max_steps:
+        # the cost objective is read off the validation curve: with one point at the end,
+        # every trial that gets there costs its whole budget, whatever DMD saved
+        raise UserError(f"{where} [training]: eval_every = {training.eval_every} is not below "
+                        f"max_steps = {training.max_steps}: the cost to the reference's error "
+                        "could be measured only at the budget's end; lower eval_every")
     if n_trials is None and timeout is None:
         raise UserError(f"{w}: set n_trials or timeout (or both)")
     return StudyConfig(name=name, n_trials=n_trials, timeout=timeout, sampler=sampler, seed=seed,
@@ -315,7 +324,7 @@ def load_study_file(path: str | Path) -> StudyConfig:
         names = ", ".join(sorted(shipped_studies()))
         raise UserError(f"study file not found: {p} (shipped studies, by name: {names})")
     try:
-        data = tomllib.loads(p.read_text(encoding="utf-8"))
+        data = tomllib.loads(p.read_text(encoding="utf-8-sig"))  # a BOM (Windows editors): no error
     except tomllib.TOMLDecodeError as exc:
         raise UserError(f"{p}: not valid TOML: {exc}") from None
     except UnicodeDecodeError as exc:

@@ -123,7 +123,8 @@ def load_study(name: str, url: str) -> optuna.Study:
     is not created (status, pareto and export only read)."""
     path = sqlite_file(url)
     if path is not None and not path.is_file():
-        raise UserError(f"study {name!r} not found: {path} does not exist")
+        why = "is a folder, not a database file" if path.is_dir() else "does not exist"
+        raise UserError(f"study {name!r} not found: {path} {why}")
     storage = open_storage(url, writable=False)
     try:
         study = optuna.load_study(study_name=name, storage=storage)

@@ -61,6 +61,11 @@ BAD = [
     ("include_inf on the window", tiny_study_toml().replace("low = 5\nhigh = 12",
                                                             "low = 5\nhigh = 12\ninclude_inf = true"),
      "window: unknown key 'include_inf'"),
+    # a curve of one point at the end: every trial cost its whole budget
+    ("eval_every past the budget", tiny_study_toml(training='max_steps = 60\neval_every = 60'),
+     "eval_every = 60 is not below max_steps = 60"),
+    # a tuned config given to study run: "unknown key 'expected'"
+    ("a tuned config", 'schema_version = 1\n[dmd]\nwindow = 5\n', "this is a tuned config"),
     # MLflow's experiment names hold 500 characters: the study ran, tracking failed for good
     ("a name past MLflow's limit", tiny_study_toml("x" * 501), "at most 500 characters"),
     # nan passed `<= 0` and failed every trial after training, at set_constraint
@@ -191,3 +196,10 @@ def test_the_line_search_choices_include_the_default_ladder(tmp_path):
                                      '[search]\nline_search = ["default", "none"]\n\n[search.window]')
     assert load_study_file(write(tmp_path, text)).space.line_search == ("default", "none")
     assert LINE_SEARCH_PRESETS["default"] == DMDConfig().line_search
+
+
+def test_a_study_file_with_a_byte_order_mark_reads(tmp_path):
+    """Windows editors write one; tomllib called it an 'Invalid statement' at line 1."""
+    path = tmp_path / "bom.toml"
+    path.write_bytes(b"\xef\xbb\xbf" + tiny_study_toml().encode())
+    assert load_study_file(path).name == "tiny"
