@@ -272,6 +272,10 @@ def cmd_study_status(args) -> int:
     print("trials     " + "  ".join(f"{k.lower()} {v}" for k, v in counts.items() if v))
     if ref:
         print(f"reference  cost {ref['cost_bpe']:.1f} bpe  val error {ref['val_rel_l2']:.4f}")
+        if isinstance(to_target := ref.get("to_target"), dict):  # what the speed-ups divide
+            print(f"           to the target {to_target['target_error']:g}: "
+                  + (f"cost {to_target['cost_bpe']:.1f} bpe" if to_target.get("reached")
+                     else "never reached"))
     if len(study.directions) == 1 and counts["COMPLETE"]:  # cost_to_target: no front to show
         from dmdopt.search.study import trial_cost, trial_knobs
 
@@ -281,8 +285,9 @@ def cmd_study_status(args) -> int:
             print("best       none: every COMPLETE trial ends beyond the study's max_error_ratio")
             return 0
         cost, missed = trial_cost(best)
+        how = f"dmdopt export {name}" + (f" --trial {best.number}" if missed else "")
         print(f"best       trial {best.number}  cost {cost:.1f} bpe{missed}  "
-              f"{trial_knobs(best)}  (`dmdopt export {name}` writes it)")
+              f"{trial_knobs(best)}  (`{how}` writes it)")
     return 0
 
 

@@ -18,7 +18,7 @@ from dmdopt.model import ModelConfig
 from dmdopt.training.config import GROWING_CHOICES, DMDConfig, TrainConfig
 
 SAMPLERS = ("nsga2", "tpe", "gp", "random")
-MAX_NAME = 500  # characters of a study name: MLflow's experiment-name limit
+MAX_NAME = 250  # characters of a study name: MLflow's run-name column (its parent run's name)
 MODES = ("multi", "cost_to_target")
 DEFAULT_STORAGE = "sqlite:///dmdopt-runs/optuna.db"
 
@@ -218,7 +218,7 @@ def parse_study(data: dict, *, where: str = "study file") -> StudyConfig:
     name = _take(study, "name", (str,), w)
     if not name or any(c in name for c in "/\\ \t\n"):
         raise UserError(f"{w}: name must be a non-empty word without slashes or spaces, got {name!r}")
-    if len(name) > MAX_NAME:  # MLflow's experiment names hold 500: tracking failed for good
+    if len(name) > MAX_NAME:  # a SQL MLflow store holds 250 (run names): tracking failed for good
         raise UserError(f"{w}: name must be at most {MAX_NAME} characters (MLflow's limit), got "
                         f"{len(name)}: {name[:40]}...")
     n_trials = _take(study, "n_trials", (int,), w, None)

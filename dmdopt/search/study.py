@@ -231,14 +231,18 @@ def prepare_study(config: StudyConfig, *, storage_url: str, cache_dir="dmdopt-ru
                 f"validation error {final:.4g}, no better than where it started ({start:.4g}); "
                 "lower training.lr or change training.max_steps")
         bound = (config.max_error_ratio or math.inf) * final
-        if config.mode == "cost_to_target" and (config.target_error or 0.0) > bound:
+        target = config.target_error if config.target_error is not None else final
+        if config.mode == "cost_to_target" and target > bound:
             # a trial stops at the target, so it ends near it: every hit would be infeasible,
             # the study would have nothing to recommend and its pruning bound would never set
             drop_empty_study()
             raise UserError(
-                f"study: target_error = {config.target_error:g} is above max_error_ratio x the "
+                f"study: target_error = {target:g}"
+                + (" (the reference's error)" if config.target_error is None else "")
+                + " is above max_error_ratio x the "
                 f"reference's error ({config.max_error_ratio:g} x {final:.4g} = {bound:.4g}), so "
-                "every trial that reaches the target would break the bound; lower "
+                "a trial, which stops at its first evaluation at or below the target, would "
+                "end beyond the bound; lower "
                 "study.target_error or raise study.max_error_ratio")
         # Workers starting together on a new study each train the reference; the first one
         # stored wins, so every worker (and every plot) uses the same reference.

@@ -38,6 +38,7 @@ from dmdopt._util import (
     with_sql_driver,
 )
 from dmdopt.errors import UserError
+from dmdopt.pareto import reference_point
 
 log = logging.getLogger(__name__)
 # MLflow announces its one-off sqlite schema set-up at INFO on every new store; in a study's
@@ -106,10 +107,9 @@ def check_tracking_uri(tracking_uri: str | None, field: str = "--tracking-uri") 
         scheme = urlparse(str(uri)).scheme.lower()
     except ValueError as exc:
         raise UserError(f"{where}: {shown!r} is not a URI ({exc})") from None
-    allowed = os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() in ("true", "1")
-    if builder == "_get_file_store" and not allowed:
-        # MLflow 3 raises on its folder store unless this opt-out is set: it never would work
-        raise UserError(f"{where}: {shown!r} is an MLflow file store, which MLflow 3 refuses "
+    if builder == "_get_file_store" and _file_store_refused():
+        # MLflow raises on its folder store unless opted out: it never would work
+        raise UserError(f"{where}: {shown!r} is an MLflow file store, which this MLflow refuses "
                         "(unless MLFLOW_ALLOW_FILE_STORE=true); use sqlite:///PATH.db")
     if (path := sqlite_file(str(uri))) is not None and path.is_dir():
         raise UserError(f"{where}: {shown!r} names the folder {path}, not a database file; "
@@ -117,6 +117,20 @@ def check_tracking_uri(tracking_uri: str | None, field: str = "--tracking-uri") 
     if scheme.split("+")[0] in ("postgresql", "postgres", "mysql", "mssql", "oracle"):
         _check_sql_driver(uri, where, shown)
     return uri
+
+
+def _file_store_refused() -> bool:
+    """MLflow raises on a folder (file) store from 3.13 on, unless MLFLOW_ALLOW_FILE_STORE is
+    set; 3.0-3.12 (pyproject allows them) still write one."""
+    from importlib.metadata import version
+
+    if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() in ("true", "1"):
+        return False
+    try:
+        major, minor = (int(part) for part in version("mlflow").split(".")[:2])
+    except (ValueError, ImportError):
+        return False  # an odd version string: MLflow itself reports later
+    return (major, minor) >= (3, 13)
 
 
 def _check_sql_driver(uri: str, where: str, shown: str) -> None:
@@ -580,9 +594,14 @@ class StudyTracker:
                    for n, hv in summary.get("hypervolume_history") or [] if int(n) not in logged]
         existing = client.get_run(parent_id).data.metrics
         ref = summary.get("reference") or {}
-        for key in ("cost_bpe", "val_rel_l2", "test_rel_l2", "wall_time"):
+        # its point as the front and pareto.csv show it (a cost_to_target study with its own
+        # target: where plain training reached that target)
+        point = reference_point(summary) or (ref.get("cost_bpe"), ref.get("val_rel_l2"))
+        values = {"cost_bpe": point[0], "val_rel_l2": point[1],
+                  "test_rel_l2": ref.get("test_rel_l2"), "wall_time": ref.get("wall_time")}
+        for key, value in values.items():
             name = f"reference_{key}"
-            if name not in existing and (num := _number(ref.get(key))) is not None:
+            if name not in existing and (num := _number(value)) is not None:
                 metrics.append(Metric(name, num, now, 0))
         rec = summary.get("recommended") or {}
         tags = {"dmdopt.pareto": ",".join(str(n) for n in summary.get("pareto") or []),

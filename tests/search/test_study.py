@@ -943,3 +943,9 @@ def test_a_target_no_trial_can_reach_within_max_error_ratio_is_refused(study_dir
     assert len(err) == 1 and "target_error = 0.9 is above max_error_ratio x" in err[0]
     with pytest.raises(UserError, match="not found"):  # none left: the corrected file runs
         load_study("tiny", f"sqlite:///{study_dir}/dmdopt-runs/optuna.db")
+    # no target_error: the target is the reference's own error, above any ratio < 1 of it
+    (study_dir / "s.toml").write_text(tiny_study_toml(
+        n_trials=1, extra='mode = "cost_to_target"\nmax_error_ratio = 0.9'))
+    assert main(["study", "run", "s.toml", "--no-mlflow", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "(the reference's error) is above max_error_ratio x" in err[0]

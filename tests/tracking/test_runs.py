@@ -515,3 +515,19 @@ def test_a_postgresql_store_uses_the_driver_that_is_installed(monkeypatch):
     monkeypatch.setattr(runs, "MlflowClient", lambda tracking_uri: opened.append(tracking_uri))
     StudyTracker(url, "s").client  # noqa: B018 - the client is made on first use
     assert opened == [expected]
+
+
+def test_a_cost_to_target_parent_logs_the_reference_point_its_front_shows(mlflow_store,
+                                                                         make_summary, study_name):
+    """pareto.csv (and the dashboard) put plain training where it reached the study's target;
+    the parent's reference metrics still said its whole budget."""
+    summary = make_summary(study_name)
+    summary["mode"] = "cost_to_target"
+    summary["reference"]["to_target"] = {"target_error": 0.1, "reached": True,
+                                         "cost_bpe": 250.0, "val_rel_l2": 0.099}
+    tracker = StudyTracker(mlflow_store, study_name)
+    assert tracker.sync(summary) is not None
+    parent = _runs(mlflow_store, study_name, "parent").iloc[0]
+    assert parent["metrics.reference_cost_bpe"] == 250.0
+    assert parent["metrics.reference_val_rel_l2"] == pytest.approx(0.099)
+    assert parent["metrics.reference_test_rel_l2"] == pytest.approx(0.081)  # its own figures
