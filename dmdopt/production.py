@@ -180,7 +180,10 @@ def run_production(
                            device=device or tuned.training.device)
         resolved = resolve_device(training.device)
     except ValueError as exc:
-        raise UserError(" ".join(str(exc).split())) from None
+        text = " ".join(str(exc).split())
+        if device:  # the value came from --device, not from the file's [training]
+            text = text.replace("training.device", "--device", 1)
+        raise UserError(text) from None
     if checkpoint_every is not None and (not isinstance(checkpoint_every, int) or checkpoint_every < 1):
         raise UserError(f"checkpoint_every must be a positive integer, got {checkpoint_every!r}")
     every = checkpoint_every or checkpoint_cadence(training.max_steps, tuned.dmd.window)
@@ -206,8 +209,9 @@ def run_production(
     requested_steps = training.max_steps
     start = _checkpoint_step(ckpt)
     if start is not None and start > training.max_steps:
-        raise UserError(f"checkpoint {ckpt} is at step {start}, past the requested "
-                        f"{training.max_steps} steps: pass steps >= {start} or delete it")
+        asked = "--steps" if steps else f"training.max_steps in {config_path}"
+        raise UserError(f"checkpoint {ckpt} is at step {start}, past the {training.max_steps} "
+                        f"steps {asked} asks for: pass --steps >= {start} or delete it")
     # A run that already stopped at its target is not trained further: train() keeps
     # `stopped_by` in the checkpoint and returns at once.
     if start and progress:

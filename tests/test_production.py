@@ -231,7 +231,7 @@ def test_equal_settings_written_differently_name_one_checkpoint():
 
 def test_bad_arguments_and_checkpoints_are_user_errors(tmp_path, cache_dir, uninterrupted):
     config = write_config(tmp_path / "tuned.toml", uninterrupted)
-    with pytest.raises(UserError, match="training.device.*tpu"):
+    with pytest.raises(UserError, match="--device.*tpu"):
         produce(config, tmp_path / "ck", cache_dir, device="tpu")
     with pytest.raises(UserError, match="steps.*-3"):
         produce(config, tmp_path / "ck", cache_dir, steps=-3)
@@ -412,3 +412,17 @@ def test_a_sigkilled_run_resumes_to_the_uninterrupted_result(tmp_path, cache_dir
     assert {k: out[k] for k in straight.metrics} == straight.metrics
     assert out["reproduced"] is True
     assert same_weights(out["checkpoint"], straight.model)
+
+
+def test_importing_the_model_logger_leaves_the_root_logger_alone():
+    """MLflow's Lightning autolog module runs logging.basicConfig(level=ERROR) on import: with
+    MLflow logging on, production's "differs from the trial" warning was never printed."""
+    import subprocess
+    import sys
+
+    code = ("import logging; root = logging.getLogger(); before = (root.level, list(root.handlers)); "
+            "import dmdopt.tracking.models; assert (root.level, root.handlers) == before, "
+            "(root.level, root.handlers); logging.getLogger('dmdopt.production').warning('seen')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "seen" in done.stderr  # Python's last-resort handler: WARNING and up reach stderr

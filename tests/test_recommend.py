@@ -135,3 +135,17 @@ def test_a_point_plain_training_dominates_is_never_recommended():
     assert recommend(points, None) == 1  # without a reference, nothing to compare with
     with pytest.raises(UserError, match="no trial beats plain training"):
         recommend(points[1:], reference)
+
+
+def test_plain_training_itself_is_no_recommendation_when_its_curve_ends_noisy():
+    """The reference's curve touched its final error at 136 of 600 bpe; a trial that kept no
+    jump is that curve: it 'reaches' the error at 136 (4.42x against the budget, fp x 1.0)
+    and the knee picked it over a real DMD trial."""
+    reference = {"cost_bpe": 600.0, "val_rel_l2": 0.10, "first_passage_bpe": 136.0}
+    plain_again = {"number": 2, "cost_bpe": 136.0, "val_rel_l2": 0.10}
+    dmd = {"number": 5, "cost_bpe": 300.0, "val_rel_l2": 0.09}
+    assert recommend([plain_again, dmd], reference) == 5
+    with pytest.raises(UserError, match="no trial beats plain training"):
+        recommend([plain_again], reference)
+    faster = {"number": 7, "cost_bpe": 120.0, "val_rel_l2": 0.10}  # beats the first passage
+    assert recommend([faster], reference) == 7

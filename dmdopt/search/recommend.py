@@ -20,8 +20,9 @@ budget=C
     The most accurate point that costs at most C backprop-equivalent steps.
 
 Every policy chooses among the front's points that plain training (the reference) does not
-weakly dominate: a point that costs at least the reference's budget and ends no more accurate
-is no reason to use DMD (a trial that never reaches the reference's error is charged its
+weakly dominate: a point that costs at least the reference's budget (or its first passage to
+its own final error, when its curve got there earlier) and ends no more accurate is no reason
+to use DMD (a trial that never reaches the reference's error is charged its
 whole spend, so such points do reach the front).
 
 Ties are broken deterministically: knee -> lower error, then lower cost, then lower trial
@@ -151,6 +152,12 @@ def recommend(points: Iterable[Mapping[str, Any]], reference: Mapping[str, Any] 
     if not front:
         raise UserError("no completed trial with finite cost and error to recommend from")
     ref_cost, ref_err = ((reference or {}).get(k) for k in ("cost_bpe", "val_rel_l2"))
+    first = (reference or {}).get("first_passage_bpe")
+    if _is_number(first) and _is_number(ref_cost):
+        # plain training reached its own final error already there (a noisy end): a trial
+        # that did no better (no jump kept: plain training itself) is no recommendation,
+        # though its cost to that error beats the budget (a "4.42x" with fp x 0.88)
+        ref_cost = min(ref_cost, first)
     if _is_number(ref_cost) and _is_number(ref_err):
         front = [p for p in front if p["cost_bpe"] < ref_cost or p["val_rel_l2"] < ref_err]
         if not front:

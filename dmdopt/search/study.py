@@ -36,7 +36,7 @@ from dmdopt.search.config import StudyConfig
 from dmdopt.search.objective import METRIC_NAMES, Objective, reference_run
 from dmdopt.search.sampler import make_sampler, nsga2_population
 from dmdopt.search.storage import made_by_another_tool, open_storage
-from dmdopt.search.summary import UID_PREFIX, is_surplus, study_uid, summarize
+from dmdopt.search.summary import INTERRUPTED, UID_PREFIX, is_surplus, study_uid, summarize
 from dmdopt.training.config import DMDConfig
 from dmdopt.training.loop import Diverged, resolve_device
 
@@ -67,8 +67,6 @@ def config_digest(config: StudyConfig | dict) -> str:
     return hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-INTERRUPTED = "interrupted (Ctrl-C or SIGTERM)"
-"""The `fail_reason` of a trial stopped by the user (shown in MLflow and the trial lines)."""
 
 
 def _load_dataset(config: StudyConfig, cache_dir: str | os.PathLike, progress: bool):
@@ -419,12 +417,58 @@ def _quiet_interrupts() -> None:
         logger.addFilter(_NoInterruptTraceback())
 
 
+class StorageLost(WorkersFailed):
+    """The Optuna storage went away while the study ran (a database server stopped, a lost
+    network): not the user's mistake, and nothing to fix in dmdopt: exit code 1, one line."""
+
+
+STORAGE_LOST_EXIT = 4  # a worker process's exit code for StorageLost
+
+
+def _storage_failure(exc: BaseException) -> BaseException | None:
+    """The database-connection error behind `exc`, if any. Optuna wraps it (its
+    StorageInternalError blames "invalid data in the commit"), or its own bookkeeping then
+    fails on it (an UnboundLocalError in optimize's finally): walk the chain."""
+    from sqlalchemy.exc import InterfaceError, OperationalError
+
+    seen = 0
+    while exc is not None and seen < 20:
+        if isinstance(exc, (OperationalError, InterfaceError)):
+            return exc
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
+
+
+def _storage_lost(exc: BaseException, storage_url: str) -> StorageLost:
+    cause = _storage_failure(exc)
+    orig = getattr(cause, "orig", None) or cause
+    why = " ".join(str(orig).split())[:160]
+    return StorageLost(f"the Optuna storage {mask_url(storage_url)} failed while the study ran "
+                       f"({type(orig).__name__}: {why}); finished trials are kept: run the same "
+                       "command again once it is back (a trial it cut off is retried)")
+
+
 def worker_loop(config: StudyConfig, *, storage_url: str, n_trials: int | None,
                 timeout: float | None, cache_dir="dmdopt-runs/data", tracking: bool = True,
                 tracking_uri: str | None = None, echo=print, progress: bool = False,
                 tracker: _Tracking | None = None) -> int:
     """One worker: run trials until `n_trials` have a result in the storage (all workers
-    together) or `timeout` seconds passed. Returns the trials this worker ran."""
+    together) or `timeout` seconds passed. Returns the trials this worker ran. A storage that
+    goes away meanwhile is StorageLost (one line), not the 300-line chain Optuna leaves."""
+    try:
+        return _worker_loop(config, storage_url=storage_url, n_trials=n_trials,
+                            timeout=timeout, cache_dir=cache_dir, tracking=tracking,
+                            tracking_uri=tracking_uri, echo=echo, progress=progress,
+                            tracker=tracker)
+    except Exception as exc:
+        if _storage_failure(exc) is None:
+            raise
+        raise _storage_lost(exc, storage_url) from None
+
+
+def _worker_loop(config: StudyConfig, *, storage_url: str, n_trials: int | None,
+                 timeout: float | None, cache_dir, tracking: bool, tracking_uri: str | None,
+                 echo, progress: bool, tracker: _Tracking | None) -> int:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     _quiet_interrupts()
     storage = open_storage(storage_url)
@@ -590,6 +634,9 @@ def _worker_entry(path_or_raw, storage_url, n_trials, timeout, cache_dir, tracki
     except GaveUp as exc:
         print(prefix + str(exc), flush=True)
         sys.exit(GAVE_UP_EXIT)
+    except StorageLost as exc:
+        print(prefix + str(exc), flush=True)
+        sys.exit(STORAGE_LOST_EXIT)
 
 
 def visible_gpus() -> int:
@@ -678,11 +725,19 @@ def run_study(config: StudyConfig, *, n_trials: int | None = None, storage: str 
                     p.kill()  # SIGTERM was theirs already: it is one-shot, then ignored
                     p.join(timeout=5)
             raise
-        if (any(p.exitcode == GAVE_UP_EXIT for p in procs) and n_trials is not None
-                and _count_results(study) < n_trials):
+        try:
+            complete = _count_results(study)
+        except Exception as exc:
+            if _storage_failure(exc) is None:
+                raise
+            raise _storage_lost(exc, storage_url) from None
+        if any(p.exitcode == GAVE_UP_EXIT for p in procs) and n_trials is not None and complete < n_trials:
             raise GaveUp(_gave_up_message(study, config.name, n_trials))
+        if any(p.exitcode == STORAGE_LOST_EXIT for p in procs) and (n_trials is None or complete < n_trials):
+            raise StorageLost(f"the Optuna storage {mask_url(storage_url)} failed while the study "
+                              "ran (the workers' lines above say how); finished trials are kept: "
+                              "run the same command again once it is back")
         died = [p.exitcode for p in procs if p.exitcode != 0]
-        complete = _count_results(study)
         if died and (n_trials is None or complete < n_trials):
             codes = ", ".join(f"signal {-c}" if c < 0 else f"exit code {c}" for c in died)
             of = f" of {n_trials}" if n_trials is not None else ""

@@ -9,6 +9,9 @@ from optuna.trial import TrialState
 from dmdopt._util import mask_url
 from dmdopt.errors import UserError
 
+INTERRUPTED = "interrupted (Ctrl-C or SIGTERM)"
+"""The `fail_reason` of a trial stopped by the user (shown in MLflow and the trial lines)."""
+
 
 def is_surplus(trial: optuna.trial.FrozenTrial) -> bool:
     """A trial pruned before training because the quota was already full: not a result.
@@ -107,6 +110,11 @@ def summarize(study: optuna.Study, *, storage_url: str | None = None, policy: st
         if chain:
             for lost, rerun in zip(chain, chain[1:] + [t.number], strict=True):
                 retried_as[lost] = rerun
+    # the other way round, for both kinds of re-run: a heartbeat retry (Optuna's
+    # `failed_trial`) and an interrupted trial's queued settings (dmdopt's `rerun_of`)
+    rerun_of = {rerun: lost for lost, rerun in retried_as.items()}
+    interrupted_as = {t.user_attrs["rerun_of"]: t.number for t in trials
+                      if isinstance(t.user_attrs.get("rerun_of"), int)}
     single = len(study.directions) == 1
     rows = []
     for t in trials:
@@ -123,6 +131,11 @@ def summarize(study: optuna.Study, *, storage_url: str | None = None, policy: st
             "datetime_start": t.datetime_start.isoformat() if t.datetime_start else None,
             "datetime_complete": t.datetime_complete.isoformat() if t.datetime_complete else None,
         })
+        if t.number in rerun_of and "rerun_of" not in t.user_attrs:
+            rows[-1]["user_attrs"]["rerun_of"] = rerun_of[t.number]
+        if t.user_attrs.get("fail_reason") == INTERRUPTED and t.number in interrupted_as:
+            rows[-1]["user_attrs"]["fail_reason"] = (f"{INTERRUPTED}; re-run as trial "
+                                                     f"{interrupted_as[t.number]}")
         if t.state == TrialState.FAIL and "fail_reason" not in t.user_attrs:
             reason = t.system_attrs.get("fail_reason") or (
                 f"its worker stopped heart-beating; re-run as trial {retried_as[t.number]}"

@@ -13,7 +13,6 @@ import logging
 from collections.abc import Iterator
 
 import mlflow
-import mlflow.pytorch
 import numpy as np
 import torch
 from mlflow.exceptions import MlflowException
@@ -32,6 +31,22 @@ from dmdopt.tracking.runs import (
     resolve_tracking_uri,
 )
 
+
+def _import_mlflow_pytorch():
+    """`import mlflow.pytorch`, leaving the root logger as it was: MLflow's Lightning autolog
+    module calls logging.basicConfig(level=ERROR) on import, which silenced every warning of
+    the importing program (production's "differs from the trial" warning among them)."""
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    import mlflow.pytorch as module
+
+    root.setLevel(level)
+    for handler in [h for h in root.handlers if h not in handlers]:
+        root.removeHandler(handler)
+    return module
+
+
+mlflow_pytorch = _import_mlflow_pytorch()
 MODEL_NAME = "model"
 
 
@@ -109,7 +124,7 @@ def log_model_run(*, tracking_uri: str | None, experiment: str, run_name: str, m
         with _tracking_uri(uri), mlflow.start_run(run_id=run_id,
                                                   nested=mlflow.active_run() is not None), \
                 _quiet_pickle_caution():
-            mlflow.pytorch.log_model(
+            mlflow_pytorch.log_model(
                 model, name=MODEL_NAME, signature=_signature(model),
                 # MLflow 3.17 defaults to "pt2" (torch.export: needs an input example and loads
                 # back a GraphModule); pickle keeps the real class (dmdopt.model, importable)
@@ -139,5 +154,5 @@ def load_logged_model(tracking_uri: str | None, run_id: str, *,
     """The torch module logged by `log_model_run` (on the CPU unless told otherwise)."""
     uri = resolve_tracking_uri(tracking_uri)
     with _tracking_uri(with_sql_driver(uri)):
-        return mlflow.pytorch.load_model(f"runs:/{run_id}/{MODEL_NAME}",
+        return mlflow_pytorch.load_model(f"runs:/{run_id}/{MODEL_NAME}",
                                          map_location=map_location)

@@ -54,6 +54,7 @@ EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_de
 TAG_STUDY, TAG_ROLE = "dmdopt.study", "dmdopt.role"
 TAG_TRIAL, TAG_STATE, TAG_FAIL = "dmdopt.trial_number", "dmdopt.trial_state", "dmdopt.fail_reason"
 TAG_DUPLICATE = "dmdopt.duplicate_of"
+TAG_RERUN = "dmdopt.rerun_of"  # the interrupted or dead trial this one re-ran
 TAG_UID = "dmdopt.study_uid"  # which study of that name (see search.summary.study_uid)
 TAG_LOGGED_AT = "dmdopt.logged_at_ns"  # when a child was written: the first of twins stays
 _HALF_LOGGED_AFTER_S = 120  # a child RUNNING for longer was cut off while being written
@@ -479,6 +480,8 @@ class StudyTracker:
             tags[TAG_FAIL] = str(attrs.get("fail_reason") or "unknown")
         if attrs.get("duplicate_of") is not None:  # same settings as an earlier trial: its result
             tags[TAG_DUPLICATE] = str(attrs["duplicate_of"])
+        if attrs.get("rerun_of") is not None:
+            tags[TAG_RERUN] = str(attrs["rerun_of"])
         params = flatten(trial.get("params") or {})
         params.update(flatten(attrs.get("dmd") or {}, "dmd"))
         params.update(flatten(attrs.get("training") or {}, "training"))

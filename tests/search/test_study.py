@@ -226,6 +226,9 @@ def test_interrupt_keeps_finished_trials_then_resumes(study_dir, monkeypatch, ca
     # worker's trial is re-queued by the heartbeat): an interrupt does not change the study
     rerun = [t for t in resumed if t.user_attrs.get("rerun_of") == cut.number]
     assert len(rerun) == 1 and rerun[0].params == cut.params
+    # the summary (and MLflow's fail_reason tag) links the two both ways
+    rows = {r["number"]: r for r in summarize(load_study("tiny", config.storage))["trials"]}
+    assert rows[cut.number]["user_attrs"]["fail_reason"].endswith(f"re-run as trial {rerun[0].number}")
 
 
 def count_training(monkeypatch) -> dict:
@@ -467,6 +470,10 @@ def test_a_retry_ending_logs_its_dead_origin_too(tmp_path):
     assert logged[last.number] == ("COMPLETE", None)
     assert logged[killed.number] == ("FAIL", reason(retry.number))
     assert logged[retry.number] == ("FAIL", reason(last.number))
+    # a heartbeat re-run names the trial it re-ran as an interrupt's re-run does (rerun_of)
+    rows = {r["number"]: r for r in summarize(study)["trials"]}
+    assert rows[retry.number]["user_attrs"]["rerun_of"] == killed.number
+    assert rows[last.number]["user_attrs"]["rerun_of"] == retry.number
 
 
 BUSY_STORAGE = "sqlite:///dmdopt-runs/optuna.db"
@@ -949,3 +956,51 @@ def test_a_target_no_trial_can_reach_within_max_error_ratio_is_refused(study_dir
     assert main(["study", "run", "s.toml", "--no-mlflow", "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "(the reference's error) is above max_error_ratio x" in err[0]
+
+
+def test_a_storage_lost_mid_study_is_one_line_and_keeps_the_finished_trials(study_dir, capsys,
+                                                                            monkeypatch):
+    """PostgreSQL stopped while two launchers ran: each printed ~320 lines of chained
+    tracebacks (psycopg2's OperationalError, Optuna's StorageInternalError blaming 'invalid
+    data in the commit', then its UnboundLocalError). Here the storage fails after trial 0."""
+    from sqlalchemy.exc import OperationalError
+
+    import dmdopt.search.study as study_module
+    from dmdopt.cli import main
+
+    (study_dir / "s.toml").write_text(tiny_study_toml(n_trials=3))
+    real, calls = study_module._count_results, []
+
+    def server_gone_after_one_trial(study):
+        calls.append(1)
+        if real(study) >= 1:
+            raise OperationalError("SELECT trials", {}, ConnectionRefusedError("Connection refused"))
+        return real(study)
+
+    monkeypatch.setattr(study_module, "_count_results", server_gone_after_one_trial)
+    assert main(["study", "run", "s.toml", "--no-mlflow", "--quiet"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the Optuna storage sqlite:///dmdopt-runs/optuna.db failed" in err[0]
+    assert "ConnectionRefusedError: Connection refused" in err[0] and "run the same command" in err[0]
+    monkeypatch.setattr(study_module, "_count_results", real)
+    assert len(complete(load_study("tiny", "sqlite:///dmdopt-runs/optuna.db"))) == 1  # kept
+
+
+def test_the_storage_error_is_found_behind_optunas_wrappers():
+    from optuna.exceptions import StorageInternalError
+    from sqlalchemy.exc import OperationalError
+
+    from dmdopt.search.study import _storage_failure
+
+    lost = OperationalError("COMMIT", {}, ConnectionRefusedError("refused"))
+    try:
+        try:
+            try:
+                raise lost
+            except OperationalError as exc:
+                raise StorageInternalError("invalid data in the commit") from exc
+        except StorageInternalError:
+            raise UnboundLocalError("updated_state")  # noqa: B904 - as Optuna's finally does
+    except UnboundLocalError as exc:
+        assert _storage_failure(exc) is lost
+    assert _storage_failure(ValueError("a bug")) is None
