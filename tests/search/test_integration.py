@@ -155,4 +155,6 @@ def test_an_interrupted_trial_reaches_mlflow_when_the_study_resumes(tmp_path, mo
                 if r.data.tags.get("mlflow.parentRunId")}
     assert sorted(children) == [0, 1, 2]
     assert children[1].info.status == "FAILED"
-    assert children[1].data.tags["dmdopt.fail_reason"] == "interrupted (Ctrl-C or SIGTERM)"
+    # the resume re-ran its settings first (trial 2), and the reason says so
+    assert children[1].data.tags["dmdopt.fail_reason"] == "interrupted (Ctrl-C or SIGTERM); re-run as trial 2"
+    assert children[2].data.tags["dmdopt.rerun_of"] == "1"
