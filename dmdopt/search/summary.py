@@ -113,8 +113,10 @@ def summarize(study: optuna.Study, *, storage_url: str | None = None, policy: st
     # the other way round, for both kinds of re-run: a heartbeat retry (Optuna's
     # `failed_trial`) and an interrupted trial's queued settings (dmdopt's `rerun_of`)
     rerun_of = {rerun: lost for lost, rerun in retried_as.items()}
+    # (a heartbeat retry copies its dead origin's user attributes, a `rerun_of` included:
+    # that one names the origin's own origin, so the retry chain wins for it)
     interrupted_as = {t.user_attrs["rerun_of"]: t.number for t in trials
-                      if isinstance(t.user_attrs.get("rerun_of"), int)}
+                      if isinstance(t.user_attrs.get("rerun_of"), int) and t.number not in rerun_of}
     single = len(study.directions) == 1
     rows = []
     for t in trials:
@@ -131,7 +133,7 @@ def summarize(study: optuna.Study, *, storage_url: str | None = None, policy: st
             "datetime_start": t.datetime_start.isoformat() if t.datetime_start else None,
             "datetime_complete": t.datetime_complete.isoformat() if t.datetime_complete else None,
         })
-        if t.number in rerun_of and "rerun_of" not in t.user_attrs:
+        if t.number in rerun_of:
             rows[-1]["user_attrs"]["rerun_of"] = rerun_of[t.number]
         if t.user_attrs.get("fail_reason") == INTERRUPTED and t.number in interrupted_as:
             rows[-1]["user_attrs"]["fail_reason"] = (f"{INTERRUPTED}; re-run as trial "
