@@ -460,6 +460,8 @@ def worker_loop(config: StudyConfig, *, storage_url: str, n_trials: int | None,
                             timeout=timeout, cache_dir=cache_dir, tracking=tracking,
                             tracking_uri=tracking_uri, echo=echo, progress=progress,
                             tracker=tracker)
+    except UserError:  # a storage that never opened: the user's (its cause stays chained)
+        raise
     except Exception as exc:
         if _storage_failure(exc) is None:
             raise

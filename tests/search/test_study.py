@@ -1004,3 +1004,18 @@ def test_the_storage_error_is_found_behind_optunas_wrappers():
     except UnboundLocalError as exc:
         assert _storage_failure(exc) is lost
     assert _storage_failure(ValueError("a bug")) is None
+
+
+def test_a_storage_that_never_opened_stays_a_user_error_in_a_worker(tmp_path):
+    """open_storage's UserError keeps its OperationalError chained (`from None` only hides it):
+    a worker called that a storage lost mid-study (exit 1, 'once it is back')."""
+    import tomllib
+
+    from dmdopt.search.config import parse_study
+    from dmdopt.search.study import worker_loop
+
+    (tmp_path / "adir.db").mkdir()
+    config = parse_study(tomllib.loads(tiny_study_toml(n_trials=1)))
+    with pytest.raises(UserError, match="cannot open"):
+        worker_loop(config, storage_url=f"sqlite:///{tmp_path}/adir.db", n_trials=1, timeout=None,
+                    tracking=False)

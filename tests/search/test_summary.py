@@ -95,3 +95,25 @@ def test_a_study_whose_trials_all_missed_the_target_exports_only_on_request(tmp_
     assert "--trial 0" in err[0] and not out.exists()
     assert main(["export", "miss", "--storage", url, "-o", str(out), "--trial", "0"]) == 0
     assert load_tuned_config(out).provenance["trial_number"] == 0
+
+
+def test_a_heartbeat_retry_of_an_interrupts_rerun_names_the_trial_it_retried():
+    """Optuna's retry copies its dead origin's user attributes, `rerun_of` included: trial 2
+    (the retry of trial 1, itself the queued re-run of interrupted trial 0) claimed to re-run
+    trial 0, and trial 0's reason pointed at trial 2."""
+    from optuna.trial import TrialState, create_trial
+
+    from dmdopt.search.summary import INTERRUPTED
+
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    dist = {"window": IntDistribution(2, 50)}
+    study.add_trial(create_trial(state=TrialState.FAIL, params={"window": 10}, distributions=dist,
+                                 user_attrs={"fail_reason": INTERRUPTED}))
+    study.add_trial(create_trial(state=TrialState.FAIL, params={"window": 10}, distributions=dist,
+                                 user_attrs={"rerun_of": 0}))
+    study.add_trial(create_trial(values=[1.0, 0.1], params={"window": 10}, distributions=dist,
+                                 user_attrs={"rerun_of": 0},
+                                 system_attrs={"failed_trial": 1, "retry_history": [1]}))
+    rows = [t["user_attrs"] for t in summarize(study)["trials"]]
+    assert rows[0]["fail_reason"] == f"{INTERRUPTED}; re-run as trial 1"
+    assert rows[1]["rerun_of"] == 0 and rows[2]["rerun_of"] == 1
