@@ -49,13 +49,17 @@ def recommended_number(summary: dict) -> int | None:
     return rec.get("number") if isinstance(rec, dict) else None
 
 
+def _to_target(summary: dict) -> dict | None:
+    """Plain training's point at a cost_to_target study's own target (CONTRACT.md), if any."""
+    to_target = (summary.get("reference") or {}).get("to_target")
+    return to_target if summary.get("mode") == "cost_to_target" and isinstance(to_target, dict) else None
+
+
 def reference_point(summary: dict) -> tuple[float, float] | None:
     """(cost_bpe, val_rel_l2) of plain training, when the summary has it. In a cost_to_target
     study with its own target, the point where plain training first reached that target
     (`to_target`, CONTRACT.md): the cost the trials' costs compare with."""
-    ref = summary.get("reference") or {}
-    if summary.get("mode") == "cost_to_target" and isinstance(ref.get("to_target"), dict):
-        ref = ref["to_target"]
+    ref = _to_target(summary) or summary.get("reference") or {}
     cost, err = as_float(ref.get("cost_bpe")), as_float(ref.get("val_rel_l2"))
     return (cost, err) if cost is not None and err is not None else None
 
@@ -89,9 +93,9 @@ def speedup_first_passage(summary: dict, trial: dict) -> float | None:
     attr = _recorded(summary, trial, "speedup_first_passage")
     if attr is not None:
         return attr
-    ref = summary.get("reference") or {}
-    if summary.get("mode") == "cost_to_target" and isinstance(ref.get("to_target"), dict):
+    if _to_target(summary) is not None:
         return speedup(summary, trial)  # its cost to the target is a first passage already
+    ref = summary.get("reference") or {}
     first = as_float(ref.get("first_passage_bpe"))
     cost = as_float((trial.get("values") or [None])[0])
     return first / cost if first and cost else speedup(summary, trial)

@@ -67,8 +67,6 @@ def config_digest(config: StudyConfig | dict) -> str:
     return hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-
-
 def _load_dataset(config: StudyConfig, cache_dir: str | os.PathLike, progress: bool):
     from dmdopt.problem import ProblemConfig, load_dataset
 
@@ -439,8 +437,8 @@ def _storage_failure(exc: BaseException) -> BaseException | None:
     return None
 
 
-def _storage_lost(exc: BaseException, storage_url: str) -> StorageLost:
-    cause = _storage_failure(exc)
+def _storage_lost(cause: BaseException, storage_url: str) -> StorageLost:
+    """The one line for `cause`, the error `_storage_failure` found."""
     orig = getattr(cause, "orig", None) or cause
     why = " ".join(str(orig).split())[:160]
     return StorageLost(f"the Optuna storage {mask_url(storage_url)} failed while the study ran "
@@ -463,9 +461,9 @@ def worker_loop(config: StudyConfig, *, storage_url: str, n_trials: int | None,
     except UserError:  # a storage that never opened: the user's (its cause stays chained)
         raise
     except Exception as exc:
-        if _storage_failure(exc) is None:
+        if (cause := _storage_failure(exc)) is None:
             raise
-        raise _storage_lost(exc, storage_url) from None
+        raise _storage_lost(cause, storage_url) from None
 
 
 def _worker_loop(config: StudyConfig, *, storage_url: str, n_trials: int | None,
@@ -730,9 +728,9 @@ def run_study(config: StudyConfig, *, n_trials: int | None = None, storage: str 
         try:
             complete = _count_results(study)
         except Exception as exc:
-            if _storage_failure(exc) is None:
+            if (cause := _storage_failure(exc)) is None:
                 raise
-            raise _storage_lost(exc, storage_url) from None
+            raise _storage_lost(cause, storage_url) from None
         if any(p.exitcode == GAVE_UP_EXIT for p in procs) and n_trials is not None and complete < n_trials:
             raise GaveUp(_gave_up_message(study, config.name, n_trials))
         if any(p.exitcode == STORAGE_LOST_EXIT for p in procs) and (n_trials is None or complete < n_trials):
