@@ -14,7 +14,10 @@ extension. Schema version 1::
                   the trial, created_at (UTC, the export's time)
     [expected]    the trial's metrics: cost_bpe, cost_total, val_rel_l2, test_rel_l2, speedup,
                   device (where the trial ran), cpu_threads and cpu_capability (torch's threads
-                  and vector kernels there, on a CPU)
+                  and vector kernels there, on a CPU), and what they were measured at:
+                  max_steps (the trial's budget) and settings_hash (`settings_hash()` of the
+                  four settings sections as exported), so that production compares its run
+                  with them only when neither was changed since
 
 TOML has no null: a key whose value is None is left out, and reading puts None back -- only
 keys whose default is None may be missing; any other missing key is an error, so a config
@@ -60,7 +63,7 @@ _ADDED_LATER = {"training": ("accept_rows",)}
 # default is "auto" since). Without this an old trial would export settings it never ran.
 _RECORDED_BEFORE = {"dmd": {"growing": "drop"}}
 EXPECTED_KEYS = ("cost_bpe", "cost_total", "val_rel_l2", "test_rel_l2", "speedup", "device",
-                 "cpu_threads", "cpu_capability")
+                 "cpu_threads", "cpu_capability", "max_steps", "settings_hash")
 
 
 def _problem_cls():
@@ -231,10 +234,13 @@ def tuned_config_from_summary(summary: dict, *, policy: str = "knee", value: flo
         "git_commit": code.get("git_commit") if code else git_commit(),
         "created_at": datetime.now(UTC).replace(microsecond=0).isoformat(),
     }
-    return TunedConfig(dmd=dmd, training=training, model=model, problem=problem,
-                       provenance={k: v for k, v in provenance.items() if v is not None},
-                       expected={k: v for k, v in expected.items()  # NaN: nothing to compare
-                                 if v is not None and not (isinstance(v, float) and math.isnan(v))})
+    tuned = TunedConfig(dmd=dmd, training=training, model=model, problem=problem,
+                        provenance={k: v for k, v in provenance.items() if v is not None})
+    # what the figures were measured at: a later edit of either makes them another run's
+    expected |= {"max_steps": training.max_steps, "settings_hash": tuned.settings_hash()}
+    return dataclasses.replace(tuned, expected={  # NaN: nothing to compare
+        k: v for k, v in expected.items()
+        if v is not None and not (isinstance(v, float) and math.isnan(v))})
 
 
 def export_tuned_config(summary: dict, path: str | os.PathLike, *, policy: str = "knee",
@@ -471,14 +477,14 @@ def _check_expected(table: Any, where: str) -> dict:
             continue
         if value is None:
             continue
-        if key in ("device", "cpu_capability"):
+        if key in ("device", "cpu_capability", "settings_hash"):
             if not isinstance(value, str):
                 raise UserError(f"{where}: expected.{key} must be a string, got {value!r}")
             out[key] = value
             continue
-        if key == "cpu_threads":  # a thread count: compared with the production run's
+        if key in ("cpu_threads", "max_steps"):  # counts: compared with the production run's
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise UserError(f"{where}: expected.cpu_threads must be an integer >= 1, "
+                raise UserError(f"{where}: expected.{key} must be an integer >= 1, "
                                 f"got {value!r}")
             out[key] = value
             continue
@@ -487,9 +493,11 @@ def _check_expected(table: Any, where: str) -> dict:
             continue
         if isinstance(value, str) and value.strip().lower() == "nan":
             continue  # nothing to compare with (export no longer writes it; older files may)
+        # a cost, an error and a speed-up are all > 0 (an error of 0 would make every run
+        # "differ from the trial" by an infinite ratio)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) \
-                or value < 0:
-            raise UserError(f"{where}: expected.{key} must be a number >= 0, got {value!r}")
+                or value <= 0:
+            raise UserError(f"{where}: expected.{key} must be a number > 0, got {value!r}")
         out[key] = value
     return out
 

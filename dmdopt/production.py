@@ -8,7 +8,7 @@ was never interrupted (same device type and, on a CPU, the same thread count: to
 reductions split by thread). Then:
 
 * the achieved validation error is compared with the trial's (`[expected]`), when the step
-  budget is the trial's: a relative difference above `SAME_DEVICE_TOLERANCE` (1e-6, same
+  budget and the settings are the trial's (`expected.max_steps`, `expected.settings_hash`): a relative difference above `SAME_DEVICE_TOLERANCE` (1e-6, same
   device type, and on a CPU the same thread count: the run should be a replay) or
   `OTHER_DEVICE_TOLERANCE` (5%, another device type, thread count or unknown: the sums differ
   in their last bits, and a DMD jump kept by a hair in one run may be rejected in the other,
@@ -247,7 +247,15 @@ def run_production(
                        "differently): the run is not compared with [expected]", exported_on,
                        now_on)
         expected = None
-    if expected is not None and requested_steps == tuned.training.max_steps:
+    recorded_settings = tuned.expected.get("settings_hash")
+    if expected is not None and recorded_settings not in (None, key):
+        logger.warning("[dmd], [training] or [model] differ from the trial's settings (settings "
+                       "hash %s in [expected], %s now: edited after the export): the run is not "
+                       "compared with [expected]", recorded_settings, key)
+        expected = None
+    # the trial's budget (older files: the file's own, which a hand edit may have changed)
+    if expected is not None and requested_steps == tuned.expected.get(
+            "max_steps", tuned.training.max_steps):
         import torch
 
         threads, capability = torch.get_num_threads(), torch.backends.cpu.get_cpu_capability()

@@ -93,7 +93,9 @@ def test_round_trip_keeps_every_setting(summary, tmp_path, suffix):
     assert datetime.fromisoformat(prov["created_at"]).utcoffset().total_seconds() == 0
     assert loaded.expected == {"cost_bpe": 150.0, "cost_total": 225.0, "val_rel_l2": 0.05,
                                "test_rel_l2": pytest.approx(0.055), "speedup": 4.0,
-                               "device": "cpu", "cpu_threads": 3, "cpu_capability": "AVX2"}
+                               "device": "cpu", "cpu_threads": 3, "cpu_capability": "AVX2",
+                               "max_steps": loaded.training.max_steps,
+                               "settings_hash": loaded.settings_hash()}  # what they were at
     text = path.read_text()
     assert "s3cret" not in text
     assert not list(tmp_path.glob(".*tmp"))  # no temp file left behind
@@ -217,6 +219,10 @@ def _drop(data: dict, dotted: str) -> dict:
     (lambda d: _set(d, "model.width", 2**63), ["model.width", str(2**63)]),
     (lambda d: _set(d, "expected.cpu_threads", 2.5), ["expected.cpu_threads", "2.5"]),
     (lambda d: _set(d, "expected.cpu_capability", 512), ["expected.cpu_capability", "512"]),
+    (lambda d: _set(d, "expected.val_rel_l2", 0), ["expected.val_rel_l2", "> 0", "0"]),
+    (lambda d: _set(d, "expected.max_steps", 0), ["expected.max_steps", "0"]),
+    (lambda d: _set(d, "expected.max_steps", 1.5), ["expected.max_steps", "1.5"]),
+    (lambda d: _set(d, "expected.settings_hash", 7), ["expected.settings_hash", "7"]),
     (lambda d: _set(d, "provenance.trial_number", -1), ["provenance.trial_number", "-1"]),
 ])
 def test_bad_values_are_one_line_naming_file_field_and_value(good, tmp_path, mutate, needles):

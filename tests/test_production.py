@@ -143,6 +143,36 @@ def test_an_edited_problem_is_named_instead_of_a_failed_reproduction(tmp_path, c
     assert out["reproduced"] is None and out["expected_val_rel_l2"] is None
 
 
+def test_a_config_edited_after_the_export_is_not_compared_with_the_trial(tmp_path, cache_dir,
+                                                                        uninterrupted, caplog):
+    """[expected] holds the trial's figures at its settings and budget: an edited lr, or a
+    hand-edited max_steps, trains another run, which used to end in "differs from the trial"."""
+    exported = TunedConfig(dmd=DMD, training=TRAINING, model=MODEL, problem=PROBLEM)
+    at = {"max_steps": TRAINING.max_steps, "settings_hash": exported.settings_hash()}
+    far = uninterrupted.val_error * 1.5  # a comparison would warn
+    # the lr edited: one warning naming the edit, nothing compared
+    edited = replace(exported, training=replace(TRAINING, lr=1e-3),
+                     expected={"val_rel_l2": far} | at)
+    write_tuned_config(edited, tmp_path / "lr.toml")
+    with caplog.at_level(logging.WARNING):
+        out = produce(tmp_path / "lr.toml", tmp_path / "ck", cache_dir)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "differ from the trial's settings" in warnings[0]
+    assert out["reproduced"] is None and out["expected_val_rel_l2"] is None
+    # max_steps edited in the file: another budget, as --steps would be: no warning at all
+    caplog.clear()
+    longer = replace(exported, training=replace(TRAINING, max_steps=50),
+                     expected={"val_rel_l2": far} | at)
+    write_tuned_config(longer, tmp_path / "steps.toml")
+    with caplog.at_level(logging.WARNING):
+        out = produce(tmp_path / "steps.toml", tmp_path / "ck2", cache_dir)
+    assert out["steps"] == 50 and out["reproduced"] is None
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    # unedited, the same [expected] is compared (and this far value fails)
+    write_tuned_config(replace(exported, expected={"val_rel_l2": far} | at), tmp_path / "same.toml")
+    assert produce(tmp_path / "same.toml", tmp_path / "ck3", cache_dir)["reproduced"] is False
+
+
 def test_a_run_stopped_at_its_target_is_not_trained_further_when_rerun(tmp_path, cache_dir,
                                                                        uninterrupted):
     target = uninterrupted.curve[2]["val_error"] * 1.0001  # first reached at step 20
