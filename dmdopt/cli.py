@@ -197,7 +197,7 @@ def cmd_train(args) -> int:
         elif args.accept_rows is not None:  # it sizes DMD's accept test: nothing to apply it to
             raise ValueError("--accept-rows applies only with DMD (--dmd-window, --dmd-rank or "
                              "--dmd-horizon): a plain run has no accept test")
-        resolve_device(training.device)  # an absent GPU is the user's mistake: one line, exit 2
+        resolve_device(training.device, source="--device")  # an absent GPU: one line, exit 2
     except ValueError as exc:
         raise UserError(str(exc)) from None
     dataset = load_dataset(problem, cache_dir=args.cache_dir, progress=not args.quiet)

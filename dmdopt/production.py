@@ -181,7 +181,7 @@ def run_production(
         resolved = resolve_device(training.device)
     except ValueError as exc:
         text = " ".join(str(exc).split())
-        if device:  # the value came from --device, not from the file's [training]
+        if device:  # the value came from --device (TrainConfig's check or the GPU's absence)
             text = text.replace("training.device", "--device", 1)
         raise UserError(text) from None
     if checkpoint_every is not None and (not isinstance(checkpoint_every, int) or checkpoint_every < 1):

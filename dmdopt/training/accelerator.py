@@ -124,6 +124,8 @@ class DMDAccelerator:
                                     key=lambda d: d.index or 0)  # whose RNG the accept test forks
         self.filled = 0
         self.steps_seen = 0
+        # chosen_horizons: each kept jump's horizon in steps; under horizon=inf, inf for the
+        # converged state itself, or the factor f < 1 of a damped step toward it
         self.stats = {"jumps_accepted": 0, "jumps_rejected": 0, "forward_passes": 0,
                       "dmd_flops": 0.0, "dmd_seconds": 0.0, "forward_seconds": 0.0,
                       "chosen_horizons": []}

@@ -76,15 +76,17 @@ class TrainResult:
 _ACCEPT_SEED_OFFSET = 0x5EED  # the accept rows' generator: not the batch generator's seed
 
 
-def resolve_device(name: str) -> torch.device:
-    """'auto' -> the first CUDA device when present (or the one CUDA_VISIBLE_DEVICES leaves), else CPU."""
+def resolve_device(name: str, *, source: str = "training.device") -> torch.device:
+    """'auto' -> the first CUDA device when present (or the one CUDA_VISIBLE_DEVICES leaves), else CPU.
+
+    `source` names where the value came from in the error (a config field, or `--device`)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"training.device is {name!r} but no CUDA device is visible")
+        raise ValueError(f"{source} is {name!r} but no CUDA device is visible")
     device = torch.device(name)
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"training.device is {name!r} but only {torch.cuda.device_count()} "
+        raise ValueError(f"{source} is {name!r} but only {torch.cuda.device_count()} "
                          "CUDA device(s) are visible")
     return device
 
