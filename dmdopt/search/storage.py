@@ -76,6 +76,11 @@ def open_storage(url: str, *, heartbeat_interval: int | None = None,
     engine_kwargs = {"pool_pre_ping": True}
     if url.startswith(("postgresql", "postgres://")):
         engine_kwargs["connect_args"] = {"connect_timeout": 10}
+    elif path is not None:
+        # --workers processes share the file: a writer waits for another's lock up to this
+        # long (sqlite3's default, 5 s, let a slow commit escape as "database is locked",
+        # which a worker would report as the storage lost)
+        engine_kwargs["connect_args"] = {"timeout": 60}
     for attempt in range(_SCHEMA_RACE_ATTEMPTS):
         try:
             return RDBStorage(

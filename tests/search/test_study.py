@@ -1019,3 +1019,24 @@ def test_a_storage_that_never_opened_stays_a_user_error_in_a_worker(tmp_path):
     with pytest.raises(UserError, match="cannot open"):
         worker_loop(config, storage_url=f"sqlite:///{tmp_path}/adir.db", n_trials=1, timeout=None,
                     tracking=False)
+
+
+def test_a_sqlite_storage_waits_out_another_writers_lock(tmp_path):
+    """--workers processes share one SQLite file; sqlite3's default 5 s lock wait let a slow
+    commit of one fail another's write with 'database is locked', read as the storage lost."""
+    import sqlite3
+    import threading
+    import time
+
+    from dmdopt.search.storage import open_storage
+
+    url = f"sqlite:///{tmp_path}/o.db"
+    storage = open_storage(url, writable=True)
+    study = optuna.create_study(storage=storage, study_name="s")
+    blocker = sqlite3.connect(tmp_path / "o.db", isolation_level=None, check_same_thread=False)
+    blocker.execute("BEGIN EXCLUSIVE")  # another writer holds the lock for 6 s
+    threading.Timer(6.0, lambda: blocker.execute("COMMIT")).start()
+    start = time.monotonic()
+    study.set_user_attr("written", True)  # waits, does not raise
+    assert time.monotonic() - start >= 5.5
+    assert optuna.load_study(study_name="s", storage=url).user_attrs["written"] is True
