@@ -310,7 +310,8 @@ def cmd_study_pareto(args) -> int:
 
         from dmdopt.pareto import CSV_COLUMNS
 
-        writer = csv.DictWriter(sys.stdout, fieldnames=list(CSV_COLUMNS))  # a header even if empty
+        writer = csv.DictWriter(sys.stdout, fieldnames=list(CSV_COLUMNS),
+                                lineterminator="\n")  # a header even if empty
         writer.writeheader()
         writer.writerows(rows)
         return 0

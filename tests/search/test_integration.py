@@ -107,7 +107,9 @@ def test_pareto_cli_lists_reference_and_front(tracked_study, capsys, monkeypatch
     assert rows[0]["is_reference"] and not any(r["is_reference"] for r in rows[1:])
     assert sum(r["is_recommended"] for r in rows) == 1
     assert main(["study", "pareto", "tracked", "--csv"]) == 0
-    csv_rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    out = capsys.readouterr().out
+    assert "\r" not in out  # LF lines, as the MLflow pareto.csv (csv's default is CRLF)
+    csv_rows = list(csv.DictReader(io.StringIO(out)))
     assert [r["trial"] for r in csv_rows] == [str(r["trial"]) for r in rows]
 
 
