@@ -8,11 +8,12 @@ was never interrupted (same device type and, on a CPU, the same thread count: to
 reductions split by thread). Then:
 
 * the achieved validation error is compared with the trial's (`[expected]`), when the step
-  budget and the settings are the trial's (`expected.max_steps`, `expected.settings_hash`): a relative difference above `SAME_DEVICE_TOLERANCE` (1e-6, same
-  device type, and on a CPU the same thread count: the run should be a replay) or
-  `OTHER_DEVICE_TOLERANCE` (5%, another device type, thread count or unknown: the sums differ
-  in their last bits, and a DMD jump kept by a hair in one run may be rejected in the other,
-  so only the same ballpark is expected) gives one warning;
+  budget and the settings are the trial's (`expected.max_steps`, `expected.settings_hash`):
+  a relative difference above `SAME_DEVICE_TOLERANCE` (1e-6, same device type, and on a
+  CPU the same thread count: the run should be a replay) or `OTHER_DEVICE_TOLERANCE` (5%,
+  another device type, thread count or unknown: the sums differ in their last bits, and a
+  DMD jump kept by a hair in one run may be rejected in the other, so only the same
+  ballpark is expected) gives one warning;
 * the run, its model and metrics are logged to MLflow (tags `dmdopt.source_study`,
   `dmdopt.source_trial`).
 """
