@@ -143,6 +143,48 @@ def with_sql_driver(url: str) -> str:
     return url
 
 
+def url_encoding_hint(url: str) -> str:
+    """A hint for a failed connection whose URL looks like it holds an unescaped password
+    (`p@ss` connects to the host `ss@db`, `a:b` is no port): '' when it does not."""
+    import re
+
+    scheme, sep, rest = str(url).partition("://")
+    userinfo = rest.rpartition("@")[0] if sep else ""
+    if any(c in userinfo for c in "@/#?") or userinfo.count(":") > 1 \
+            or re.search(r"%(?![0-9A-Fa-f]{2})", userinfo):
+        return ("; a password holding any of @ : / # ? % must be percent-encoded in the URL, "
+                "e.g. urllib.parse.quote(password, safe='')")
+    return ""
+
+
+_DEFAULT_PORTS = {"postgresql": 5432, "mysql": 3306, "mssql": 1433, "oracle": 1521}
+_LOOPBACK = {"", "localhost", "127.0.0.1", "::1", "[::1]"}
+
+
+def same_database(url_a: str, url_b: str) -> bool:
+    """Whether two SQLAlchemy URLs name one database (user, password, driver and options
+    aside): the Optuna storage and an MLflow store must not share one, because both keep an
+    `alembic_version` table of their own schema there. URLs that cannot be read are apart."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    def where(url: str):
+        parsed = make_url(with_sql_driver(url))
+        backend = parsed.get_backend_name()
+        if backend == "sqlite":
+            path = sqlite_file(url)
+            return (backend, None if path is None else str(path.resolve()))
+        host = str(parsed.query.get("host") or parsed.host or "").lower()  # ?host=/socket/dir
+        host = "localhost" if host in _LOOPBACK or host.startswith("/") else host
+        return (backend, host, parsed.port or _DEFAULT_PORTS.get(backend), parsed.database)
+
+    try:
+        a, b = where(url_a), where(url_b)
+    except (ArgumentError, ValueError):
+        return False
+    return a == b and None not in a
+
+
 def sqlite_file(url: str) -> Path | None:
     """The database file of a sqlite URL (Optuna's or MLflow's; its query string left out),
     else None (another backend, an in-memory database, not a URL)."""

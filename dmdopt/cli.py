@@ -336,8 +336,8 @@ def cmd_study_sync(args) -> int:
     from dmdopt.tracking import StudyTracker
     from dmdopt.tracking.runs import _HALF_LOGGED_AFTER_S, check_tracking_uri
 
-    name, _, summary = _summary(args)
-    check_tracking_uri(args.tracking_uri)
+    name, storage, summary = _summary(args)
+    check_tracking_uri(args.tracking_uri, storage=storage)
     tracker = StudyTracker(args.tracking_uri, name, summary.get("study_uid"))
     added = tracker.sync(summary)
     if added is None:  # the reason was warned (once) by the tracker

@@ -484,3 +484,71 @@ def test_a_read_only_mlflow_store_fails_at_once(tmp_path, monkeypatch, capsys):
                      "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"])
     assert code == 2 and time.monotonic() - start < 30
     assert "tracking store failed" in capsys.readouterr().err
+
+
+def test_a_tracking_store_in_an_optuna_database_is_refused(tmp_path, monkeypatch, capsys):
+    """MLflow pointed at the Optuna storage created its tables beside Optuna's and the command
+    exited 0. The same database under the same or another URL (a fresh study: no tables yet)
+    and any database already holding an Optuna storage are one line, exit 2, nothing written."""
+    import optuna
+    import sqlalchemy
+    from study_files import tiny_study_toml
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "s.toml").write_text(tiny_study_toml(n_trials=1))
+    db = tmp_path / "o.db"
+    for uri in (f"sqlite:///{db}", "sqlite:///./o.db"):  # the same file, also spelled relative
+        assert main(["study", "run", "s.toml", "--storage", f"sqlite:///{db}", "--tracking-uri",
+                     uri, "--quiet"]) == 2, uri
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "database of the Optuna storage" in err, err
+        assert not db.exists()
+    other = tmp_path / "other.db"
+    optuna.create_study(study_name="theirs", storage=f"sqlite:///{other}")
+    tables = set(sqlalchemy.inspect(sqlalchemy.create_engine(f"sqlite:///{other}")).get_table_names())
+    assert main(["study", "run", "s.toml", "--storage", f"sqlite:///{db}", "--tracking-uri",
+                 f"sqlite:///{other}", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "holds an Optuna storage" in err and not db.exists(), err
+    optuna.create_study(study_name="bare", storage=f"sqlite:///{db}",
+                        directions=["minimize", "minimize"])
+    assert main(["study", "sync-mlflow", "bare", "--storage", f"sqlite:///{db}",
+                 "--tracking-uri", f"sqlite:///{db}"]) == 2
+    assert "database of the Optuna storage" in capsys.readouterr().err
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{other}")
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    assert main(["ui", "--port", str(port)]) == 2
+    assert "holds an Optuna storage" in capsys.readouterr().err
+    after = set(sqlalchemy.inspect(sqlalchemy.create_engine(f"sqlite:///{other}")).get_table_names())
+    assert after == tables  # no MLflow table was made there
+
+
+@pytest.mark.parametrize(("a", "b", "same"), [
+    ("postgresql://u:pw@db.example/optuna", "postgresql+psycopg2://v:other@db.example:5432/optuna", True),
+    ("postgres://u@localhost/optuna", "postgresql://u@127.0.0.1:5432/optuna?sslmode=disable", True),
+    ("postgresql://u@db.example/optuna", "postgresql://u@db.example/mlflow", False),
+    ("postgresql://u@db.example:5433/optuna", "postgresql://u@db.example/optuna", False),
+    ("postgresql://u@db.example/optuna", "mysql://u@db.example/optuna", False),
+    ("sqlite:///a.db", "sqlite:///./a.db?timeout=5", True),
+    ("sqlite:///a.db", "sqlite:///b.db", False),
+    ("sqlite://", "sqlite://", False),  # in memory: one database per connection
+    ("http://host:5000", "postgresql://u@host/db", False),
+])
+def test_same_database_reads_past_spelling(a, b, same, tmp_path, monkeypatch):
+    from dmdopt._util import same_database
+
+    monkeypatch.chdir(tmp_path)
+    assert same_database(a, b) is same and same_database(b, a) is same
+
+
+def test_an_unescaped_password_gets_a_hint():
+    from dmdopt._util import url_encoding_hint
+
+    for url in ("postgresql://u:p@ss@h/db", "postgresql://u:a/b@h/db", "postgresql://u:a:b@h/db",
+                "postgresql://u:50%@h/db", "postgresql://u:a#b@h/db"):
+        assert "percent-encoded" in url_encoding_hint(url), url
+    for url in ("postgresql://u:p%40ss@h/db", "postgresql://u:plain@h:5432/db",
+                "postgresql://h/db", "sqlite:///a.db", "http://h:5000"):
+        assert url_encoding_hint(url) == "", url

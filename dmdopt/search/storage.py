@@ -14,7 +14,14 @@ import time
 import optuna
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
-from dmdopt._util import in_memory_sqlite, mask_url, read_only_sqlite, sqlite_file, with_sql_driver
+from dmdopt._util import (
+    in_memory_sqlite,
+    mask_url,
+    read_only_sqlite,
+    sqlite_file,
+    url_encoding_hint,
+    with_sql_driver,
+)
 from dmdopt.errors import UserError
 
 HEARTBEAT_INTERVAL = 10  # seconds between a running trial's heartbeats
@@ -98,7 +105,8 @@ def open_storage(url: str, *, heartbeat_interval: int | None = None,
                 time.sleep(0.2 * 2**attempt + random.uniform(0, 0.3))
                 continue
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise UserError(f"storage: cannot open {mask_url(url)!r}: {reason}") from None
+            raise UserError(f"storage: cannot open {mask_url(url)!r}: {reason}"
+                            f"{url_encoding_hint(url)}") from None
     raise AssertionError("unreachable")
 
 

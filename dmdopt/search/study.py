@@ -671,7 +671,7 @@ def run_study(config: StudyConfig, *, n_trials: int | None = None, storage: str 
     if tracking:  # a typo'd URI: refused before the reference run, not warned about after it
         from dmdopt.tracking.runs import check_tracking_uri
 
-        check_tracking_uri(tracking_uri)
+        check_tracking_uri(tracking_uri, storage=storage_url)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study, _ = prepare_study(config, storage_url=storage_url, cache_dir=cache_dir,
                              progress=progress, echo=echo, n_trials=n_trials)

@@ -33,7 +33,9 @@ from dmdopt._util import (
     git_commit,
     mask_url,
     read_only_sqlite,
+    same_database,
     sqlite_file,
+    url_encoding_hint,
     versions,
     with_sql_driver,
 )
@@ -82,11 +84,16 @@ def resolve_tracking_uri(uri: str | None) -> str:
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
-def check_tracking_uri(tracking_uri: str | None, field: str = "--tracking-uri") -> str:
-    """The resolved URI; UserError (exit 2) when MLflow has no tracking store for its scheme.
-    A typo such as `localhost:5000` (no http://) would otherwise run a whole study untracked
-    after one warning; an unreachable store of a known scheme stays best-effort (it may come
-    back)."""
+def check_tracking_uri(tracking_uri: str | None, field: str = "--tracking-uri", *,
+                       storage: str | None = None) -> str:
+    """The resolved URI; UserError (exit 2) when it cannot work as a tracking store.
+
+    Refused: a scheme MLflow has no store for (a typo such as `localhost:5000` ran a whole
+    study untracked after one warning); the Optuna `storage`'s own database, or any database
+    holding an Optuna storage (MLflow put its tables beside Optuna's, exit 0); a database
+    store that does not accept a connection now (a wrong password cost minutes of MLflow's
+    retries). An HTTP server that does not answer stays best-effort: it may come back, and
+    `study sync-mlflow` fills in what it missed."""
     uri = resolve_tracking_uri(tracking_uri)
     where = field if tracking_uri else "$MLFLOW_TRACKING_URI"  # the default store works
     shown = mask_url(uri) if "://" in str(uri) else re.sub(r"^.*@", "***@", str(uri))
@@ -115,9 +122,60 @@ def check_tracking_uri(tracking_uri: str | None, field: str = "--tracking-uri") 
     if (path := sqlite_file(str(uri))) is not None and path.is_dir():
         raise UserError(f"{where}: {shown!r} names the folder {path}, not a database file; "
                         f"use e.g. sqlite:///{path / 'mlflow.db'}")
-    if scheme.split("+")[0] in ("postgresql", "postgres", "mysql", "mssql", "oracle"):
+    if storage and same_database(uri, storage):
+        raise UserError(f"{where}: {shown!r} is the database of the Optuna storage; MLflow and "
+                        "Optuna would mix their tables there (each keeps its own alembic_version):"
+                        " give MLflow a database of its own, e.g. sqlite:///dmdopt-runs/mlflow.db")
+    if scheme.split("+")[0] in _SERVER_SCHEMES:
         _check_sql_driver(uri, where, shown)
+        _probe_database(uri, where, shown)
+    elif (path := sqlite_file(str(uri))) is not None and _sqlite_header(path):
+        _probe_database(uri, where, shown)  # (any other file is refused by prepare_local_store)
     return uri
+
+
+_SERVER_SCHEMES = ("postgresql", "postgres", "mysql", "mssql", "oracle")
+_OPTUNA_TABLES = {"studies", "trials", "version_info"}  # what makes a database an Optuna storage
+_PROBE_TIMEOUT_S = 10
+
+
+def _probe_database(uri: str, where: str, shown: str) -> None:
+    """Connect once (at most 10 s) and list the tables. MLflow makes each client try 10 times
+    with back-off (about 100 s, a warning each) before it gives up on a refused password or a
+    database that is not there; and a database holding Optuna's tables is a storage another
+    URL already names, which MLflow would write its own tables into."""
+    from sqlalchemy import create_engine, inspect
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.pool import NullPool
+
+    try:
+        url = make_url(with_sql_driver(uri))
+    except ValueError as exc:  # a port that is no number: often a password's unescaped ':/@#'
+        raise UserError(f"{where}: {shown!r} is not a database URL ({exc})"
+                        f"{url_encoding_hint(uri)}") from None
+    except Exception:  # noqa: BLE001 - a URL SQLAlchemy can't read: MLflow reports it
+        return
+    backend = url.get_backend_name()
+    timeout = ({"timeout": _PROBE_TIMEOUT_S} if backend == "sqlite" else
+               {"connect_timeout": _PROBE_TIMEOUT_S} if backend in ("postgresql", "mysql") else {})
+    try:
+        engine = create_engine(url, connect_args=timeout, poolclass=NullPool)
+    except Exception:  # noqa: BLE001 - a driver or option SQLAlchemy refuses: MLflow reports it
+        return
+    try:
+        tables = set(inspect(engine).get_table_names())
+    except Exception as exc:  # noqa: BLE001 - OperationalError & co: the reason is the line
+        text = str(getattr(exc, "orig", None) or exc).strip()
+        reason = mask_url(text.splitlines()[0] if text else type(exc).__name__)
+        raise UserError(f"{where}: cannot use {shown!r} as a tracking store: {reason}"
+                        f"{url_encoding_hint(uri)}") from None
+    finally:
+        engine.dispose()
+    if _OPTUNA_TABLES <= tables:
+        raise UserError(f"{where}: {shown!r} holds an Optuna storage; MLflow and Optuna would "
+                        "mix their tables there (each keeps its own alembic_version): give "
+                        "MLflow a database of its own, e.g. sqlite:///dmdopt-runs/mlflow.db")
+
 
 
 def _file_store_refused() -> bool:
@@ -185,12 +243,18 @@ def prepare_local_store(uri: str) -> None:
             raise PermissionError(f"{where} is read-only")
         if path.is_dir():  # sqlite cannot open it; MLflow retried for 3.5 min before failing
             raise IsADirectoryError(f"{path} is a folder, not a database file")
-        if path.is_file() and path.stat().st_size:
-            # SQLite's file header, read without opening the database (a lock held by a
-            # writer is no reason to refuse it)
-            with open(path, "rb") as fh:
-                if fh.read(16) != b"SQLite format 3\x00":
-                    raise OSError(f"{path} is not a SQLite database")
+        if path.is_file() and path.stat().st_size and not _sqlite_header(path):
+            raise OSError(f"{path} is not a SQLite database")
+
+
+def _sqlite_header(path: Path) -> bool:
+    """Whether a non-empty file starts with SQLite's header, read without opening the database
+    (a lock held by a writer is no reason to refuse it)."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(16) == b"SQLite format 3\x00"
+    except OSError:
+        return False
 
 
 def get_or_create_experiment(client: MlflowClient, name: str, uri: str) -> str:

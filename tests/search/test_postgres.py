@@ -182,3 +182,37 @@ def _check_mlflow(name: str, complete: set[int], killed: int) -> None:
     for number, run in complete_children.items():
         assert run.info.status == "FINISHED"
         assert "cost_bpe" in run.data.metrics and "val_rel_l2" in run.data.metrics, number
+
+
+def test_a_postgresql_tracking_store_that_cannot_work_is_refused_in_seconds(tmp_path):
+    """A wrong password cost minutes of MLflow's retries per client while the study ran
+    untracked; the Optuna database as the tracking store got MLflow's tables beside Optuna's
+    and exit 0. Both are one line, exit 2, before the study is created."""
+    import sqlalchemy
+    from sqlalchemy.engine import make_url
+
+    from dmdopt._util import with_sql_driver
+
+    url = make_url(with_sql_driver(POSTGRES_URL))
+    engine = sqlalchemy.create_engine(url)
+    tables = set(sqlalchemy.inspect(engine).get_table_names())
+    name = f"pgtrack-{uuid.uuid4().hex[:10]}"
+    study_file = tmp_path / "smoke.toml"
+    study_file.write_text(SMOKE.read_text().replace('name = "smoke"', f'name = "{name}"'))
+    wrong = url.set(password="not-" + (url.password or "")).render_as_string(hide_password=False)
+    for storage, tracking, needle in (
+            (f"sqlite:///{tmp_path / 'o.db'}", wrong, "password authentication failed"),
+            (POSTGRES_URL, POSTGRES_URL, "database of the Optuna storage"),
+            (f"sqlite:///{tmp_path / 'o.db'}", POSTGRES_URL, "holds an Optuna storage")):
+        started = time.monotonic()
+        out = subprocess.run([sys.executable, "-m", "dmdopt", "study", "run", str(study_file),
+                              "--storage", storage, "--tracking-uri", tracking, "--quiet"],
+                             cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        took = time.monotonic() - started
+        err = out.stderr.strip()
+        assert out.returncode == 2 and err.count("\n") == 0 and needle in err, err
+        assert took < 60, took  # MLflow alone retried for about 100 s
+        assert (url.password or "\0") not in err
+    assert set(sqlalchemy.inspect(engine).get_table_names()) == tables
+    assert not (tmp_path / "o.db").exists()
+    engine.dispose()
