@@ -11,12 +11,15 @@ After each optimiser step the accelerator copies every parameter group into a sn
 candidates horizon x factor (or, for horizon=inf, damped steps now + f (inf-state - now)) are
 tried from the smallest step to the largest, and the search stops at the first candidate that
 is worse than the previous one once some candidate has improved on the current loss, or at the
-second rise in a row before any has (the loss along the ladder is close to unimodal; this keeps
-the forward passes to ~3 per jump). The
-best candidate is kept **only if the closure's loss improves** on the current weights;
-otherwise the weights are rolled back bit for bit. Either way a fresh window starts, and the
+second rise in a row before any has (a non-finite loss counts as a rise; the loss along the
+ladder is close to unimodal; this keeps the forward passes to ~3 per jump). The best
+candidate is kept **only if the closure's loss improves** on the current weights;
+otherwise the weights are rolled back bit for bit. Either way a fresh window starts. The
 model's buffers (e.g. BatchNorm running statistics, which a closure run in train mode
-updates) are restored to what they were before the test. A window
+updates) are put back before every closure call, so no candidate sees another's update; a
+kept jump then keeps the buffers its own closure call left (as after one train-mode forward
+at the kept weights: statistics of the weights kept, not of the ones left), a rejected one
+the buffers from before the test. A window
 holding a non-finite snapshot makes its Gram non-finite and the jump is rejected before any
 forward pass, so NaN never reaches the weights; a candidate that moves no weights (every mode
 dropped) is skipped without one. Every closure call of a jump sees the same random numbers (a
@@ -244,8 +247,8 @@ class DMDAccelerator:
             return False
         current = [self._flat(g) for g in self.groups]  # exact rollback point (a copy)
         # The closures run the model in its current mode: a BatchNorm in train mode would fold
-        # every candidate's (mostly rejected) batch statistics into its running ones. The test
-        # only evaluates, so the buffers are put back afterwards, whatever is kept.
+        # every candidate's (mostly rejected) batch statistics into its running ones. So each
+        # closure starts from these buffers, and only the kept candidate's update stays.
         buffers = [b.clone() for b in self.model.buffers()]
         targets = None
         if math.isinf(cfg.horizon):
@@ -253,13 +256,13 @@ class DMDAccelerator:
                        for f, now in zip(fits, current, strict=True)]
         self.stats["dmd_seconds"] += time.perf_counter() - t0
 
-        best_params = None
+        best_params = best_buffers = None
         try:
-            best_loss, best_h, best_params = self._line_search(closure, fits, targets, current)
+            best_loss, best_h, best_params, best_buffers = self._line_search(
+                closure, fits, targets, current, buffers)
         finally:  # also on an error or Ctrl-C in a closure: never left on a half-tested jump
             t0 = time.perf_counter()
-            for buf, saved in zip(self.model.buffers(), buffers, strict=True):
-                buf.copy_(saved)
+            self._restore_buffers(best_buffers if best_params is not None else buffers)
             if best_params is None:  # no candidate improved the loss: roll back exactly
                 for group, now in zip(self.groups, current, strict=True):
                     self._assign(group, now)
@@ -276,12 +279,17 @@ class DMDAccelerator:
         self.stats["dmd_seconds"] += time.perf_counter() - t0
         return True
 
-    def _line_search(self, closure, fits, targets, current):
-        """(best loss, its horizon, its weights per group) along the ladder; weights None when
-        no candidate beats the current loss. A candidate that moves no group (every mode
+    def _restore_buffers(self, saved: list[torch.Tensor]) -> None:
+        for buf, value in zip(self.model.buffers(), saved, strict=True):
+            buf.copy_(value)
+
+    def _line_search(self, closure, fits, targets, current, buffers):
+        """(best loss, its horizon, its weights per group, the model buffers its closure call
+        left) along the ladder; weights None when no candidate beats the current loss. Every
+        closure call starts from `buffers`. A candidate that moves no group (every mode
         dropped, or a non-finite move) is the current weights: skipped, no forward spent."""
         base_loss = None  # evaluated only once some candidate moves
-        best_loss, best_h, best_params = math.inf, None, None
+        best_loss, best_h, best_params, best_buffers = math.inf, None, None, None
         prev_loss, rose = math.inf, False
         for n_cand, (_, horizon, factor) in enumerate(self._candidates()):
             t0 = time.perf_counter()
@@ -311,14 +319,19 @@ class DMDAccelerator:
                 best_loss, prev_loss = base_loss, base_loss
             for group, flat in zip(self.groups, candidate, strict=True):
                 self._assign(group, flat)
+            self._restore_buffers(buffers)  # not the previous closure call's update
             loss = self._loss(closure)
+            # a non-finite loss (inf here) counts as a rise even after another: a closure
+            # that is never finite stops at the second candidate, not the end of the ladder
+            worse = loss > prev_loss or math.isinf(loss)
             if loss < best_loss:
                 best_loss, best_h, best_params = loss, horizon, candidate
-            elif loss > prev_loss and (best_params is not None or rose):
+                best_buffers = [b.clone() for b in self.model.buffers()]
+            elif worse and (best_params is not None or rose):
                 break  # past the minimum along the (unimodal) ladder, or rising twice
-            rose = loss > prev_loss
+            rose = worse
             prev_loss = loss
-        return best_loss, best_h, best_params
+        return best_loss, best_h, best_params, best_buffers
 
     def _charge(self, flops: float) -> None:
         self.stats["dmd_flops"] += flops

@@ -221,9 +221,13 @@ def _batchnorm_problem():
     return model, x, y, opt, DMDAccelerator(model, opt, DMDConfig(window=5, rank=2, horizon=5))
 
 
-def test_the_accept_test_leaves_buffers_as_they_were():
-    """A closure run in train mode updates BatchNorm's running statistics once per candidate;
-    the accelerator restores them, for a rejected and for a kept jump."""
+def test_the_accept_test_leaves_buffers_as_the_kept_weights_would():
+    """A closure run in train mode updates BatchNorm's running statistics once per candidate.
+    A rejected jump leaves them as they were; a kept one as after one train-mode forward at
+    the kept weights from the statistics before the test (they used to be put back too, which
+    left the jumped weights with the statistics of the weights they replaced)."""
+    import copy
+
     model, x, y, opt, acc = _batchnorm_problem()
     outcomes = []
     for make_worse in (True, False):
@@ -242,9 +246,18 @@ def test_the_accept_test_leaves_buffers_as_they_were():
 
             outcome = acc.step(closure)
         outcomes.append(outcome)
-        assert len(calls) >= 2  # the base loss and at least one candidate ran in train mode
+        assert len(calls) >= 2 + (not make_worse)  # base, then candidates, in train mode
+        expected = before
+        if outcome:  # one forward at the kept weights, from the statistics before the test
+            replay = copy.deepcopy(model)
+            for name, buf in replay.named_buffers():
+                buf.copy_(before[name])
+            with torch.no_grad():
+                replay(x)
+            expected = dict(replay.named_buffers())
+            assert not torch.equal(expected["1.running_mean"], before["1.running_mean"])
         for name, buf in model.named_buffers():
-            assert torch.equal(buf, before[name]), name
+            assert torch.equal(buf, expected[name]), name
     assert outcomes == [False, True]
 
 
@@ -361,6 +374,8 @@ def test_train_with_dmd_counts_jumps_and_cost():
     (0.0, 1 + 2, False),  # every step along the ladder is worse: stop at the second rise
     (1.0, 1 + 7, True),   # better and better up to the fixed point: the whole ladder is tried
     (0.95, None, True),   # a minimum inside the ladder: stop at the first rise after it
+    # a closure that is never finite: each NaN counts as a rise (it ran all 8 forward passes)
+    (math.nan, 1 + 2, False),
 ])
 def test_line_search_stops_where_the_ladder_loss_rises(target, forwards, kept):
     # Snapshots of x_k = 1 - 0.8^k (affine, fixed point 1); the closure's loss is (x - target)^2.
