@@ -62,6 +62,7 @@ error in 600 steps vs 0.70x the cost with 'keep').
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -71,6 +72,8 @@ from torch import nn
 
 from dmdopt.training.config import DMDConfig
 from dmdopt.training.cost import CostCounter
+
+log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64,
            "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -115,7 +118,26 @@ class DMDAccelerator:
         self.cost = cost
         self.forward_weight = forward_weight
         self.growing = resolve_growing(config.growing, optimizer)
-        self.groups = group_parameters(model, config.grouping)
+        self._lay_out()
+        self.filled = 0
+        self.steps_seen = 0
+        # chosen_horizons: each kept jump's horizon in steps; under horizon=inf, inf for the
+        # converged state itself, or the factor f < 1 of a damped step toward it
+        self.stats = {"jumps_accepted": 0, "jumps_rejected": 0, "forward_passes": 0,
+                      "dmd_flops": 0.0, "dmd_seconds": 0.0, "forward_seconds": 0.0,
+                      "chosen_horizons": []}
+
+    def _layout(self) -> list[tuple]:
+        """What the snapshot buffers are laid out for: each trainable parameter's identity,
+        device, dtype and shape. (The groups keep the old tensors alive, so a new one never
+        reuses an old one's id.)"""
+        return [(id(p), p.device, p.dtype, p.shape)
+                for p in self.model.parameters() if p.requires_grad]
+
+    def _lay_out(self) -> None:
+        """Groups, snapshot buffers and CUDA devices for the model's parameters as they are."""
+        config = self.config
+        self.groups = group_parameters(self.model, config.grouping)
         self.sizes = [sum(p.numel() for p in g) for g in self.groups]
         first = self.groups[0][0] if self.groups else None
         device = torch.device("cpu") if config.snapshot_device == "cpu" or first is None else first.device
@@ -125,13 +147,7 @@ class DMDAccelerator:
         self.buffers = [torch.empty(config.window, n, dtype=dtype, device=device) for n in self.sizes]
         self._cuda_devices = sorted({p.device for g in self.groups for p in g if p.device.type == "cuda"},
                                     key=lambda d: d.index or 0)  # whose RNG the accept test forks
-        self.filled = 0
-        self.steps_seen = 0
-        # chosen_horizons: each kept jump's horizon in steps; under horizon=inf, inf for the
-        # converged state itself, or the factor f < 1 of a damped step toward it
-        self.stats = {"jumps_accepted": 0, "jumps_rejected": 0, "forward_passes": 0,
-                      "dmd_flops": 0.0, "dmd_seconds": 0.0, "forward_seconds": 0.0,
-                      "chosen_horizons": []}
+        self._laid_out = self._layout()
 
     @classmethod
     def from_config(cls, path, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -204,6 +220,14 @@ class DMDAccelerator:
         if self.steps_seen <= self.config.warmup:
             return None
         t0 = time.perf_counter()
+        if self._layout() != self._laid_out:
+            # load_state_dict(assign=True), a module moved to another device or dtype, layers
+            # added or frozen: the old tensors are no longer the model's, and snapshots of
+            # them would move nothing (jumps silently wasted). Start over on the new ones.
+            log.info("DMDAccelerator: the model's trainable parameters changed (replaced, moved, "
+                     "added or frozen); the snapshot window restarts")
+            self._lay_out()
+            self.filled = 0
         for buf, group in zip(self.buffers, self.groups, strict=True):
             self._record(group, buf[self.filled])
         self.filled += 1

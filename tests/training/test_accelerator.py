@@ -527,3 +527,34 @@ def test_an_error_in_the_closure_rolls_the_jump_back():
             acc.step(closure)
     assert all(torch.equal(p.detach(), q) for p, q in zip(model.parameters(), weights, strict=True))
     assert all(torch.equal(b, c) for b, c in zip(model.buffers(), buffers, strict=True))
+
+
+@pytest.mark.parametrize("change", ["assign", "add"])
+def test_parameters_replaced_after_construction_are_followed(change):
+    """The accelerator held the tensors it was built with: after `load_state_dict(assign=True)`
+    it recorded (and jumped) tensors that were no longer the model's, silently. Now the window
+    restarts on the model's parameters as they are, and the jump lands on them."""
+    model = nn.Module()
+    model.w = nn.Parameter(torch.zeros(1))
+    acc = DMDAccelerator(model, torch.optim.SGD([model.w], lr=0.0),
+                         DMDConfig(window=6, rank=2, horizon=1))
+    k = 0
+
+    def advance():  # x_k = 1 - 0.8^k: affine, fixed point 1; loss (x - 1)^2
+        nonlocal k
+        k += 1
+        with torch.no_grad():
+            model.w.fill_(1 - 0.8 ** k)
+        return acc.step(lambda: ((model.w.detach() - 1.0) ** 2).sum())
+
+    for _ in range(3):
+        assert advance() is None
+    old = model.w
+    if change == "assign":
+        model.load_state_dict({"w": old.detach().clone()}, assign=True)
+    else:  # a new trainable tensor beside w
+        model.extra = nn.Parameter(torch.zeros(2))
+    assert change != "assign" or model.w is not old
+    outcomes = [advance() for _ in range(6)]
+    assert outcomes == [None] * 5 + [True]  # a fresh window of 6 on the new parameters
+    assert abs(float(model.w.detach()) - 1.0) < 1e-4  # the jump reached the fixed point of the live w
