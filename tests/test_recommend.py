@@ -67,6 +67,14 @@ def test_no_qualifying_point_is_a_user_error_that_says_why():
         recommend(points, REF, policy="budget", value=50)
     with pytest.raises(UserError, match=r"max-error-ratio=0.5.*0.05"):
         recommend(points, REF, policy="max-error-ratio", value=0.5)
+    # trial 1 is on the front but plain training (600 bpe, 0.1) dominates it: the message
+    # names the points it chose among, or "the most accurate, trial 0" reads as false
+    points = pts((0, 100, 0.2), (1, 650, 0.15))
+    with pytest.raises(UserError, match=r"no Pareto point of the 1 \(of 2\) that beat plain "
+                                        r"training.*most accurate of those, trial 0"):
+        recommend(points, REF, policy="max-error-ratio", value=1.0)
+    with pytest.raises(UserError, match=r"of the 1 \(of 2\).*cheapest of those, trial 0"):
+        recommend(points, REF, policy="budget", value=50)
     with pytest.raises(UserError, match="no completed trial"):
         recommend([], REF)
     with pytest.raises(UserError, match="no completed trial"):

@@ -158,8 +158,14 @@ def recommend(points: Iterable[Mapping[str, Any]], reference: Mapping[str, Any] 
         # that did no better (no jump kept: plain training itself) is no recommendation,
         # though its cost to that error beats the budget (a "4.42x" with fp x 0.88)
         ref_cost = min(ref_cost, first)
+    among, them = "", ""  # how the messages below name the points chosen from
     if _is_number(ref_cost) and _is_number(ref_err):
+        n_front = len(front)
         front = [p for p in front if p["cost_bpe"] < ref_cost or p["val_rel_l2"] < ref_err]
+        if len(front) < n_front:  # say so: a dropped point may be cheaper or more accurate
+            among = (f" of the {len(front)} (of {n_front}) that beat plain training in cost or "
+                     "in error")
+            them = " of those"
         if not front:
             raise UserError(f"no trial beats plain training (the reference: {ref_cost:.4g} bpe, "
                             f"val_rel_l2 {ref_err:.4g}) in cost or in error: nothing to recommend "
@@ -171,8 +177,9 @@ def recommend(points: Iterable[Mapping[str, Any]], reference: Mapping[str, Any] 
         if not ok:
             cheapest = front[0]
             raise UserError(
-                f"policy budget={value:g}: no Pareto point costs <= {value:g} backprop-equivalent "
-                f"steps (the cheapest, trial {cheapest['number']}, costs {cheapest['cost_bpe']:.4g})")
+                f"policy budget={value:g}: no Pareto point{among} costs <= {value:g} "
+                f"backprop-equivalent steps (the cheapest{them}, trial {cheapest['number']}, "
+                f"costs {cheapest['cost_bpe']:.4g})")
         return min(ok, key=lambda p: (p["val_rel_l2"], p["cost_bpe"], p["number"]))["number"]
     # max-error-ratio
     ref_err = (reference or {}).get("val_rel_l2")
@@ -183,7 +190,7 @@ def recommend(points: Iterable[Mapping[str, Any]], reference: Mapping[str, Any] 
     if not ok:
         best = min(front, key=lambda p: (p["val_rel_l2"], p["number"]))
         raise UserError(
-            f"policy max-error-ratio={value:g}: no Pareto point has val_rel_l2 <= {value:g} x "
-            f"reference {ref_err:.4g} = {limit:.4g} (the most accurate, trial {best['number']}, "
-            f"has {best['val_rel_l2']:.4g})")
+            f"policy max-error-ratio={value:g}: no Pareto point{among} has val_rel_l2 <= "
+            f"{value:g} x reference {ref_err:.4g} = {limit:.4g} (the most accurate{them}, trial "
+            f"{best['number']}, has {best['val_rel_l2']:.4g})")
     return min(ok, key=lambda p: (p["cost_bpe"], p["val_rel_l2"], p["number"]))["number"]
