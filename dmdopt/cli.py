@@ -356,6 +356,10 @@ def cmd_export(args) -> int:
     from dmdopt.search.recommend import parse_policy
 
     _output_is_not_the_study_file(args)
+    if args.trial is not None and (args.policy is not None or args.value is not None):
+        flag = "--policy" if args.policy is not None else "--value"
+        raise UserError(f"export: --trial {args.trial} exports that trial, {flag} chooses one by "
+                        "a rule: give one or the other")
     named = "knee" if args.policy is None else args.policy  # `--policy ''` is no policy
     policy, value = parse_policy(named, args.value)
     _, _, summary = _summary(args, policy=policy, value=value)

@@ -325,6 +325,11 @@ def test_study_export_train_round_trip(tmp_path, monkeypatch, capsys):
     assert main(["export", "tiny", "-o", "t.toml", "--policy", "budget=1"]) == 2  # nothing that cheap
     assert not (tmp_path / "t.toml").exists()
     capsys.readouterr()
+    for rule in (["--policy", "knee"], ["--value", "2"]):  # silently ignored, was
+        assert main(["export", "tiny", "-o", "t.toml", "--trial", "1", *rule]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "--trial" in err and rule[0] in err, err
+        assert not (tmp_path / "t.toml").exists()
     assert main(["export", "tiny", "-o", "t.toml", "--trial", "1"]) == 0
     assert "exported trial 1 (manual)" in capsys.readouterr().out
     assert main(["train", "--config", "t.toml", "--no-mlflow", "--quiet"]) == 0
