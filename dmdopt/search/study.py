@@ -18,6 +18,7 @@ import socket
 import sys
 import time
 import uuid
+import warnings
 from contextlib import suppress
 
 import optuna
@@ -624,6 +625,8 @@ def _worker_entry(path_or_raw, storage_url, n_trials, timeout, cache_dir, tracki
 
     config = parse_study(path_or_raw)
     prefix = f"[worker {os.getpid()}] "
+    # one line, as in the launcher (cli.main): Python's default adds the warn() source line
+    warnings.formatwarning = lambda message, *_args, **_kw: f"{prefix}warning: {message}\n"
     try:
         with sigterm_as_interrupt():  # for the whole life of this worker process
             worker_loop(config, storage_url=storage_url, n_trials=n_trials, timeout=timeout,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 
 import optuna
 import pytest
@@ -1040,3 +1041,24 @@ def test_a_sqlite_storage_waits_out_another_writers_lock(tmp_path):
     study.set_user_attr("written", True)  # waits, does not raise
     assert time.monotonic() - start >= 5.5
     assert optuna.load_study(study_name="s", storage=url).user_attrs["written"] is True
+
+
+@pytest.mark.slow
+def test_worker_processes_warn_about_a_dead_tracking_server_in_one_line_each(study_dir, capfd):
+    """Each worker's tracker warns once about an MLflow outage; in a spawned worker that was
+    Python's default format (the message, then the warn() source line) without saying whose."""
+    import socket
+
+    from dmdopt.cli import main
+
+    with socket.socket() as free:  # nothing listens there once closed
+        free.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{free.getsockname()[1]}"
+    (study_dir / "s.toml").write_text(tiny_study_toml(n_trials=2))
+    assert main(["study", "run", "s.toml", "--workers", "2", "--tracking-uri", dead,
+                 "--quiet"]) == 0
+    err = capfd.readouterr().err
+    warned = [line for line in err.splitlines() if "MLflow tracking at" in line]
+    assert warned and "warnings.warn" not in err and "RuntimeWarning" not in err, err
+    by_worker = [line for line in warned if line.startswith("[worker ")]
+    assert by_worker and all(re.match(r"\[worker \d+\] warning: MLflow", line) for line in by_worker)
