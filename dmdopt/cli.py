@@ -204,8 +204,8 @@ def cmd_train(args) -> int:
     result = train(dataset=dataset, model=model, training=training, dmd=dmd, progress=not args.quiet)
     _print_metrics(result.metrics | {
         "cost_bpe": result.backprop_equivalent, "backprop_steps": result.cost["backprop_steps"],
-        "forward_passes": result.cost["forward_passes"], "wall_time_s": result.wall_time,
-        "dmd_time_s": result.dmd_time, "jumps_accepted": result.jumps_accepted,
+        "forward_passes": result.cost["forward_passes"], "wall_time": result.wall_time,
+        "dmd_time": result.dmd_time, "jumps_accepted": result.jumps_accepted,
         "jumps_rejected": result.jumps_rejected, "device": result.device,
     })
     return 0

@@ -70,6 +70,19 @@ def test_an_in_memory_storage_is_refused(url, tmp_path, monkeypatch, capsys):
     assert "in-memory database" in err and err.count("\n") == 0
 
 
+@pytest.mark.parametrize("url", ["http://127.0.0.1:5000", "HTTPS://u:secret@mlflow.example"])
+def test_an_http_url_as_storage_is_named_a_tracking_uri(url, tmp_path, monkeypatch, capsys):
+    """SQLAlchemy said "Can't load plugin: sqlalchemy.dialects:http"; the likely mix-up is an
+    MLflow server's URL given as the Optuna storage."""
+    from study_files import tiny_study_toml
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "s.toml").write_text(tiny_study_toml())
+    assert main(["study", "run", "s.toml", "--storage", url, "--no-mlflow", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--tracking-uri" in err and "secret" not in err, err
+
+
 @pytest.mark.parametrize(("argv", "needle"), [
     (["train", "--config", "tuned.toml", "--lr", "5"], "--lr does not apply with --config"),
     (["train", "--config", "tuned.toml", "--dmd-window", "5"], "--dmd-window does not apply"),

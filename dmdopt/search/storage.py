@@ -80,6 +80,10 @@ def open_storage(url: str, *, heartbeat_interval: int | None = None,
                             "storage (trials, heartbeats)")
     elif "://" not in url:
         raise UserError(f"storage: not a database URL: {mask_url(url)!r} (e.g. sqlite:///file.db)")
+    elif url.lower().startswith(("http://", "https://")):  # SQLAlchemy: "Can't load plugin"
+        raise UserError(f"storage: {mask_url(url)!r} is an HTTP URL, such as an MLflow tracking "
+                        "server's (that is --tracking-uri); the Optuna storage is a database URL, "
+                        "e.g. sqlite:///dmdopt-runs/optuna.db or postgresql://USER:PASSWORD@HOST/DB")
     engine_kwargs = {"pool_pre_ping": True}
     if url.startswith(("postgresql", "postgres://")):
         engine_kwargs["connect_args"] = {"connect_timeout": 10}
