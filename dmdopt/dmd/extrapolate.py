@@ -32,6 +32,13 @@ b = W^-1 U^T d_{m-2} (unit-norm columns of W),
 
 where ||U||_2 ~ 1; `DMDFit.displacement_bound` evaluates the middle expression.
 
+The rank rule sees the differences, not the states: a mode's share of the differences is its
+amplitude times |lambda - 1|, while its share of the extrapolation is that times |g_h(lambda)|
+(up to h, or 1 / |1 - lambda| for inf). An energy fraction therefore cuts the slowest modes,
+lambda near 1, first -- the ones that carry a long jump. Left so on purpose: weighting by
+|g_h| would amplify exactly the modes whose eigenvalues are least certain, and the line search
+already bounds what a jump costs; give an integer cap where the slow modes are wanted.
+
 Non-integer horizons use the principal branch lambda^h = exp(h Log lambda); the result is the
 real part, a smooth interpolation between steps (exact for real positive eigenvalues).
 

@@ -141,7 +141,9 @@ class DMDConfig:
     """Settings of the DMD accelerator (see `DMDAccelerator`).
 
     window     backprop steps (snapshots) between two DMD jumps.
-    rank       POD rank: int cap, energy fraction in (0, 1], or 0 = optimal hard threshold.
+    rank       POD rank: int cap, energy fraction in (0, 1], or 0 = optimal hard threshold;
+               applied to the snapshot differences, so a fraction drops slow modes first
+               (`dmdopt.dmd.extrapolate`'s module docstring says why).
     horizon    steps to extrapolate ahead, or inf (approximate converged state).
     line_search  horizon factors tried with forward passes only, smallest step first, stopping
                once the loss rises after an improvement, or at its second rise in a row before
