@@ -14,6 +14,7 @@ import logging
 import math
 import multiprocessing as mp
 import os
+import re
 import socket
 import sys
 import time
@@ -400,12 +401,28 @@ def _echo_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial, echo=print
 
 
 class _NoInterruptTraceback(logging.Filter):
-    """Optuna logs a trial stopped by Ctrl-C with the KeyboardInterrupt's traceback (~30 lines).
-    The user pressed the key: keep Optuna's one line (the trial is marked FAIL), drop the rest."""
+    """Optuna logs a trial stopped by Ctrl-C or SIGTERM with the interrupt's traceback (~30
+    lines), then a second line "failed with value None". The user stopped it: one line per
+    trial says what became of it, as Optuna's own record."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._interrupted: set[str] = set()
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt):
+        message = record.getMessage()
+        number = re.match(r"Trial (\d+) failed with ", message)
+        if record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt) and number:
+            self._interrupted.add(number[1])
+            record.msg, record.args = (f"Trial {number[1]} interrupted: marked FAIL; `study run` "
+                                       "runs its settings again on resume"), ()
             record.exc_info, record.exc_text = None, None
+        elif record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt):
+            record.exc_info, record.exc_text = None, None
+        elif number and message.endswith("failed with value None.") \
+                and number[1] in self._interrupted:
+            self._interrupted.discard(number[1])
+            return False  # the interrupted trial's second line: said already
         return True
 
 
