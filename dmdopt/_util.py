@@ -157,6 +157,19 @@ def url_encoding_hint(url: str) -> str:
     return ""
 
 
+def redact_password(text: str, url: str) -> str:
+    """`text` (a driver's error) without the pieces of `url`'s password: an unescaped `@` in
+    it puts the rest of the password in the host name the driver then quotes."""
+    import re
+
+    scheme, sep, rest = str(url).partition("://")
+    password = rest.rpartition("@")[0].partition(":")[2] if sep else ""
+    pieces = {password, *re.split(r"[@:/#?]", password)}
+    for piece in sorted((p for p in pieces if len(p) >= 2), key=len, reverse=True):
+        text = re.sub(rf"(?<![A-Za-z0-9]){re.escape(piece)}(?![A-Za-z0-9])", "***", text)
+    return text
+
+
 _DEFAULT_PORTS = {"postgresql": 5432, "mysql": 3306, "mssql": 1433, "oracle": 1521}
 _LOOPBACK = {"", "localhost", "127.0.0.1", "::1", "[::1]"}
 

@@ -567,6 +567,11 @@ def test_an_unescaped_password_gets_a_hint():
     for url in ("postgresql://u:p@ss@h/db", "postgresql://u:a/b@h/db", "postgresql://u:a:b@h/db",
                 "postgresql://u:50%@h/db", "postgresql://u:a#b@h/db"):
         assert "percent-encoded" in url_encoding_hint(url), url
+    from dmdopt._util import redact_password
+
+    said = 'could not translate host name "word@127.0.0.1" to address (pass)'
+    assert redact_password(said, "postgresql://u:secret@word@127.0.0.1/db") == \
+        'could not translate host name "***@127.0.0.1" to address (pass)'
     for url in ("postgresql://u:p%40ss@h/db", "postgresql://u:plain@h:5432/db",
                 "postgresql://h/db", "sqlite:///a.db", "http://h:5000"):
         assert url_encoding_hint(url) == "", url

@@ -18,6 +18,7 @@ from dmdopt._util import (
     in_memory_sqlite,
     mask_url,
     read_only_sqlite,
+    redact_password,
     sqlite_file,
     url_encoding_hint,
     with_sql_driver,
@@ -109,7 +110,7 @@ def open_storage(url: str, *, heartbeat_interval: int | None = None,
                 time.sleep(0.2 * 2**attempt + random.uniform(0, 0.3))
                 continue
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise UserError(f"storage: cannot open {mask_url(url)!r}: {reason}"
+            raise UserError(f"storage: cannot open {mask_url(url)!r}: {redact_password(reason, url)}"
                             f"{url_encoding_hint(url)}") from None
     raise AssertionError("unreachable")
 

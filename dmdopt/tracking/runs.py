@@ -33,6 +33,7 @@ from dmdopt._util import (
     git_commit,
     mask_url,
     read_only_sqlite,
+    redact_password,
     same_database,
     sqlite_file,
     url_encoding_hint,
@@ -151,22 +152,29 @@ def _probe_database(uri: str, where: str, shown: str) -> None:
     try:
         url = make_url(with_sql_driver(uri))
     except ValueError as exc:  # a port that is no number: often a password's unescaped ':/@#'
-        raise UserError(f"{where}: {shown!r} is not a database URL ({exc})"
-                        f"{url_encoding_hint(uri)}") from None
+        raise UserError(f"{where}: {shown!r} is not a database URL "
+                        f"({redact_password(str(exc), uri)}){url_encoding_hint(uri)}") from None
     except Exception:  # noqa: BLE001 - a URL SQLAlchemy can't read: MLflow reports it
         return
-    backend = url.get_backend_name()
-    timeout = ({"timeout": _PROBE_TIMEOUT_S} if backend == "sqlite" else
-               {"connect_timeout": _PROBE_TIMEOUT_S} if backend in ("postgresql", "mysql") else {})
+    backend, driver = url.get_backend_name(), url.get_driver_name()
+    # each driver names its connect timeout its own way (pg8000: `timeout`); others get none
+    timeout = ({"timeout": _PROBE_TIMEOUT_S} if backend == "sqlite" or driver == "pg8000" else
+               {"connect_timeout": _PROBE_TIMEOUT_S}
+               if driver in ("psycopg2", "psycopg", "pymysql", "mysqldb") else {})
     try:
         engine = create_engine(url, connect_args=timeout, poolclass=NullPool)
     except Exception:  # noqa: BLE001 - a driver or option SQLAlchemy refuses: MLflow reports it
         return
     try:
         tables = set(inspect(engine).get_table_names())
+    except TypeError:  # a connect argument this driver lacks: no check, MLflow reports the rest
+        return
     except Exception as exc:  # noqa: BLE001 - OperationalError & co: the reason is the line
         text = str(getattr(exc, "orig", None) or exc).strip()
-        reason = mask_url(text.splitlines()[0] if text else type(exc).__name__)
+        if backend == "sqlite" and "locked" in text:  # a writer at work: no reason to refuse
+            return
+        reason = redact_password(mask_url(text.splitlines()[0] if text else type(exc).__name__),
+                                 uri)
         raise UserError(f"{where}: cannot use {shown!r} as a tracking store: {reason}"
                         f"{url_encoding_hint(uri)}") from None
     finally:

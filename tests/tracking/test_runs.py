@@ -534,3 +534,22 @@ def test_a_cost_to_target_parent_logs_the_reference_point_its_front_shows(mlflow
     assert parent["metrics.reference_cost_bpe"] == 250.0
     assert parent["metrics.reference_val_rel_l2"] == pytest.approx(0.099)
     assert parent["metrics.reference_test_rel_l2"] == pytest.approx(0.081)  # its own figures
+
+
+def test_a_sqlite_store_another_writer_holds_is_not_refused(tmp_path, monkeypatch):
+    """The connection check at start refused a store whose file another process was writing
+    ("database is locked" after the probe's timeout): a writer's lock is no reason to refuse."""
+    import sqlite3
+
+    import dmdopt.tracking.runs as runs
+
+    monkeypatch.setattr(runs, "_PROBE_TIMEOUT_S", 0.2)
+    db = tmp_path / "mlflow.db"
+    writer = sqlite3.connect(db, isolation_level=None)
+    writer.execute("CREATE TABLE experiments (id INTEGER)")
+    writer.execute("BEGIN EXCLUSIVE")
+    try:
+        assert runs.check_tracking_uri(f"sqlite:///{db}") == f"sqlite:///{db}"
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
