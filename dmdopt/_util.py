@@ -143,13 +143,16 @@ def with_sql_driver(url: str) -> str:
     return url
 
 
+def _userinfo(url: str) -> str:
+    """`user:password` as written in the URL (up to its last `@`), '' when there is none."""
+    _scheme, sep, rest = str(url).partition("://")
+    return rest.rpartition("@")[0] if sep else ""
+
+
 def url_encoding_hint(url: str) -> str:
     """A hint for a failed connection whose URL looks like it holds an unescaped password
     (`p@ss` connects to the host `ss@db`, `a:b` is no port): '' when it does not."""
-    import re
-
-    scheme, sep, rest = str(url).partition("://")
-    userinfo = rest.rpartition("@")[0] if sep else ""
+    userinfo = _userinfo(url)
     if any(c in userinfo for c in "@/#?") or userinfo.count(":") > 1 \
             or re.search(r"%(?![0-9A-Fa-f]{2})", userinfo):
         return ("; a password holding any of @ : / # ? % must be percent-encoded in the URL, "
@@ -160,10 +163,7 @@ def url_encoding_hint(url: str) -> str:
 def redact_password(text: str, url: str) -> str:
     """`text` (a driver's error) without the pieces of `url`'s password: an unescaped `@` in
     it puts the rest of the password in the host name the driver then quotes."""
-    import re
-
-    scheme, sep, rest = str(url).partition("://")
-    password = rest.rpartition("@")[0].partition(":")[2] if sep else ""
+    password = _userinfo(url).partition(":")[2]
     pieces = {password, *re.split(r"[@:/#?]", password)}
     for piece in sorted((p for p in pieces if len(p) >= 2), key=len, reverse=True):
         text = re.sub(rf"(?<![A-Za-z0-9]){re.escape(piece)}(?![A-Za-z0-9])", "***", text)

@@ -412,13 +412,12 @@ class _NoInterruptTraceback(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         number = re.match(r"Trial (\d+) failed with ", message)
-        if record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt) and number:
-            self._interrupted.add(number[1])
-            record.msg, record.args = (f"Trial {number[1]} interrupted: marked FAIL; `study run` "
-                                       "runs its settings again on resume"), ()
+        if record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt):
             record.exc_info, record.exc_text = None, None
-        elif record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt):
-            record.exc_info, record.exc_text = None, None
+            if number:
+                self._interrupted.add(number[1])
+                record.msg, record.args = (f"Trial {number[1]} interrupted: marked FAIL; `study "
+                                           "run` runs its settings again on resume"), ()
         elif number and message.endswith("failed with value None.") \
                 and number[1] in self._interrupted:
             self._interrupted.discard(number[1])

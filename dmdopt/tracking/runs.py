@@ -120,17 +120,16 @@ def check_tracking_uri(tracking_uri: str | None, field: str = "--tracking-uri", 
         # MLflow raises on its folder store unless opted out: it never would work
         raise UserError(f"{where}: {shown!r} is an MLflow file store, which this MLflow refuses "
                         "(unless MLFLOW_ALLOW_FILE_STORE=true); use sqlite:///PATH.db")
-    if (path := sqlite_file(str(uri))) is not None and path.is_dir():
+    path = sqlite_file(str(uri))
+    if path is not None and path.is_dir():
         raise UserError(f"{where}: {shown!r} names the folder {path}, not a database file; "
                         f"use e.g. sqlite:///{path / 'mlflow.db'}")
     if storage and same_database(uri, storage):
-        raise UserError(f"{where}: {shown!r} is the database of the Optuna storage; MLflow and "
-                        "Optuna would mix their tables there (each keeps its own alembic_version):"
-                        " give MLflow a database of its own, e.g. sqlite:///dmdopt-runs/mlflow.db")
+        raise UserError(f"{where}: {shown!r} is the database of the Optuna storage; {_OWN_DATABASE}")
     if scheme.split("+")[0] in _SERVER_SCHEMES:
         _check_sql_driver(uri, where, shown)
         _probe_database(uri, where, shown)
-    elif (path := sqlite_file(str(uri))) is not None and _sqlite_header(path):
+    elif path is not None and _sqlite_header(path):
         _probe_database(uri, where, shown)  # (any other file is refused by prepare_local_store)
     return uri
 
@@ -138,6 +137,9 @@ def check_tracking_uri(tracking_uri: str | None, field: str = "--tracking-uri", 
 _SERVER_SCHEMES = ("postgresql", "postgres", "mysql", "mssql", "oracle")
 _OPTUNA_TABLES = {"studies", "trials", "version_info"}  # what makes a database an Optuna storage
 _PROBE_TIMEOUT_S = 10
+_OWN_DATABASE = ("MLflow and Optuna would mix their tables there (each keeps its own "
+                 "alembic_version): give MLflow a database of its own, e.g. "
+                 "sqlite:///dmdopt-runs/mlflow.db")
 
 
 def _probe_database(uri: str, where: str, shown: str) -> None:
@@ -180,10 +182,7 @@ def _probe_database(uri: str, where: str, shown: str) -> None:
     finally:
         engine.dispose()
     if _OPTUNA_TABLES <= tables:
-        raise UserError(f"{where}: {shown!r} holds an Optuna storage; MLflow and Optuna would "
-                        "mix their tables there (each keeps its own alembic_version): give "
-                        "MLflow a database of its own, e.g. sqlite:///dmdopt-runs/mlflow.db")
-
+        raise UserError(f"{where}: {shown!r} holds an Optuna storage; {_OWN_DATABASE}")
 
 
 def _file_store_refused() -> bool:
