@@ -143,10 +143,39 @@ def with_sql_driver(url: str) -> str:
     return url
 
 
+_CONNECT_TIMEOUT_ARG = {"psycopg2": "connect_timeout", "psycopg": "connect_timeout",
+                        "pymysql": "connect_timeout", "mysqldb": "connect_timeout",
+                        "pg8000": "timeout"}
+
+
+def connect_timeout_args(url: str, seconds: int) -> dict:
+    """The `connect_args` that bound one connection attempt to a database server at `seconds`,
+    in the keyword its driver knows (pg8000 refuses libpq's `connect_timeout`); {} for a
+    driver dmdopt knows no such keyword of, or a URL SQLAlchemy cannot read."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        driver = make_url(with_sql_driver(url)).get_driver_name()
+    except Exception:  # noqa: BLE001 - not a URL, or a dialect not installed: the caller reports
+        return {}
+    keyword = _CONNECT_TIMEOUT_ARG.get(driver)
+    return {keyword: seconds} if keyword else {}
+
+
 def _userinfo(url: str) -> str:
-    """`user:password` as written in the URL (up to its last `@`), '' when there is none."""
+    """`user:password` as written in the URL, '' when there is none. It ends at the first `@`
+    followed by a host (no `@` before the next `/`, `?`, `#` or the end), so a password's
+    unescaped `@` stays in it and an `@` in the query string (`?application_name=me@laptop`)
+    does not; a user name holds none of `/?#`, so `host/db?x=a@b` has none. (A port
+    followed by such a query, `host:5432/db?x=a@b`, still reads as user `host`.)"""
     _scheme, sep, rest = str(url).partition("://")
-    return rest.rpartition("@")[0] if sep else ""
+    if not sep:
+        return ""
+    for at in re.finditer("@", rest):
+        userinfo = rest[:at.start()]
+        if re.match(r"[^@/?#]*(?:[/?#]|$)", rest[at.end():]):
+            return userinfo if re.match(r"[^:/?#]*(?::|$)", userinfo) else ""
+    return ""
 
 
 def url_encoding_hint(url: str) -> str:
@@ -174,10 +203,20 @@ _DEFAULT_PORTS = {"postgresql": 5432, "mysql": 3306, "mssql": 1433, "oracle": 15
 _LOOPBACK = {"", "localhost", "127.0.0.1", "::1", "[::1]"}
 
 
+def _search_path(options: str | tuple | None) -> str:
+    """The PostgreSQL schema search path a URL's `options=-c search_path=...` sets ('' when
+    none): tables are made in its first schema, so two search paths are two sets of tables."""
+    text = " ".join(options) if isinstance(options, tuple) else options or ""
+    found = re.search(r"-c\s*search_path\s*=\s*(\S+)", text)
+    return found[1].replace('"', "").lower() if found else ""
+
+
 def same_database(url_a: str, url_b: str) -> bool:
-    """Whether two SQLAlchemy URLs name one database (user, password, driver and options
-    aside): the Optuna storage and an MLflow store must not share one, because both keep an
-    `alembic_version` table of their own schema there. URLs that cannot be read are apart."""
+    """Whether two SQLAlchemy URLs name one set of tables (user, password, driver and other
+    options aside): the Optuna storage and an MLflow store must not share one, because both
+    keep an `alembic_version` table of their own schema there. A PostgreSQL database is one
+    set per search path (`?options=-csearch_path%3Dmlflow`: MLflow's tables in the schema
+    `mlflow`). URLs that cannot be read are apart."""
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError
 
@@ -189,7 +228,8 @@ def same_database(url_a: str, url_b: str) -> bool:
             return (backend, None if path is None else str(path.resolve()))
         host = str(parsed.query.get("host") or parsed.host or "").lower()  # ?host=/socket/dir
         host = "localhost" if host in _LOOPBACK or host.startswith("/") else host
-        return (backend, host, parsed.port or _DEFAULT_PORTS.get(backend), parsed.database)
+        return (backend, host, parsed.port or _DEFAULT_PORTS.get(backend), parsed.database,
+                _search_path(parsed.query.get("options")))
 
     try:
         a, b = where(url_a), where(url_b)

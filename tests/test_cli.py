@@ -553,6 +553,9 @@ def test_a_tracking_store_in_an_optuna_database_is_refused(tmp_path, monkeypatch
     ("sqlite:///a.db", "sqlite:///b.db", False),
     ("sqlite://", "sqlite://", False),  # in memory: one database per connection
     ("http://host:5000", "postgresql://u@host/db", False),
+    # one PostgreSQL database, two schemas: two sets of tables, each its own alembic_version
+    ("postgresql://u@db.example/optuna", "postgresql://u@db.example/optuna?options=-csearch_path%3Dmlflow", False),
+    ("postgresql://u@h/db?options=-c%20search_path%3Dmlflow", "postgresql://v@h/db?options=-csearch_path%3Dmlflow", True),
 ])
 def test_same_database_reads_past_spelling(a, b, same, tmp_path, monkeypatch):
     from dmdopt._util import same_database
@@ -573,5 +576,33 @@ def test_an_unescaped_password_gets_a_hint():
     assert redact_password(said, "postgresql://u:secret@word@127.0.0.1/db") == \
         'could not translate host name "***@127.0.0.1" to address (pass)'
     for url in ("postgresql://u:p%40ss@h/db", "postgresql://u:plain@h:5432/db",
-                "postgresql://h/db", "sqlite:///a.db", "http://h:5000"):
+                "postgresql://h/db", "sqlite:///a.db", "http://h:5000",
+                # an "@" in the query string is no password's (it was read as one, to its last @)
+                "postgresql://u:pw@h/db?application_name=me@laptop",
+                "postgresql://h/db?application_name=me@laptop"):
         assert url_encoding_hint(url) == "", url
+    said = 'connection to server at "h" failed: password authentication failed for user "u" (db)'
+    assert redact_password(said, "postgresql://u:pw@h/db?application_name=me@laptop") == said
+
+
+@pytest.mark.parametrize(("url", "connect_args"), [
+    ("postgresql://u:pw@h/db", {"connect_timeout": 10}),
+    ("postgresql+pg8000://u:pw@h/db", {"timeout": 10}),  # pg8000 refuses connect_timeout
+    ("mysql+pymysql://u:pw@h/db", {"connect_timeout": 10}),
+    ("mssql+pyodbc://u:pw@h/db", {}),
+])
+def test_the_storage_bounds_a_connection_attempt_in_its_drivers_own_keyword(url, connect_args,
+                                                                             monkeypatch):
+    """A pg8000 storage got libpq's `connect_timeout`, which pg8000 refuses (every open failed,
+    'unexpected keyword argument'); a MySQL one got no timeout at all."""
+    import dmdopt.search.storage as storage
+
+    seen = {}
+
+    def fake_storage(url, *, engine_kwargs, **_):
+        seen.update(engine_kwargs)
+        return "storage"
+
+    monkeypatch.setattr(storage, "RDBStorage", fake_storage)
+    assert storage.open_storage(url) == "storage"
+    assert seen["connect_args"] == connect_args

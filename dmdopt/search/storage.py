@@ -15,6 +15,7 @@ import optuna
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
 from dmdopt._util import (
+    connect_timeout_args,
     in_memory_sqlite,
     mask_url,
     read_only_sqlite,
@@ -86,9 +87,9 @@ def open_storage(url: str, *, heartbeat_interval: int | None = None,
                         "server's (that is --tracking-uri); the Optuna storage is a database URL, "
                         "e.g. sqlite:///dmdopt-runs/optuna.db or postgresql://USER:PASSWORD@HOST/DB")
     engine_kwargs = {"pool_pre_ping": True}
-    if url.startswith(("postgresql", "postgres://")):
-        engine_kwargs["connect_args"] = {"connect_timeout": 10}
-    elif path is not None:
+    if path is None:  # a server: a connection attempt fails within 10 s, not the OS's minutes
+        engine_kwargs["connect_args"] = connect_timeout_args(url, 10)
+    else:
         # --workers processes share the file: a writer waits for another's lock up to this
         # long (sqlite3's default, 5 s, let a slow commit escape as "database is locked",
         # which a worker would report as the storage lost)

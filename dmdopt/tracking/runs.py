@@ -29,6 +29,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from dmdopt._util import (
+    connect_timeout_args,
     deferred_interrupts,
     git_commit,
     mask_url,
@@ -158,11 +159,9 @@ def _probe_database(uri: str, where: str, shown: str) -> None:
                         f"({redact_password(str(exc), uri)}){url_encoding_hint(uri)}") from None
     except Exception:  # noqa: BLE001 - a URL SQLAlchemy can't read: MLflow reports it
         return
-    backend, driver = url.get_backend_name(), url.get_driver_name()
-    # each driver names its connect timeout its own way (pg8000: `timeout`); others get none
-    timeout = ({"timeout": _PROBE_TIMEOUT_S} if backend == "sqlite" or driver == "pg8000" else
-               {"connect_timeout": _PROBE_TIMEOUT_S}
-               if driver in ("psycopg2", "psycopg", "pymysql", "mysqldb") else {})
+    backend = url.get_backend_name()
+    timeout = ({"timeout": _PROBE_TIMEOUT_S} if backend == "sqlite"  # sqlite3's lock wait
+               else connect_timeout_args(uri, _PROBE_TIMEOUT_S))
     try:
         engine = create_engine(url, connect_args=timeout, poolclass=NullPool)
     except Exception:  # noqa: BLE001 - a driver or option SQLAlchemy refuses: MLflow reports it

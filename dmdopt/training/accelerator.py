@@ -369,8 +369,21 @@ class DMDAccelerator:
                 "steps_seen": self.steps_seen, "stats": copy.deepcopy(self.stats)}
 
     def load_state_dict(self, state: dict) -> None:
-        for buf, saved in zip(self.buffers, state["buffers"], strict=True):
-            buf.copy_(saved)
+        """Resume a saved window. The buffers are first laid out for the model's trainable
+        parameters as they are now (loaded with `assign=True`, frozen, moved since this
+        accelerator was built): the window then carries on, not restarts at the next step.
+        A window saved for other parameters (shapes, grouping, window length) is refused."""
+        if self._layout() != self._laid_out:
+            self._lay_out()
+        saved = [tuple(b.shape) for b in state["buffers"]]
+        now = [tuple(b.shape) for b in self.buffers]
+        if saved != now:
+            raise ValueError(
+                f"DMDAccelerator.load_state_dict: the saved window holds {len(saved)} groups of "
+                f"(window, parameters) {saved}, this model and config give {len(now)}: {now}; "
+                "build the model (trainable layers, grouping, window) as it was when it was saved")
+        for buf, saved_buf in zip(self.buffers, state["buffers"], strict=True):
+            buf.copy_(saved_buf)
         self.filled = state["filled"]
         self.steps_seen = state["steps_seen"]
         self.stats = copy.deepcopy(state["stats"])

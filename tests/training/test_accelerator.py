@@ -289,6 +289,68 @@ def test_state_dict_round_trip():
     assert state["stats"]["chosen_horizons"] == horizons == other.stats["chosen_horizons"]
 
 
+def _resume_case(freeze: bool):
+    """A CNN trained 7 steps (window 5), with or without its conv layer frozen before the
+    first, then its accelerator's state: what a checkpoint of a run holds."""
+    model, x, y = _cnn_problem(4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    acc = DMDAccelerator(model, opt, DMDConfig(window=5, rank=2, horizon=5))
+    for step in range(7):
+        if freeze and step == 0:
+            model.conv.requires_grad_(False)
+        opt.zero_grad()
+        ((model(x) - y) ** 2).mean().backward()
+        opt.step()
+        acc.step(lambda: ((model(x) - y) ** 2).mean())
+    return model, opt, acc, x, y
+
+
+@pytest.mark.parametrize("freeze", [False, True])
+def test_a_resumed_window_follows_parameters_loaded_or_frozen_since_construction(freeze):
+    """Resume as a training script does: build the model and accelerator, load the weights
+    with `assign=True` (or freeze the layer the run had frozen), then load the accelerator's
+    state. Its saved window must carry on (the next jump at the same step as the original run's,
+    landing on the same weights), not restart, and not raise on the frozen layer's groups."""
+    model, opt, acc, x, y = _resume_case(freeze)
+    weights, acc_state = model.state_dict(), acc.state_dict()
+
+    resumed, _, _ = _cnn_problem(4)
+    resumed_opt = torch.optim.SGD(resumed.parameters(), lr=0.05)
+    resumed_acc = DMDAccelerator(resumed, resumed_opt, DMDConfig(window=5, rank=2, horizon=5))
+    resumed.load_state_dict({k: v.clone() for k, v in weights.items()}, assign=True)
+    if freeze:
+        resumed.conv.requires_grad_(False)
+    resumed_opt = torch.optim.SGD([p for p in resumed.parameters() if p.requires_grad], lr=0.05)
+    resumed_acc.optimizer = resumed_opt
+    resumed_acc.load_state_dict(acc_state)
+    assert len(resumed_acc.buffers) == len(acc.buffers) == (1 if freeze else 2)
+
+    outcomes = {}
+    for name, (m, o, a) in {"original": (model, opt, acc),
+                            "resumed": (resumed, resumed_opt, resumed_acc)}.items():
+        outcomes[name] = []
+        for _ in range(3):  # steps 8-10: the window of steps 6-10 ends with a jump
+            o.zero_grad()
+            ((m(x) - y) ** 2).mean().backward()
+            o.step()
+            outcomes[name].append(a.step(lambda m=m: ((m(x) - y) ** 2).mean()))
+    assert outcomes["resumed"] == outcomes["original"]
+    assert outcomes["original"][:2] == [None, None] and outcomes["original"][2] is not None
+    for p, q in zip(resumed.parameters(), model.parameters(), strict=True):
+        assert torch.equal(p.detach(), q.detach())
+
+
+def test_a_window_saved_for_other_parameters_is_refused_in_one_line():
+    _, _, acc, _, _ = _resume_case(freeze=True)  # one group: the head
+    model, x, y = _cnn_problem(4)  # nothing frozen: two groups
+    other = DMDAccelerator(model, torch.optim.SGD(model.parameters(), lr=0.05),
+                           DMDConfig(window=5, rank=2, horizon=5))
+    with pytest.raises(ValueError, match=r"saved window holds 1 groups .* give 2") as err:
+        other.load_state_dict(acc.state_dict())
+    assert "\n" not in str(err.value)
+    assert other.filled == 0  # nothing half-loaded
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_half_snapshots_round_the_move_not_the_weights(dtype):
     """With half-precision snapshots a kept jump moves the float32 weights by the DMD
