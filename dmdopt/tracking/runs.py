@@ -140,7 +140,8 @@ _OPTUNA_TABLES = {"studies", "trials", "version_info"}  # what makes a database 
 _PROBE_TIMEOUT_S = 10
 _OWN_DATABASE = ("MLflow and Optuna would mix their tables there (each keeps its own "
                  "alembic_version): give MLflow a database of its own, e.g. "
-                 "sqlite:///dmdopt-runs/mlflow.db")
+                 "sqlite:///dmdopt-runs/mlflow.db, or a PostgreSQL schema of its own "
+                 "(...?options=-csearch_path%3Dmlflow)")
 
 
 def _probe_database(uri: str, where: str, shown: str) -> None:

@@ -216,3 +216,41 @@ def test_a_postgresql_tracking_store_that_cannot_work_is_refused_in_seconds(tmp_
     assert set(sqlalchemy.inspect(engine).get_table_names()) == tables
     assert not (tmp_path / "o.db").exists()
     engine.dispose()
+
+
+def test_an_mlflow_store_in_a_schema_of_its_own_in_the_optuna_database_is_accepted(tmp_path):
+    """`?options=-csearch_path=SCHEMA` puts MLflow's tables (its alembic_version among them)
+    in a schema apart from Optuna's: the check refused it as 'the database of the Optuna
+    storage'. Now the study runs, and MLflow's tables are in that schema only."""
+    import sqlalchemy
+    from sqlalchemy.engine import make_url
+
+    from dmdopt._util import with_sql_driver
+
+    url = make_url(with_sql_driver(POSTGRES_URL))
+    engine = sqlalchemy.create_engine(url)
+    schema = f"mlflow_{uuid.uuid4().hex[:10]}"
+    public = set(sqlalchemy.inspect(engine).get_table_names())
+    with engine.begin() as conn:
+        conn.execute(sqlalchemy.text(f'CREATE SCHEMA "{schema}"'))
+    name = f"pgschema-{uuid.uuid4().hex[:10]}"
+    study_file = tmp_path / "smoke.toml"
+    study_file.write_text(SMOKE.read_text().replace('name = "smoke"', f'name = "{name}"'))
+    tracking = f"{POSTGRES_URL}{'&' if '?' in POSTGRES_URL else '?'}options=-csearch_path%3D{schema}"
+    try:
+        out = subprocess.run([sys.executable, "-m", "dmdopt", "study", "run", str(study_file),
+                              "--storage", POSTGRES_URL, "--tracking-uri", tracking,
+                              "--n-trials", "1", "--quiet"],
+                             cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        inspector = sqlalchemy.inspect(engine)
+        mine = set(inspector.get_table_names(schema=schema))
+        assert {"experiments", "runs", "alembic_version"} <= mine, mine
+        assert not {"experiments", "runs"} & (set(inspector.get_table_names()) - public)
+        with engine.connect() as conn:  # the study's parent run and its trial are there
+            runs = conn.execute(sqlalchemy.text(f'SELECT COUNT(*) FROM "{schema}".runs')).scalar()
+        assert runs >= 2, runs
+    finally:
+        with engine.begin() as conn:
+            conn.execute(sqlalchemy.text(f'DROP SCHEMA "{schema}" CASCADE'))
+        engine.dispose()
