@@ -15,6 +15,7 @@ import math
 import os
 import re
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -138,6 +139,7 @@ def check_tracking_uri(tracking_uri: str | None, field: str = "--tracking-uri", 
 _SERVER_SCHEMES = ("postgresql", "postgres", "mysql", "mssql", "oracle")
 _OPTUNA_TABLES = {"studies", "trials", "version_info"}  # what makes a database an Optuna storage
 _PROBE_TIMEOUT_S = 10
+_PROBE_GRACE_S = 5  # beyond the driver's own timeout, before the probe is given up
 _OWN_DATABASE = ("MLflow and Optuna would mix their tables there (each keeps its own "
                  "alembic_version): give MLflow a database of its own, e.g. "
                  "sqlite:///dmdopt-runs/mlflow.db, or a PostgreSQL schema of its own "
@@ -145,7 +147,7 @@ _OWN_DATABASE = ("MLflow and Optuna would mix their tables there (each keeps its
 
 
 def _probe_database(uri: str, where: str, shown: str) -> None:
-    """Connect once (at most 10 s) and list the tables. MLflow makes each client try 10 times
+    """Connect once (at most 15 s) and list the tables. MLflow makes each client try 10 times
     with back-off (about 100 s, a warning each) before it gives up on a refused password or a
     database that is not there; and a database holding Optuna's tables is a storage another
     URL already names, which MLflow would write its own tables into."""
@@ -167,8 +169,26 @@ def _probe_database(uri: str, where: str, shown: str) -> None:
         engine = create_engine(url, connect_args=timeout, poolclass=NullPool)
     except Exception:  # noqa: BLE001 - a driver or option SQLAlchemy refuses: MLflow reports it
         return
+    listed: dict[str, Any] = {}
+
+    def list_tables() -> None:
+        try:
+            listed["tables"] = set(inspect(engine).get_table_names())
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread below
+            listed["error"] = exc
+
+    # The driver's timeout bounds the connection only: not a DNS lookup, not libpq's second
+    # address for localhost, not drivers without one (mssql, oracle). The thread bounds it all.
+    prober = threading.Thread(target=list_tables, name="dmdopt-store-probe", daemon=True)
+    prober.start()
+    prober.join(_PROBE_TIMEOUT_S + _PROBE_GRACE_S)
     try:
-        tables = set(inspect(engine).get_table_names())
+        if prober.is_alive():
+            raise UserError(f"{where}: cannot use {shown!r} as a tracking store: no answer within "
+                            f"{_PROBE_TIMEOUT_S + _PROBE_GRACE_S:g} s")
+        if "error" in listed:
+            raise listed["error"]
+        tables = listed["tables"]
     except TypeError:  # a connect argument this driver lacks: no check, MLflow reports the rest
         return
     except Exception as exc:  # noqa: BLE001 - OperationalError & co: the reason is the line
@@ -180,7 +200,8 @@ def _probe_database(uri: str, where: str, shown: str) -> None:
         raise UserError(f"{where}: cannot use {shown!r} as a tracking store: {reason}"
                         f"{url_encoding_hint(uri)}") from None
     finally:
-        engine.dispose()
+        if not prober.is_alive():  # (a hung one keeps its connection until it gives up)
+            engine.dispose()
     if _OPTUNA_TABLES <= tables:
         raise UserError(f"{where}: {shown!r} holds an Optuna storage; {_OWN_DATABASE}")
 

@@ -553,3 +553,34 @@ def test_a_sqlite_store_another_writer_holds_is_not_refused(tmp_path, monkeypatc
     finally:
         writer.execute("ROLLBACK")
         writer.close()
+
+
+def test_a_database_store_that_never_answers_is_given_up_on_time(tmp_path, monkeypatch):
+    """The driver's connect timeout did not bound the probe (a DNS lookup, a driver with no
+    timeout keyword): a store that never answered held the command without end."""
+    import threading
+
+    import sqlalchemy
+
+    import dmdopt.tracking.runs as runs
+    from dmdopt.errors import UserError
+
+    db = tmp_path / "mlflow.db"
+    sqlite3 = pytest.importorskip("sqlite3")
+    sqlite3.connect(db).execute("CREATE TABLE experiments (id INTEGER)").connection.close()
+    release = threading.Event()
+
+    def hangs(engine):
+        release.wait(30)
+        raise RuntimeError("gave up")
+
+    monkeypatch.setattr(sqlalchemy, "inspect", hangs)
+    monkeypatch.setattr(runs, "_PROBE_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(runs, "_PROBE_GRACE_S", 0.3)
+    started = time.monotonic()
+    try:
+        with pytest.raises(UserError, match=r"no answer within 0\.5 s"):
+            runs.check_tracking_uri(f"sqlite:///{db}")
+        assert time.monotonic() - started < 5
+    finally:
+        release.set()
