@@ -79,6 +79,13 @@ _DTYPES = {"float32": torch.float32, "float64": torch.float64,
            "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def _real(p: torch.Tensor) -> torch.Tensor:
+    """The parameter's coordinates as a real tensor sharing its storage: a complex parameter
+    (spectral / FNO layers) is its real and imaginary parts, which SGD moves as two real
+    coordinates each; copying it into a real buffer kept only the real part."""
+    return torch.view_as_real(p.detach()) if p.is_complex() else p.detach()
+
+
 def group_parameters(model: nn.Module, grouping: str) -> list[list[nn.Parameter]]:
     """Parameter groups that share one DMD: per module ('layer'), per tensor, or all ('global')."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -138,7 +145,7 @@ class DMDAccelerator:
         """Groups, snapshot buffers and CUDA devices for the model's parameters as they are."""
         config = self.config
         self.groups = group_parameters(self.model, config.grouping)
-        self.sizes = [sum(p.numel() for p in g) for g in self.groups]
+        self.sizes = [sum(_real(p).numel() for p in g) for g in self.groups]
         first = self.groups[0][0] if self.groups else None
         device = torch.device("cpu") if config.snapshot_device == "cpu" or first is None else first.device
         dtype = _DTYPES[config.snapshot_dtype]
@@ -148,6 +155,18 @@ class DMDAccelerator:
         self._cuda_devices = sorted({p.device for g in self.groups for p in g if p.device.type == "cuda"},
                                     key=lambda d: d.index or 0)  # whose RNG the accept test forks
         self._laid_out = self._layout()
+
+    def _follow_parameters(self) -> None:
+        """After load_state_dict(assign=True), a module moved to another device or dtype, or
+        layers added or frozen, the old tensors are no longer the model's, and snapshots of
+        them would move nothing (jumps silently wasted): start an empty window on the new
+        ones. Checked at every step, and before a state is saved or loaded."""
+        if self._layout() == self._laid_out:
+            return
+        log.info("DMDAccelerator: the model's trainable parameters changed (replaced, moved, "
+                 "added or frozen); the snapshot window restarts")
+        self._lay_out()
+        self.filled = 0
 
     @classmethod
     def from_config(cls, path, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -165,23 +184,25 @@ class DMDAccelerator:
     # -------------------------------------------------------------------------------------------
     def _flat(self, group: list[nn.Parameter]) -> torch.Tensor:
         """The group's parameters as one new flat tensor (a copy)."""
-        return torch.cat([p.detach().reshape(-1) for p in group])
+        return torch.cat([_real(p).reshape(-1) for p in group])
 
     @torch.no_grad()
     def _record(self, group: list[nn.Parameter], row: torch.Tensor) -> None:
         """Copy the group's parameters straight into a snapshot row (no temporary)."""
         offset = 0
         for p in group:
-            n = p.numel()
-            row[offset:offset + n].copy_(p.detach().reshape(-1))
+            coords = _real(p)
+            n = coords.numel()
+            row[offset:offset + n].copy_(coords.reshape(-1))
             offset += n
 
     @torch.no_grad()
     def _assign(self, group: list[nn.Parameter], flat: torch.Tensor) -> None:
         offset = 0
         for p in group:
-            n = p.numel()
-            p.copy_(flat[offset:offset + n].view_as(p).to(p.dtype))
+            coords = _real(p)  # writes through to a complex parameter
+            n = coords.numel()
+            coords.copy_(flat[offset:offset + n].view_as(coords).to(coords.dtype))
             offset += n
 
     @staticmethod
@@ -220,14 +241,7 @@ class DMDAccelerator:
         if self.steps_seen <= self.config.warmup:
             return None
         t0 = time.perf_counter()
-        if self._layout() != self._laid_out:
-            # load_state_dict(assign=True), a module moved to another device or dtype, layers
-            # added or frozen: the old tensors are no longer the model's, and snapshots of
-            # them would move nothing (jumps silently wasted). Start over on the new ones.
-            log.info("DMDAccelerator: the model's trainable parameters changed (replaced, moved, "
-                     "added or frozen); the snapshot window restarts")
-            self._lay_out()
-            self.filled = 0
+        self._follow_parameters()
         for buf, group in zip(self.buffers, self.groups, strict=True):
             self._record(group, buf[self.filled])
         self.filled += 1
@@ -273,7 +287,7 @@ class DMDAccelerator:
         # The closures run the model in its current mode: a BatchNorm in train mode would fold
         # every candidate's (mostly rejected) batch statistics into its running ones. So each
         # closure starts from these buffers, and only the kept candidate's update stays.
-        buffers = [b.clone() for b in self.model.buffers()]
+        buffers = self._save_buffers()
         targets = None
         if math.isinf(cfg.horizon):
             targets = [self._moved(now, f.displacement(math.inf))
@@ -286,10 +300,12 @@ class DMDAccelerator:
                 closure, fits, targets, current, buffers)
         finally:  # also on an error or Ctrl-C in a closure: never left on a half-tested jump
             t0 = time.perf_counter()
-            self._restore_buffers(best_buffers if best_params is not None else buffers)
-            if best_params is None:  # no candidate improved the loss: roll back exactly
-                for group, now in zip(self.groups, current, strict=True):
-                    self._assign(group, now)
+            try:  # the weights first: a buffer that cannot be put back must not keep them
+                if best_params is None:  # no candidate improved the loss: roll back exactly
+                    for group, now in zip(self.groups, current, strict=True):
+                        self._assign(group, now)
+            finally:
+                self._restore_buffers(best_buffers if best_params is not None else buffers)
         if best_params is None:
             self.stats["jumps_rejected"] += 1
             self.stats["dmd_seconds"] += time.perf_counter() - t0
@@ -303,9 +319,25 @@ class DMDAccelerator:
         self.stats["dmd_seconds"] += time.perf_counter() - t0
         return True
 
-    def _restore_buffers(self, saved: list[torch.Tensor]) -> None:
-        for buf, value in zip(self.model.buffers(), saved, strict=True):
-            buf.copy_(value)
+    def _save_buffers(self) -> list[tuple[nn.Module, dict[str, torch.Tensor]]]:
+        """A copy of every module's buffers, by module and name."""
+        return [(module, {name: buf.clone() for name, buf in module._buffers.items()
+                          if buf is not None}) for module in self.model.modules()]
+
+    @staticmethod
+    def _restore_buffers(saved: list[tuple[nn.Module, dict[str, torch.Tensor]]]) -> None:
+        """Put the saved buffers back, by module and name: in place where the buffer is still
+        of that shape and dtype (a BatchNorm's statistics), else as the saved tensor (a cache a
+        closure re-registered at another size). A buffer a closure added stays: the test
+        compares weights, and such a buffer is the closure's own (a lazily built mask)."""
+        for module, buffers in saved:
+            for name, value in buffers.items():
+                now = module._buffers.get(name)
+                if (now is not None and now.shape == value.shape and now.dtype == value.dtype
+                        and now.device == value.device):
+                    now.copy_(value)
+                else:
+                    module._buffers[name] = value.clone()
 
     def _line_search(self, closure, fits, targets, current, buffers):
         """(best loss, its horizon, its weights per group, the model buffers its closure call
@@ -350,7 +382,7 @@ class DMDAccelerator:
             worse = loss > prev_loss or math.isinf(loss)
             if loss < best_loss:
                 best_loss, best_h, best_params = loss, horizon, candidate
-                best_buffers = [b.clone() for b in self.model.buffers()]
+                best_buffers = self._save_buffers()
             elif worse and (best_params is not None or rose):
                 break  # past the minimum along the (unimodal) ladder, or rising twice
             rose = worse
@@ -364,7 +396,10 @@ class DMDAccelerator:
 
     # -------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """A copy: later steps change neither the buffers nor the stats it holds."""
+        """A copy: later steps change neither the buffers nor the stats it holds. Saved for
+        the parameters as they are now: a layer frozen since the last step gives the empty
+        window that step would start, so the model rebuilt as saved can load it."""
+        self._follow_parameters()
         return {"buffers": [b.clone() for b in self.buffers], "filled": self.filled,
                 "steps_seen": self.steps_seen, "stats": copy.deepcopy(self.stats)}
 
@@ -373,8 +408,7 @@ class DMDAccelerator:
         parameters as they are now (loaded with `assign=True`, frozen, moved since this
         accelerator was built): the window then carries on, not restarts at the next step.
         A window saved for other parameters (shapes, grouping, window length) is refused."""
-        if self._layout() != self._laid_out:
-            self._lay_out()
+        self._follow_parameters()
         saved = [tuple(b.shape) for b in state["buffers"]]
         now = [tuple(b.shape) for b in self.buffers]
         if saved != now:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -338,6 +339,115 @@ def test_a_resumed_window_follows_parameters_loaded_or_frozen_since_construction
     assert outcomes["original"][:2] == [None, None] and outcomes["original"][2] is not None
     for p, q in zip(resumed.parameters(), model.parameters(), strict=True):
         assert torch.equal(p.detach(), q.detach())
+
+
+def test_a_state_saved_after_a_layer_was_frozen_mid_window_resumes_as_the_run_goes_on():
+    """Freeze a layer at an epoch's end, then checkpoint: the state held the window of the
+    parameters before the freeze, and the model rebuilt as saved (layer frozen) refused it.
+    Saved now as the next step would see it (an empty window on the live parameters), it
+    loads, and the resumed run lands on the uninterrupted run's weights."""
+    def run(model, opt, acc, steps, x, y):
+        for _ in range(steps):
+            opt.zero_grad()
+            ((model(x) - y) ** 2).mean().backward()
+            opt.step()
+            acc.step(lambda: ((model(x) - y) ** 2).mean())
+
+    cfg = DMDConfig(window=5, rank=2, horizon=5)
+    model, x, y = _cnn_problem(4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    acc = DMDAccelerator(model, opt, cfg)
+    run(model, opt, acc, 7, x, y)  # mid-window
+    model.conv.requires_grad_(False)
+    weights, acc_state = model.state_dict(), acc.state_dict()
+    assert acc_state["filled"] == 0 and len(acc_state["buffers"]) == 1
+
+    resumed, _, _ = _cnn_problem(4)
+    resumed.conv.requires_grad_(False)
+    resumed_opt = torch.optim.SGD(resumed.parameters(), lr=0.05)
+    resumed_acc = DMDAccelerator(resumed, resumed_opt, cfg)
+    resumed.load_state_dict(weights)
+    resumed_acc.load_state_dict(acc_state)
+    run(model, opt, acc, 6, x, y)
+    run(resumed, resumed_opt, resumed_acc, 6, x, y)
+    counts = ("jumps_accepted", "jumps_rejected", "forward_passes", "dmd_flops", "chosen_horizons")
+    assert [acc.stats[k] for k in counts] == [resumed_acc.stats[k] for k in counts]
+    assert acc.stats["jumps_accepted"] + acc.stats["jumps_rejected"] == 2
+    for p, q in zip(resumed.parameters(), model.parameters(), strict=True):
+        assert torch.equal(p.detach(), q.detach())
+
+
+class _GrowingCache(nn.Module):
+    """A cache re-registered at a longer input's size, as positional caches are: the closure's
+    batch (128 rows) is longer than the training batch (32)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden, self.out = nn.Linear(4, 8), nn.Linear(8, 1)
+        self.register_buffer("pos", torch.ones(1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > self.pos.shape[0]:
+            self.register_buffer("pos", torch.ones(x.shape[0]), persistent=False)
+        return self.out(torch.tanh(self.hidden(x))) * self.pos[: x.shape[0], None]
+
+
+def test_a_buffer_the_closure_resizes_is_put_back_by_name():
+    """Buffers were put back by position with copy_: a closure that re-registered one at
+    another size made the restore raise, and that raise skipped the weights' rollback (the
+    model was left on an untested candidate)."""
+    gen = torch.Generator().manual_seed(0)
+    x_train, x_val = torch.randn(32, 4, generator=gen), torch.randn(128, 4, generator=gen)
+    y_train, y_val = x_train.sum(1, keepdim=True).tanh(), x_val.sum(1, keepdim=True).tanh()
+    torch.manual_seed(0)
+    model = _GrowingCache()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    acc = DMDAccelerator(model, opt, DMDConfig(window=5, rank=2, horizon=5))
+    outcomes = []
+    for _ in range(10):
+        opt.zero_grad()
+        ((model(x_train) - y_train) ** 2).mean().backward()
+        opt.step()
+        before, pos = _params(model), model.pos.clone()
+        outcome = acc.step(lambda: ((model(x_val) - y_val) ** 2).mean())
+        outcomes.append(outcome)
+        if outcome is False:  # weights and buffers as before the test
+            assert all(torch.equal(p.detach(), q) for p, q in zip(model.parameters(), before, strict=True))
+            assert torch.equal(model.pos, pos)
+        elif outcome:
+            assert model.pos.shape == (128,)  # as the kept candidate's closure call left it
+    assert outcomes[4] is not None and outcomes[9] is not None
+
+
+def test_a_complex_parameter_is_extrapolated_in_both_parts():
+    """A complex parameter (spectral layers) was copied into the real snapshot buffer, which
+    dropped its imaginary part (with a warning): a kept jump moved the real part only. GD on
+    a complex least-squares problem is affine in (real, imag): horizon inf lands on its
+    solution."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 4, dtype=torch.cfloat, generator=gen)
+    solution = torch.randn(4, 1, dtype=torch.cfloat, generator=gen)
+    y = x @ solution
+    model = nn.Module()
+    model.w = nn.Parameter(torch.zeros(4, 1, dtype=torch.cfloat))
+    opt = torch.optim.SGD([model.w], lr=0.2)
+    acc = DMDAccelerator(model, opt, DMDConfig(window=12, rank=10, horizon=math.inf,
+                                               snapshot_dtype="float64"))
+
+    def loss():
+        return ((x @ model.w - y).abs() ** 2).mean()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "Casting complex values to real discards ..."
+        for _ in range(12):
+            opt.zero_grad()
+            loss().backward()
+            opt.step()
+            outcome = acc.step(loss)
+    assert outcome is True
+    assert acc.snapshot_bytes == 12 * 8 * 8  # 4 complex coordinates = 8 real ones
+    error = (model.w.detach() - solution).abs().max() / solution.abs().max()
+    assert float(error) < 1e-5, float(error)  # float32 weights (complex64)
 
 
 def test_a_window_saved_for_other_parameters_is_refused_in_one_line():
