@@ -65,6 +65,7 @@ import copy
 import logging
 import math
 import time
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -155,6 +156,13 @@ class DMDAccelerator:
         self._cuda_devices = sorted({p.device for g in self.groups for p in g if p.device.type == "cuda"},
                                     key=lambda d: d.index or 0)  # whose RNG the accept test forks
         self._laid_out = self._layout()
+        if config.snapshot_dtype == "float32" and any(
+                _real(p).dtype == torch.float64 for g in self.groups for p in g):
+            # the default: steps of a float64 model below ~1e-7 of its weights would vanish
+            warnings.warn("DMDAccelerator: float64 parameters are recorded in float32 snapshots, "
+                          "which round away their steps below about 1e-7 of the weights (late "
+                          "in training, whole steps) before the DMD fit; snapshot_dtype="
+                          "'float64' keeps them", stacklevel=3)
 
     def _follow_parameters(self) -> None:
         """After load_state_dict(assign=True), a module moved to another device or dtype, or

@@ -133,7 +133,11 @@ def parse_horizon(value: Any) -> float:
         return math.inf
     if not _is_number(value) or not (value > 0):
         raise ValueError(f"dmd.horizon must be a positive number or 'inf', got {value!r}")
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # a Python int past float's range (a TOML integer cannot be)
+        raise ValueError(f"dmd.horizon must be a positive number or 'inf', got an integer of "
+                         f"{len(str(value))} digits, past the float range") from None
 
 
 @dataclass(frozen=True, kw_only=True)

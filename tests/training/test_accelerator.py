@@ -730,3 +730,17 @@ def test_parameters_replaced_after_construction_are_followed(change):
     outcomes = [advance() for _ in range(6)]
     assert outcomes == [None] * 5 + [True]  # a fresh window of 6 on the new parameters
     assert abs(float(model.w.detach()) - 1.0) < 1e-4  # the jump reached the fixed point of the live w
+
+
+def test_a_float64_model_under_float32_snapshots_is_warned_of():
+    """The float32 default rounds a float64 model's small steps away before the fit (DMD then
+    silently does nothing); float64 snapshots, or a float32 model, are not warned of."""
+    model = nn.Linear(3, 1).double()
+    with pytest.warns(UserWarning, match="snapshot_dtype='float64' keeps them"):
+        DMDAccelerator(model, torch.optim.SGD(model.parameters(), lr=0.1), DMDConfig())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        DMDAccelerator(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                       DMDConfig(snapshot_dtype="float64"))
+        single = nn.Linear(3, 1)
+        DMDAccelerator(single, torch.optim.SGD(single.parameters(), lr=0.1), DMDConfig())

@@ -198,6 +198,7 @@ def test_train_config_rejects_bad_values(field, value):
 @pytest.mark.parametrize(("kwargs", "needle"), [({"window": 2}, "window"), ({"window": 5, "rank": 4}, "rank"),
                                                 ({"rank": -1}, "rank"), ({"rank": 1.5}, "rank"),
                                                 ({"horizon": 0}, "horizon"), ({"horizon": "soon"}, "horizon"),
+                                                ({"horizon": 10**400}, "horizon"),  # was OverflowError
                                                 ({"grouping": "row"}, "grouping"),
                                                 ({"growing": "grow"}, "growing"),
                                                 ({"line_search": (1.0, math.inf)}, "line_search")])
