@@ -68,7 +68,7 @@ def _workers(text: str) -> int | str:
 
 def _study_ref(name: str, storage: str | None) -> tuple[str, str]:
     """A study is named directly, or by its TOML file (which also gives its storage)."""
-    if name.endswith(".toml"):
+    if name.lower().endswith(".toml"):
         from dmdopt.search.config import load_study_file
 
         config = load_study_file(name)
@@ -83,10 +83,10 @@ def _output_is_not_the_study_file(args) -> None:
     import tomllib
 
     out, name = Path(args.output), Path(args.name)
-    if args.name.endswith(".toml") and out.exists() and name.exists() and out.samefile(name):
+    if args.name.lower().endswith(".toml") and out.exists() and name.exists() and out.samefile(name):
         raise UserError(f"--output {args.output} is the study file itself; write the output "
                         "to another path")
-    if out.suffix == ".toml" and out.is_file():
+    if out.suffix.lower() == ".toml" and out.is_file():  # (export reads .TOML as TOML too)
         try:
             is_study = isinstance(tomllib.loads(out.read_text(encoding="utf-8-sig")).get("study"), dict)
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):

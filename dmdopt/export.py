@@ -364,10 +364,16 @@ def _one_line(text: Any) -> str:
 _YAML_EXP_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
 
+_TEXT_KEYS = ("device", "cpu_capability", "settings_hash", "grouping", "growing",
+              "snapshot_dtype", "snapshot_device", "optimizer", "activation")
+"""Keys whose values are text: a hash `379865906e614232` reads as an exponent, not a number."""
+
+
 def _yaml_numbers(value: Any) -> Any:
-    """YAML 1.1 reads `1e-3` (no dot) as a string; in a config it can only mean the number."""
+    """YAML 1.1 reads `1e-3` (no dot) as a string; in a config's numeric fields it can only
+    mean the number (text fields are left alone)."""
     if isinstance(value, dict):
-        return {k: _yaml_numbers(v) for k, v in value.items()}
+        return {k: v if k in _TEXT_KEYS else _yaml_numbers(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_yaml_numbers(v) for v in value]
     if isinstance(value, str) and _YAML_EXP_FLOAT.match(value.strip()):

@@ -372,6 +372,10 @@ def test_export_refuses_to_overwrite_the_study_file(tmp_path, monkeypatch, capsy
         err = capsys.readouterr().err.strip()
         assert "is a study file" in err and err.count("\n") == 0, err
     assert (tmp_path / "s.toml").read_text() == before
+    (tmp_path / "S2.TOML").write_text(before)  # export writes .TOML as TOML: it was replaced
+    assert main(["export", "tiny", "-o", "S2.TOML"]) == 2
+    assert "is a study file" in capsys.readouterr().err
+    assert (tmp_path / "S2.TOML").read_text() == before
     (tmp_path / "d.png").write_bytes(b"png")
     assert main(["dashboard", "tiny", "-o", "d.png"]) == 2  # any file, written over as HTML
     assert "name it .html" in capsys.readouterr().err and (tmp_path / "d.png").read_bytes() == b"png"

@@ -291,6 +291,17 @@ def test_hand_written_yaml_reads_exponents_and_needs_no_provenance(good, tmp_pat
     assert tuned.training.lr == 0.001 and tuned.provenance == {} and tuned.expected == {}
 
 
+def test_a_yaml_settings_hash_that_looks_like_an_exponent_stays_text(good, tmp_path):
+    """One hash in about 1,300 is digits with one `e` (379865906e614232): YAML 1.1 writes it
+    unquoted and the exponent rule read it back as the float inf, so the YAML export of that
+    trial failed its own read-back ('expected.settings_hash must be a string, got inf')."""
+    good["expected"]["settings_hash"] = "379865906e614232"
+    path = tmp_path / "tuned.yaml"
+    path.write_text(yaml.safe_dump(good))
+    assert "settings_hash: 379865906e614232" in path.read_text()  # unquoted, as PyYAML writes it
+    assert load_tuned_config(path).expected["settings_hash"] == "379865906e614232"
+
+
 def test_toml_writer_escapes_awkward_strings(summary, tmp_path):
     summary["study_name"] = 'we"ird\\na\tme\x7fé'
     path = tmp_path / "tuned.toml"
