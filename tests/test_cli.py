@@ -508,6 +508,53 @@ def test_a_read_only_mlflow_store_fails_at_once(tmp_path, monkeypatch, capsys):
     assert "tracking store failed" in capsys.readouterr().err
 
 
+def test_a_storage_that_is_no_optuna_database_is_refused_and_left_untouched(tmp_path, monkeypatch,
+                                                                           capsys):
+    """`study status quick --storage sqlite:///dmdopt-runs/mlflow.db` (one mistyped flag) wrote
+    Optuna's tables into MLflow's database, said 'please update optuna', and from then on MLflow's
+    store was refused as holding an Optuna storage. A read-only command now writes nothing to a
+    database without Optuna's tables (another program's, an empty file), and MLflow's database
+    is refused as a storage by `study run` too, before anything runs."""
+    import sqlite3
+
+    import sqlalchemy
+    from mlflow.tracking import MlflowClient
+    from study_files import tiny_study_toml
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "s.toml").write_text(tiny_study_toml(n_trials=1))
+    mlflow_db, app_db, empty = tmp_path / "mlflow.db", tmp_path / "app.db", tmp_path / "empty.db"
+    MlflowClient(tracking_uri=f"sqlite:///{mlflow_db}").create_experiment("mine")
+    with sqlite3.connect(app_db) as conn:
+        conn.execute("CREATE TABLE notes (id INTEGER)")
+    empty.touch()
+    capsys.readouterr()  # MLflow's own log lines
+
+    def tables(path):
+        engine = sqlalchemy.create_engine(f"sqlite:///{path}")
+        try:
+            return set(sqlalchemy.inspect(engine).get_table_names())
+        finally:
+            engine.dispose()
+
+    before = {path: tables(path) for path in (mlflow_db, app_db)}
+    for path, needle in ((mlflow_db, "is an MLflow tracking store"),
+                         (app_db, "holds no Optuna storage"), (empty, "holds no Optuna storage")):
+        for command in (["study", "status", "quick"], ["study", "pareto", "quick"],
+                        ["export", "quick", "-o", "t.toml"]):
+            assert main([*command, "--storage", f"sqlite:///{path}"]) == 2, (command, path)
+            err = capsys.readouterr().err.strip()
+            assert err.count("\n") == 0 and needle in err, err
+    assert main(["study", "run", "s.toml", "--storage", f"sqlite:///{mlflow_db}", "--no-mlflow",
+                 "--quiet"]) == 2
+    assert "is an MLflow tracking store" in capsys.readouterr().err
+    assert {path: tables(path) for path in (mlflow_db, app_db)} == before
+    assert empty.stat().st_size == 0 and not (tmp_path / "t.toml").exists()
+    # and MLflow's store still works as one
+    assert main(["study", "run", "s.toml", "--tracking-uri", f"sqlite:///{mlflow_db}",
+                 "--quiet"]) == 0
+
+
 def test_a_tracking_store_in_an_optuna_database_is_refused(tmp_path, monkeypatch, capsys):
     """MLflow pointed at the Optuna storage created its tables beside Optuna's and the command
     exited 0. The same database under the same or another URL (a fresh study: no tables yet)
@@ -607,6 +654,9 @@ def test_the_storage_bounds_a_connection_attempt_in_its_drivers_own_keyword(url,
         seen.update(engine_kwargs)
         return "storage"
 
+    checked = {}
     monkeypatch.setattr(storage, "RDBStorage", fake_storage)
+    monkeypatch.setattr(storage, "_check_tables",  # its connection is bounded the same way
+                        lambda url, args, *, writable: checked.update(args))
     assert storage.open_storage(url) == "storage"
-    assert seen["connect_args"] == connect_args
+    assert seen["connect_args"] == connect_args == checked

@@ -94,6 +94,8 @@ def open_storage(url: str, *, heartbeat_interval: int | None = None,
         # long (sqlite3's default, 5 s, let a slow commit escape as "database is locked",
         # which a worker would report as the storage lost)
         engine_kwargs["connect_args"] = {"timeout": 60}
+    if path is None or path.exists():
+        _check_tables(url, engine_kwargs["connect_args"], writable=writable)
     for attempt in range(_SCHEMA_RACE_ATTEMPTS):
         try:
             return RDBStorage(
@@ -101,19 +103,58 @@ def open_storage(url: str, *, heartbeat_interval: int | None = None,
                 heartbeat_interval=heartbeat_interval, grace_period=grace_period,
                 heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY),
             )
-        except ImportError as exc:
-            hint = (" (pip install 'dmdopt[postgres]')" if url.startswith("postgres") else "")
-            raise UserError(f"storage: driver missing for {mask_url(url)!r}{hint}: {exc}") from None
         except Exception as exc:  # sqlalchemy OperationalError & co: unreachable / bad credentials
             if _schema_race(exc) and attempt + 1 < _SCHEMA_RACE_ATTEMPTS:
                 # Workers started together on an empty database all create Optuna's tables;
                 # the losers hit duplicate-key errors. The winner's schema is there next time.
                 time.sleep(0.2 * 2**attempt + random.uniform(0, 0.3))
                 continue
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise UserError(f"storage: cannot open {mask_url(url)!r}: {redact_password(reason, url)}"
-                            f"{url_encoding_hint(url)}") from None
+            raise _cannot_open(url, exc) from None
     raise AssertionError("unreachable")
+
+
+_OPTUNA_TABLES = {"studies", "trials", "version_info"}
+_MLFLOW_TABLES = {"experiments", "runs", "metrics"}
+
+
+def _cannot_open(url: str, exc: Exception) -> UserError:
+    """One line for a storage that cannot be opened: its driver missing, or the server's reason."""
+    if isinstance(exc, ImportError):
+        hint = " (pip install 'dmdopt[postgres]')" if url.startswith("postgres") else ""
+        return UserError(f"storage: driver missing for {mask_url(url)!r}{hint}: {exc}")
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return UserError(f"storage: cannot open {mask_url(url)!r}: {redact_password(reason, url)}"
+                     f"{url_encoding_hint(url)}")
+
+
+def _check_tables(url: str, connect_args: dict, *, writable: bool) -> None:
+    """Optuna creates its tables in whatever database it opens. A command that only reads
+    (status, pareto, export) must find them there: a mistyped --storage naming MLflow's
+    database, or any other, got Optuna's 13 tables (and MLflow's alembic_version read as
+    Optuna's: 'please update optuna'), after which MLflow's store was refused as holding an
+    Optuna storage. MLflow's own database is refused as a storage in any case."""
+    from sqlalchemy import create_engine, inspect
+    from sqlalchemy.pool import NullPool
+
+    try:
+        engine = create_engine(with_sql_driver(url), connect_args=connect_args, poolclass=NullPool)
+        try:
+            tables = set(inspect(engine).get_table_names())
+        finally:
+            engine.dispose()
+    except Exception as exc:  # noqa: BLE001 - the reason is the line
+        raise _cannot_open(url, exc) from None
+    if _OPTUNA_TABLES <= tables:
+        return
+    if _MLFLOW_TABLES <= tables:
+        raise UserError(f"storage: {mask_url(url)!r} is an MLflow tracking store, not an Optuna "
+                        "storage (that is --tracking-uri); the Optuna storage needs a database of "
+                        "its own, e.g. sqlite:///dmdopt-runs/optuna.db")
+    if not writable:
+        what = "its tables are another program's" if tables else "no tables"
+        raise UserError(f"storage: {mask_url(url)!r} holds no Optuna storage ({what}); "
+                        "status, pareto and export only read a storage that `dmdopt study run` "
+                        "wrote")
 
 
 _SCHEMA_RACE_ATTEMPTS = 6
