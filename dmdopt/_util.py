@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import signal
@@ -95,6 +96,24 @@ def out_of_memory(exc: BaseException) -> bool:
             or "Storage size calculation overflowed" in text)
 
 
+def file_in_the_way(path: str | Path) -> Path | None:
+    """The nearest existing folder of `path` when it is a file instead (so `path` can never
+    be made), else None."""
+    for parent in Path(path).parents:
+        if parent.exists():
+            return None if parent.is_dir() else parent
+    return None
+
+
+def os_reason(exc: OSError, path: str | Path) -> str:
+    """Why an OSError on `path` happened, in words a user can act on. Creating a folder under
+    a file says "File exists" (or "Not a directory"), which reads as "the output exists": name
+    the file in the way instead."""
+    if exc.errno in (errno.EEXIST, errno.ENOTDIR) and (file := file_in_the_way(path)):
+        return f"{file} is a file, not a folder"
+    return exc.strerror or str(exc)
+
+
 def unwritable(path: str | Path) -> str | None:
     """Why `path` cannot be written by `atomic_file` (None if it can), checked before long
     work so that a bad output path fails first, not after the work it was meant to keep.
@@ -109,7 +128,7 @@ def unwritable(path: str | Path) -> str | None:
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        return exc.strerror or str(exc)
+        return os_reason(exc, path)
     return None
 
 

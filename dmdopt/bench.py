@@ -38,7 +38,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import NoReturn
 
-from dmdopt._util import atomic_file, sigterm_as_interrupt, unwritable
+from dmdopt._util import atomic_file, os_reason, sigterm_as_interrupt, unwritable
 
 METHODS = ("adam", "gd", "sgd_momentum")
 """Benchmark method names: Adam; SGD without momentum (GD); SGD with momentum 0.9."""
@@ -199,7 +199,7 @@ def run_benchmark(*, seeds: int = 3, steps: int | None = None, json_path=None,
                 fh.write(json.dumps(_finite_or_none(rows), indent=2, allow_nan=False))
         except OSError as exc:  # checked before the run (`unwritable`); the disk may fill since
             from dmdopt.errors import UserError
-            raise UserError(f"--json: cannot write {path}: {exc.strerror or exc}") from None
+            raise UserError(f"--json: cannot write {path}: {os_reason(exc, path)}") from None
         echo(f"wrote {path}{' (the pairs that finished)' if failure is not None else ''}")
     if failure is not None:
         import concurrent.futures.process as cfp

@@ -377,7 +377,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_dashboard(args) -> int:
-    from dmdopt._util import unwritable
+    from dmdopt._util import os_reason, unwritable
     from dmdopt.tracking.dashboard import write_dashboard
 
     _output_is_not_the_study_file(args)
@@ -390,7 +390,7 @@ def cmd_dashboard(args) -> int:
     try:
         write_dashboard(summary, args.output)
     except OSError as exc:
-        raise UserError(f"--output: cannot write {args.output}: {exc.strerror or exc}") from None
+        raise UserError(f"--output: cannot write {args.output}: {os_reason(exc, args.output)}") from None
     print(f"dashboard of {name} written to {args.output}")
     return 0
 

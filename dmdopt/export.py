@@ -43,7 +43,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from dmdopt._util import atomic_file, git_commit, mask_url, versions
+from dmdopt._util import atomic_file, git_commit, mask_url, os_reason, versions
 from dmdopt.errors import UserError
 from dmdopt.model import ModelConfig
 from dmdopt.pareto import speedup
@@ -265,7 +265,7 @@ def write_tuned_config(tuned: TunedConfig, path: str | os.PathLike, *, fmt: str 
         with atomic_file(path) as fh:
             fh.write(text)
     except OSError as exc:
-        raise UserError(f"cannot write tuned config {path}: {exc.strerror or exc}") from None
+        raise UserError(f"cannot write tuned config {path}: {os_reason(exc, path)}") from None
 
 
 def _format_of(path: Path) -> str:

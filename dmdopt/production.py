@@ -197,12 +197,15 @@ def run_production(
                         + f", in {config_path}): it never fills, so DMD would never run; pass "
                         f"--steps >= {first}")
 
+    from dmdopt._util import os_reason
+
     key = tuned.settings_hash()
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else DEFAULT_CHECKPOINT_DIR
     try:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise UserError(f"cannot create checkpoint directory {ckpt_dir}: {exc.strerror or exc}") from None
+        raise UserError(f"cannot create checkpoint directory {ckpt_dir}: "
+                        f"{os_reason(exc, ckpt_dir)}") from None
     if not os.access(ckpt_dir, os.W_OK):
         raise UserError(f"checkpoint directory {ckpt_dir} is not writable")
     ckpt = ckpt_dir / f"{key}.pt"

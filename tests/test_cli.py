@@ -660,3 +660,31 @@ def test_the_storage_bounds_a_connection_attempt_in_its_drivers_own_keyword(url,
                         lambda url, args, *, writable: checked.update(args))
     assert storage.open_storage(url) == "storage"
     assert seen["connect_args"] == connect_args == checked
+
+
+@pytest.mark.parametrize("command", [
+    ["dashboard", "tiny", "-o", "afile/x.html"],
+    ["data", "--cache-dir", "afile/c"],
+    ["study", "run", "s.toml", "--storage", "sqlite:///afile/x.db", "--no-mlflow", "--quiet"],
+    # MLflow's mkdir failed on every write: the whole study ran untracked, exit 0
+    ["study", "run", "s.toml", "--tracking-uri", "sqlite:///afile/m.db", "--quiet"],
+    ["bench", "--quick", "--seeds", "1", "--methods", "gd", "--json", "afile/x.json"],
+])
+def test_a_file_where_a_folder_must_be_is_named(command, tmp_path, monkeypatch, capsys):
+    """A path under a file said 'File exists', which reads as 'the output exists'."""
+    from study_files import tiny_study_toml
+
+    from dmdopt._util import unwritable
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "s.toml").write_text(tiny_study_toml(n_trials=1))
+    (tmp_path / "afile").write_text("")
+    try:
+        code = main(command)
+    except SystemExit as exc:  # bench refuses through its argument parser
+        code = exc.code
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "afile is a file, not a folder" in err, err
+    assert not (tmp_path / "dmdopt-runs" / "optuna.db").exists()  # nothing ran
+    assert unwritable("afile/tuned.toml") == "afile is a file, not a folder"  # export -o

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from dmdopt._util import atomic_file
+from dmdopt._util import atomic_file, os_reason
 from dmdopt.errors import UserError
 from dmdopt.problem.config import LOG_PARAMS, PARAM_NAMES, ProblemConfig
 from dmdopt.problem.sampling import SPLIT_NAMES, sample_params, split_indices
@@ -289,7 +289,7 @@ def load_dataset(
         probe.unlink()
     except OSError as exc:
         raise UserError(
-            f"cache_dir: cannot write the dataset cache in {path.parent}: {exc.strerror}"
+            f"cache_dir: cannot write the dataset cache in {path.parent}: {os_reason(exc, path)}"
         ) from None
     params = sample_params(config).astype(np.float32)
     column = {name: params[:, i] for i, name in enumerate(PARAM_NAMES)}

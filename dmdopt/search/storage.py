@@ -18,6 +18,7 @@ from dmdopt._util import (
     connect_timeout_args,
     in_memory_sqlite,
     mask_url,
+    os_reason,
     read_only_sqlite,
     redact_password,
     sqlite_file,
@@ -76,7 +77,7 @@ def open_storage(url: str, *, heartbeat_interval: int | None = None,
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise UserError(f"storage: cannot create {path.parent}: {exc.strerror}") from None
+            raise UserError(f"storage: cannot create {path}: {os_reason(exc, path)}") from None
         if writable and (where := read_only_sqlite(path)) is not None:
             raise UserError(f"storage: {where} is read-only; dmdopt writes to its "
                             "storage (trials, heartbeats)")

@@ -32,6 +32,7 @@ from mlflow.tracking import MlflowClient
 from dmdopt._util import (
     connect_timeout_args,
     deferred_interrupts,
+    file_in_the_way,
     git_commit,
     mask_url,
     read_only_sqlite,
@@ -126,6 +127,9 @@ def check_tracking_uri(tracking_uri: str | None, field: str = "--tracking-uri", 
     if path is not None and path.is_dir():
         raise UserError(f"{where}: {shown!r} names the folder {path}, not a database file; "
                         f"use e.g. sqlite:///{path / 'mlflow.db'}")
+    if path is not None and (file := file_in_the_way(path)) is not None:
+        # MLflow's mkdir fails on every write: the study ran untracked, exit 0
+        raise UserError(f"{where}: {shown!r} cannot be created: {file} is a file, not a folder")
     if storage and same_database(uri, storage):
         raise UserError(f"{where}: {shown!r} is the database of the Optuna storage; {_OWN_DATABASE}")
     if scheme.split("+")[0] in _SERVER_SCHEMES:
