@@ -251,8 +251,9 @@ def cmd_study_run(args) -> int:
     from dmdopt._util import mask_url
 
     after = "status" if config.mode == "cost_to_target" else "pareto"  # one objective: no front
+    storage = args.storage or config.storage  # the file's own, which a bare name would not find
     print(f"done. next: dmdopt study {after} {config.name}"
-          + (f" --storage {mask_url(args.storage)}" if args.storage else ""))
+          + (f" --storage {mask_url(storage)}" if storage != DEFAULT_STORAGE else ""))
     return 0
 
 

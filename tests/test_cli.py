@@ -688,3 +688,22 @@ def test_a_file_where_a_folder_must_be_is_named(command, tmp_path, monkeypatch, 
     assert err.count("\n") == 0 and "afile is a file, not a folder" in err, err
     assert not (tmp_path / "dmdopt-runs" / "optuna.db").exists()  # nothing ran
     assert unwritable("afile/tuned.toml") == "afile is a file, not a folder"  # export -o
+
+
+def test_the_next_hint_names_the_study_files_storage_and_a_timeout_stop_says_so(
+        tmp_path, monkeypatch, capsys):
+    """'done. next: dmdopt study pareto alt' dropped the storage the study file named, so the
+    hint failed ('not found in sqlite:///dmdopt-runs/optuna.db'); a stop at --timeout short of
+    the quota printed the same 'done.' as a finished study."""
+    from study_files import tiny_study_toml
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "alt.toml").write_text(
+        tiny_study_toml("alt", n_trials=3, extra='storage = "sqlite:///alt/optuna.db"'))
+    assert main(["study", "run", "alt.toml", "--no-mlflow", "--timeout", "0.001"]) == 0
+    out = capsys.readouterr().out
+    assert "stopped at the timeout (0.001 s) with 1 of 3 trials finished" in out, out
+    hint = out.strip().splitlines()[-1]
+    assert hint == "done. next: dmdopt study pareto alt --storage sqlite:///alt/optuna.db", hint
+    assert main(hint.removeprefix("done. next: dmdopt ").split()) == 0
+    assert "alt" in capsys.readouterr().out

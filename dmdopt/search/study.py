@@ -764,4 +764,7 @@ def run_study(config: StudyConfig, *, n_trials: int | None = None, storage: str 
                                 f"{complete}{of} trials finished; finished trials are kept: run "
                                 "the same command again to resume")
         tracker.finish(study)
+    if timeout is not None and n_trials is not None and (done := _count_results(study)) < n_trials:
+        echo(f"stopped at the timeout ({timeout:g} s) with {done} of {n_trials} trials finished; "
+             "run the same command again to go on")
     return study
