@@ -20,7 +20,9 @@ import sys
 import time
 import uuid
 import warnings
+from collections.abc import Iterator
 from contextlib import suppress
+from typing import Any
 
 import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback
@@ -54,6 +56,34 @@ _IGNORED_RANGE_KEYS = {"window": ("include_inf", "kind"), "rank": ("log", "inclu
 def config_digest(config: StudyConfig | dict) -> str:
     """What must match for a re-run to resume this study (storage & n_trials may differ).
     `config`: a StudyConfig, or the raw dict a study stored (its `config` attribute)."""
+    return hashlib.sha256(json.dumps(_digested(config), sort_keys=True, default=str)
+                          .encode()).hexdigest()[:16]
+
+
+def config_differences(stored: dict, config: StudyConfig) -> list[str]:
+    """`section.key: stored -> file` for each setting that keeps `config` from resuming the
+    study that stored `stored` (its `config` attribute): what a refusal should name."""
+    def walk(old: Any, new: Any, where: str) -> Iterator[str]:
+        if isinstance(old, dict) and isinstance(new, dict):
+            for key in sorted(set(old) | set(new), key=str):
+                yield from walk(old.get(key, _ABSENT), new.get(key, _ABSENT),
+                                f"{where}.{key}" if where else str(key))
+        elif json.dumps(old, default=str) != json.dumps(new, default=str):
+            yield f"{where}: {_shown(old)} in the study, {_shown(new)} in the file"
+
+    as_stored = json.loads(json.dumps(_digested(config), default=str))  # as the study keeps it
+    return list(walk(_digested(stored), as_stored, ""))
+
+
+_ABSENT = object()
+
+
+def _shown(value: Any) -> str:
+    return "not set" if value is _ABSENT else json.dumps(value, default=str)
+
+
+def _digested(config: StudyConfig | dict) -> dict:
+    """The part of a study's configuration its digest covers."""
     raw = {k: v for k, v in (config.raw if isinstance(config, StudyConfig) else config).items()}
     study = dict(raw.get("study", {}))
     for key in ("storage", "n_trials", "timeout"):
@@ -66,7 +96,7 @@ def config_digest(config: StudyConfig | dict) -> str:
             if isinstance(search.get(table), dict):
                 search[table] = {k: v for k, v in search[table].items() if k not in keys}
         raw["search"] = search
-    return hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return raw
 
 
 def _load_dataset(config: StudyConfig, cache_dir: str | os.PathLike, progress: bool):
@@ -165,9 +195,11 @@ def _open_study(config: StudyConfig, storage, storage_url: str,
             study.set_metric_names(METRIC_NAMES)
     elif existing != digest and config_digest(study.user_attrs.get("config") or {}) != digest:
         # (the second test: a study whose stored digest counted a range key now refused)
+        changed = config_differences(study.user_attrs.get("config") or {}, config)
+        what = f" ({'; '.join(changed[:3])}{'; ...' if len(changed) > 3 else ''})" if changed else ""
         raise UserError(
             f"study {config.name!r} already exists in {mask_url(storage_url)} with a different "
-            "configuration; give this one another [study] name or use another storage"
+            f"configuration{what}; give this one another [study] name or use another storage"
         )
     else:
         _check_resolved(study, config, storage_url)

@@ -1064,3 +1064,16 @@ def test_worker_processes_warn_about_a_dead_tracking_server_in_one_line_each(stu
     assert warned and "warnings.warn" not in err and "RuntimeWarning" not in err, err
     by_worker = [line for line in warned if line.startswith("[worker ")]
     assert by_worker and all(re.match(r"\[worker \d+\] warning: MLflow", line) for line in by_worker)
+
+
+def test_an_edited_study_file_is_refused_naming_what_changed(study_dir):
+    """The refusal said only 'with a different configuration': the user had to guess which of
+    the file's settings kept it from resuming."""
+    run(config_for(study_dir, n_trials=1))
+    edited = config_for(study_dir, n_trials=1, training='optimizer = "adam"\nlr = 0.02\n'
+                        'max_steps = 60\neval_every = 10')
+    with pytest.raises(UserError) as err:
+        run(edited)
+    assert "with a different configuration (training.lr: 0.01 in the study, 0.02 in the file)" \
+        in str(err.value), str(err.value)
+    assert "\n" not in str(err.value)
