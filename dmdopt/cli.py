@@ -149,11 +149,17 @@ def cmd_train(args) -> int:
         from dmdopt._util import sigterm_as_interrupt
         from dmdopt.production import DEFAULT_CHECKPOINT_DIR, run_production
 
-        with sigterm_as_interrupt():  # a scheduler's stop is a Ctrl-C: "interrupted", exit 130
-            out = run_production(args.config, steps=args.steps, device=args.device,
-                                 checkpoint_dir=args.checkpoint_dir or DEFAULT_CHECKPOINT_DIR,
-                                 tracking_uri=args.tracking_uri, cache_dir=args.cache_dir,
-                                 progress=not args.quiet, log_mlflow=not args.no_mlflow)
+        checkpoints = args.checkpoint_dir or DEFAULT_CHECKPOINT_DIR
+        try:
+            with sigterm_as_interrupt():  # a scheduler's stop is a Ctrl-C: exit 130
+                out = run_production(args.config, steps=args.steps, device=args.device,
+                                     checkpoint_dir=checkpoints, tracking_uri=args.tracking_uri,
+                                     cache_dir=args.cache_dir, progress=not args.quiet,
+                                     log_mlflow=not args.no_mlflow)
+        except KeyboardInterrupt:
+            print(f"interrupted: the last checkpoint in {checkpoints} is kept; run the same "
+                  "command again to resume from it", file=sys.stderr)
+            return 130
         error = out.pop("mlflow_error", None)
         already = out.pop("already_logged", False)
         _print_metrics(out)  # the results first, whatever happens to the logging

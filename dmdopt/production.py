@@ -216,13 +216,12 @@ def run_production(
         asked = "--steps" if steps else f"training.max_steps in {config_path}"
         raise UserError(f"checkpoint {ckpt} is at step {start}, past the {training.max_steps} "
                         f"steps {asked} asks for: pass --steps >= {start} or delete it")
+    if log_mlflow:  # a bad URI or a dead server is found now, not after the training
+        _check_tracking(tracking_uri)
     # A run that already stopped at its target is not trained further: train() keeps
     # `stopped_by` in the checkpoint and returns at once.
     if start and progress:
         print(f"resuming from {ckpt} at step {start}", file=sys.stderr)
-
-    if log_mlflow:  # a bad URI or a dead server is found now, not after the training
-        _check_tracking(tracking_uri)
     dataset = load_dataset(tuned.problem, cache_dir=cache_dir or DEFAULT_DATA_DIR, progress=progress)
     try:
         result = train(dataset=dataset, model=tuned.model, training=training, dmd=tuned.dmd,

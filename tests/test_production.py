@@ -306,17 +306,42 @@ def uninterrupted_checkpoint(tmp_path: Path, config: Path, cache_dir: Path) -> P
     return Path(produce(config, ck, cache_dir)["checkpoint"])
 
 
-def test_an_unusable_tracking_store_fails_before_training(tmp_path, cache_dir, uninterrupted):
+def test_an_unusable_tracking_store_fails_before_training(tmp_path, cache_dir, uninterrupted,
+                                                           capsys):
     config = write_config(tmp_path / "tuned.toml", uninterrupted)
     blocker = tmp_path / "afile"
     blocker.write_text("")
     started = time.monotonic()
-    for uri in (f"sqlite:///{blocker}/x.db", "http://127.0.0.1:9"):
-        with pytest.raises(UserError, match="cannot be used.*--no-mlflow"):
+    for uri, needle in ((f"sqlite:///{blocker}/x.db", "afile is a file, not a folder"),
+                        ("http://127.0.0.1:9", "cannot be used.*--no-mlflow")):
+        with pytest.raises(UserError, match=needle):
             run_production(config, checkpoint_dir=tmp_path / "ck", cache_dir=cache_dir,
                            progress=False, tracking_uri=uri)
     assert time.monotonic() - started < 60  # no minutes of HTTP retries
     assert not list((tmp_path / "ck").glob("*.pt"))  # nothing trained
+    # with a checkpoint to resume: refused before 'resuming from ...' (which read as a start)
+    produce(config, tmp_path / "ck", cache_dir, steps=20)
+    capsys.readouterr()
+    with pytest.raises(UserError, match="afile is a file"):
+        run_production(config, checkpoint_dir=tmp_path / "ck", cache_dir=cache_dir,
+                       progress=True, tracking_uri=f"sqlite:///{blocker}/x.db")
+    assert "resuming from" not in capsys.readouterr().err
+
+
+def test_an_interrupted_production_run_says_its_checkpoint_is_kept(tmp_path, monkeypatch, capsys):
+    """Ctrl-C printed only 'interrupted', unlike study run: no word of the checkpoint kept."""
+    import dmdopt.production as production
+    from dmdopt.cli import main
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(production, "run_production", interrupted)
+    assert main(["train", "--config", str(tmp_path / "tuned.toml"), "--checkpoint-dir",
+                 str(tmp_path / "ck")]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err == (f"interrupted: the last checkpoint in {tmp_path / 'ck'} is kept; run the same "
+                   "command again to resume from it"), err
 
 
 def test_a_logging_failure_after_training_keeps_the_figures(tmp_path, cache_dir, uninterrupted,
