@@ -201,8 +201,15 @@ def tuned_config_from_summary(summary: dict, *, policy: str = "knee", value: flo
     for key in ("training", "dmd"):
         if not isinstance(attrs.get(key), dict):
             raise UserError(f"{where}: user attribute {key!r} (its settings) is missing")
+    recorded = _RECORDED_BEFORE["dmd"] | attrs["dmd"]
+    rank, window = recorded.get("rank"), recorded.get("window")
+    if (isinstance(rank, int) and not isinstance(rank, bool) and isinstance(window, int)
+            and 0 < window - 2 < rank):
+        # recorded before 2026-12-01, when the search clipped ranks to window - 1 and the DMD
+        # clipped them again to window - 2 (the modes a window supports): the rank it ran
+        recorded = recorded | {"rank": window - 2}
     try:
-        dmd = DMDConfig.from_dict(_RECORDED_BEFORE["dmd"] | attrs["dmd"])
+        dmd = DMDConfig.from_dict(recorded)
         training = TrainConfig.from_dict(attrs["training"])
         model = ModelConfig.from_dict(resolved.get("model") or config.get("model", {}))
         problem = _problem_cls().from_dict(resolved.get("problem") or config.get("problem", {}))

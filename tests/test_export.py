@@ -302,6 +302,16 @@ def test_a_yaml_settings_hash_that_looks_like_an_exponent_stays_text(good, tmp_p
     assert load_tuned_config(path).expected["settings_hash"] == "379865906e614232"
 
 
+def test_a_trial_recorded_with_a_rank_the_dmd_clipped_again_exports_the_rank_it_ran(summary,
+                                                                                   tmp_path):
+    """Before 2026-12-01 the search clipped ranks to window - 1 and recorded that; the DMD then
+    ran window - 2. The study recommended such a trial, and its export was refused ('dmd.rank
+    must be at most window - 2')."""
+    summary["trials"][2]["user_attrs"]["dmd"]["rank"] = 11  # window 12
+    tuned = export_tuned_config(summary, tmp_path / "tuned.toml", number=2)
+    assert tuned.dmd.rank == 10 and load_tuned_config(tmp_path / "tuned.toml").dmd.rank == 10
+
+
 def test_toml_writer_escapes_awkward_strings(summary, tmp_path):
     summary["study_name"] = 'we"ird\\na\tme\x7fé'
     path = tmp_path / "tuned.toml"
