@@ -76,6 +76,27 @@ def _study_ref(name: str, storage: str | None) -> tuple[str, str]:
     return name, storage or DEFAULT_STORAGE
 
 
+def _load_study(args):
+    """(name, storage, study) of the study the command names. Named by a file that no longer
+    matches the stored study (edited since it ran), the stored study is what is read: say so,
+    as `study run` would refuse the file."""
+    from dmdopt.search.storage import load_study
+
+    name, storage = _study_ref(args.name, args.storage)
+    study = load_study(name, storage)
+    if args.name.lower().endswith(".toml"):
+        from dmdopt.search.config import load_study_file
+        from dmdopt.search.study import config_differences
+
+        stored = study.user_attrs.get("config")
+        changed = config_differences(stored, load_study_file(args.name)) if stored else []
+        if changed:
+            print(f"warning: {args.name} differs from the stored study {name!r} ("
+                  f"{'; '.join(changed[:3])}{'; ...' if len(changed) > 3 else ''}); this reads "
+                  "the stored study", file=sys.stderr)
+    return name, storage, study
+
+
 def _output_is_not_the_study_file(args) -> None:
     """`export studies/x.toml -o studies/x.toml` would replace the study's definition, and so
     would `export quick -o quick.toml` (the study named by name, its file beside): an existing
@@ -98,11 +119,10 @@ def _output_is_not_the_study_file(args) -> None:
 
 def _summary(args, **kwargs) -> tuple[str, str, dict]:
     """(name, storage, plain-data summary) of the study the command names."""
-    from dmdopt.search.storage import load_study
     from dmdopt.search.summary import summarize
 
-    name, storage = _study_ref(args.name, args.storage)
-    return name, storage, summarize(load_study(name, storage), storage_url=storage, **kwargs)
+    name, storage, study = _load_study(args)
+    return name, storage, summarize(study, storage_url=storage, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,10 +287,8 @@ def cmd_study_status(args) -> int:
     from optuna.trial import TrialState
 
     from dmdopt._util import mask_url
-    from dmdopt.search.storage import load_study
 
-    name, storage = _study_ref(args.name, args.storage)
-    study = load_study(name, storage)
+    name, storage, study = _load_study(args)
     trials = study.get_trials(deepcopy=False)
     counts = {s.name: sum(t.state == s for t in trials) for s in TrialState}
     ref = study.user_attrs.get("reference")
@@ -300,11 +318,9 @@ def cmd_study_status(args) -> int:
 
 def cmd_study_pareto(args) -> int:
     from dmdopt.pareto import pareto_rows
-    from dmdopt.search.storage import load_study
     from dmdopt.search.summary import summarize
 
-    name, storage = _study_ref(args.name, args.storage)
-    study = load_study(name, storage)
+    name, storage, study = _load_study(args)
     if len(study.directions) != 2:
         raise UserError(f"study {name!r} is single-objective: it has a best trial, not a front")
     summary = summarize(study, storage_url=storage)

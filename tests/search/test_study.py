@@ -1087,3 +1087,23 @@ def test_an_edited_study_file_is_refused_naming_what_changed(study_dir):
     assert "with a different configuration (training.lr: 0.01 in the study, 0.02 in the file)" \
         in str(err.value), str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_a_command_that_reads_a_study_by_its_edited_file_says_it_reads_the_stored_one(
+        study_dir, capsys):
+    """`export s.toml` after s.toml was edited exported the stored study's trial without a
+    word, while `study run s.toml` refused the file."""
+    from dmdopt.cli import main
+
+    run(config_for(study_dir, n_trials=1))
+    for command in (["study", "status", "s.toml"], ["study", "pareto", "s.toml"]):
+        assert main(command) == 0
+        assert "warning" not in capsys.readouterr().err
+    config_for(study_dir, n_trials=1, training='optimizer = "adam"\nlr = 0.02\n'
+               'max_steps = 60\neval_every = 10')
+    for command in (["study", "status", "s.toml"], ["study", "pareto", "s.toml"],
+                    ["export", "s.toml", "-o", "t.toml"]):
+        assert main(command) == 0
+        err = capsys.readouterr().err.strip()
+        assert err == ("warning: s.toml differs from the stored study 'tiny' (training.lr: 0.01 "
+                       "in the study, 0.02 in the file); this reads the stored study"), err
