@@ -10,7 +10,9 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -557,7 +559,12 @@ def main(argv: list[str] | None = None) -> int:
     shown = warnings.formatwarning  # a warning is one line here, not a line + its source line
     warnings.formatwarning = lambda message, category, *_args, **_kw: f"warning: {message}\n"
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        if argv is None and threading.current_thread() is threading.main_thread():
+            # a command-line process whose work is done (its "done." printed): a Ctrl-C in the
+            # seconds of teardown that follow (MLflow's and torch's threads) made it exit 130
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        return code
     except UserError as exc:
         print(f"dmdopt: error: {exc}", file=sys.stderr)
         return 2

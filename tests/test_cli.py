@@ -707,3 +707,23 @@ def test_the_next_hint_names_the_study_files_storage_and_a_timeout_stop_says_so(
     assert hint == "done. next: dmdopt study pareto alt --storage sqlite:///alt/optuna.db", hint
     assert main(hint.removeprefix("done. next: dmdopt ").split()) == 0
     assert "alt" in capsys.readouterr().out
+
+
+def test_a_finished_command_line_process_ignores_a_late_ctrl_c(monkeypatch):
+    """Ctrl-C in the seconds between 'done.' and the process's exit (threads winding down)
+    turned a finished study's exit code 0 into 130. A command-line run (argv from sys.argv)
+    ignores SIGINT once its command returned; a call with argv (tests, scripts) leaves it."""
+    import signal
+
+    import dmdopt.cli as cli
+
+    monkeypatch.setattr(cli, "cmd_study_status", lambda args: 0)
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        assert main(["study", "status", "x"]) == 0
+        assert signal.getsignal(signal.SIGINT) is before
+        monkeypatch.setattr(sys, "argv", ["dmdopt", "study", "status", "x"])
+        assert main() == 0
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
