@@ -218,6 +218,9 @@ def redact_password(text: str, url: str) -> str:
     return text
 
 
+OPTUNA_TABLES = {"studies", "trials", "version_info"}  # what makes a database an Optuna storage
+MLFLOW_TABLES = {"experiments", "runs", "metrics"}  # ... and an MLflow tracking store
+
 _DEFAULT_PORTS = {"postgresql": 5432, "mysql": 3306, "mssql": 1433, "oracle": 1521}
 _LOOPBACK = {"", "localhost", "127.0.0.1", "::1", "[::1]"}
 

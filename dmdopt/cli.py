@@ -91,11 +91,10 @@ def _load_study(args):
         from dmdopt.search.study import config_differences
 
         stored = study.user_attrs.get("config")
-        changed = config_differences(stored, load_study_file(args.name)) if stored else []
+        changed = config_differences(stored, load_study_file(args.name)) if stored else ""
         if changed:
-            print(f"warning: {args.name} differs from the stored study {name!r} ("
-                  f"{'; '.join(changed[:3])}{'; ...' if len(changed) > 3 else ''}); this reads "
-                  "the stored study", file=sys.stderr)
+            print(f"warning: {args.name} differs from the stored study {name!r} ({changed}); "
+                  "this reads the stored study", file=sys.stderr)
     return name, storage, study
 
 

@@ -15,6 +15,8 @@ import optuna
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
 from dmdopt._util import (
+    MLFLOW_TABLES,
+    OPTUNA_TABLES,
     connect_timeout_args,
     in_memory_sqlite,
     mask_url,
@@ -114,10 +116,6 @@ def open_storage(url: str, *, heartbeat_interval: int | None = None,
     raise AssertionError("unreachable")
 
 
-_OPTUNA_TABLES = {"studies", "trials", "version_info"}
-_MLFLOW_TABLES = {"experiments", "runs", "metrics"}
-
-
 def _cannot_open(url: str, exc: Exception) -> UserError:
     """One line for a storage that cannot be opened: its driver missing, or the server's reason."""
     if isinstance(exc, ImportError):
@@ -145,9 +143,9 @@ def _check_tables(url: str, connect_args: dict, *, writable: bool) -> None:
             engine.dispose()
     except Exception as exc:  # noqa: BLE001 - the reason is the line
         raise _cannot_open(url, exc) from None
-    if _OPTUNA_TABLES <= tables:
+    if OPTUNA_TABLES <= tables:
         return
-    if _MLFLOW_TABLES <= tables:
+    if MLFLOW_TABLES <= tables:
         raise UserError(f"storage: {mask_url(url)!r} is an MLflow tracking store, not an Optuna "
                         "storage (that is --tracking-uri); the Optuna storage needs a database of "
                         "its own, e.g. sqlite:///dmdopt-runs/optuna.db")

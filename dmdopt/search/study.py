@@ -60,9 +60,15 @@ def config_digest(config: StudyConfig | dict) -> str:
                           .encode()).hexdigest()[:16]
 
 
-def config_differences(stored: dict, config: StudyConfig) -> list[str]:
-    """`section.key: stored -> file` for each setting that keeps `config` from resuming the
-    study that stored `stored` (its `config` attribute): what a refusal should name."""
+def config_differences(stored: dict, config: StudyConfig) -> str:
+    """The settings that keep `config` from resuming the study that stored `stored` (its
+    `config` attribute), as a refusal or a warning names them: '' when none, else up to three
+    `section.key: A in the study, B in the file`."""
+    changed = _differences(stored, config)
+    return "; ".join(changed[:3]) + ("; ..." if len(changed) > 3 else "")
+
+
+def _differences(stored: dict, config: StudyConfig) -> list[str]:
     def walk(old: Any, new: Any, where: str) -> Iterator[str]:
         if isinstance(old, dict) and isinstance(new, dict):
             for key in sorted(set(old) | set(new), key=str):
@@ -196,7 +202,7 @@ def _open_study(config: StudyConfig, storage, storage_url: str,
     elif existing != digest and config_digest(study.user_attrs.get("config") or {}) != digest:
         # (the second test: a study whose stored digest counted a range key now refused)
         changed = config_differences(study.user_attrs.get("config") or {}, config)
-        what = f" ({'; '.join(changed[:3])}{'; ...' if len(changed) > 3 else ''})" if changed else ""
+        what = f" ({changed})" if changed else ""
         raise UserError(
             f"study {config.name!r} already exists in {mask_url(storage_url)} with a different "
             f"configuration{what}; give this one another [study] name or use another storage"

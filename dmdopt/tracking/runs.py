@@ -30,6 +30,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from dmdopt._util import (
+    OPTUNA_TABLES,
     connect_timeout_args,
     deferred_interrupts,
     file_in_the_way,
@@ -141,7 +142,6 @@ def check_tracking_uri(tracking_uri: str | None, field: str = "--tracking-uri", 
 
 
 _SERVER_SCHEMES = ("postgresql", "postgres", "mysql", "mssql", "oracle")
-_OPTUNA_TABLES = {"studies", "trials", "version_info"}  # what makes a database an Optuna storage
 _PROBE_TIMEOUT_S = 10
 _PROBE_GRACE_S = 5  # beyond the driver's own timeout, before the probe is given up
 _OWN_DATABASE = ("MLflow and Optuna would mix their tables there (each keeps its own "
@@ -206,7 +206,7 @@ def _probe_database(uri: str, where: str, shown: str) -> None:
     finally:
         if not prober.is_alive():  # (a hung one keeps its connection until it gives up)
             engine.dispose()
-    if _OPTUNA_TABLES <= tables:
+    if OPTUNA_TABLES <= tables:
         raise UserError(f"{where}: {shown!r} holds an Optuna storage; {_OWN_DATABASE}")
 
 
