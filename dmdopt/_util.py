@@ -96,20 +96,21 @@ def out_of_memory(exc: BaseException) -> bool:
             or "Storage size calculation overflowed" in text)
 
 
-def file_in_the_way(path: str | Path) -> Path | None:
-    """The nearest existing folder of `path` when it is a file instead (so `path` can never
-    be made), else None."""
-    for parent in Path(path).parents:
+def file_in_the_way(path: str | Path, *, folder: bool = False) -> Path | None:
+    """The nearest existing folder of `path` (`path` itself too when it names a folder) when
+    it is a file instead, so that `path` can never be made; else None."""
+    path = Path(path)
+    for parent in ((path,) if folder else ()) + tuple(path.parents):
         if parent.exists():
             return None if parent.is_dir() else parent
     return None
 
 
-def os_reason(exc: OSError, path: str | Path) -> str:
-    """Why an OSError on `path` happened, in words a user can act on. Creating a folder under
-    a file says "File exists" (or "Not a directory"), which reads as "the output exists": name
-    the file in the way instead."""
-    if exc.errno in (errno.EEXIST, errno.ENOTDIR) and (file := file_in_the_way(path)):
+def os_reason(exc: OSError, path: str | Path, *, folder: bool = False) -> str:
+    """Why an OSError on `path` (a folder to make, with `folder`) happened, in words a user can
+    act on. Creating a folder under, or as, a file says "File exists" (or "Not a directory"),
+    which reads as "the output exists": name the file in the way instead."""
+    if exc.errno in (errno.EEXIST, errno.ENOTDIR) and (file := file_in_the_way(path, folder=folder)):
         return f"{file} is a file, not a folder"
     return exc.strerror or str(exc)
 
@@ -185,14 +186,17 @@ def _userinfo(url: str) -> str:
     """`user:password` as written in the URL, '' when there is none. It ends at the first `@`
     followed by a host (no `@` before the next `/`, `?`, `#` or the end), so a password's
     unescaped `@` stays in it and an `@` in the query string (`?application_name=me@laptop`)
-    does not; a user name holds none of `/?#`, so `host/db?x=a@b` has none. (A port
-    followed by such a query, `host:5432/db?x=a@b`, still reads as user `host`.)"""
+    does not; a user name holds none of `/?#`, so `host/db?x=a@b` has none, and digits then
+    `/?#` after the first `:` are a port (`host:5432/db?x=a@b`: none; a password such as
+    `12/34` is read as one too, and gets no hint)."""
     _scheme, sep, rest = str(url).partition("://")
     if not sep:
         return ""
     for at in re.finditer("@", rest):
         userinfo = rest[:at.start()]
         if re.match(r"[^@/?#]*(?:[/?#]|$)", rest[at.end():]):
+            if re.match(r"[^:/?#]*:\d*[/?#]", userinfo):  # host:5432/db?x=me@laptop: a port
+                return ""
             return userinfo if re.match(r"[^:/?#]*(?::|$)", userinfo) else ""
     return ""
 
@@ -226,11 +230,12 @@ _LOOPBACK = {"", "localhost", "127.0.0.1", "::1", "[::1]"}
 
 
 def _search_path(options: str | tuple | None) -> str:
-    """The PostgreSQL schema search path a URL's `options=-c search_path=...` sets ('' when
-    none): tables are made in its first schema, so two search paths are two sets of tables."""
+    """The schema a PostgreSQL URL's tables are made in: the first of the search path its
+    `options=-c search_path=...` sets, else public. Two schemas are two sets of tables."""
     text = " ".join(options) if isinstance(options, tuple) else options or ""
     found = re.search(r"-c\s*search_path\s*=\s*(\S+)", text)
-    return found[1].replace('"', "").lower() if found else ""
+    first = found[1].replace('"', "").split(",")[0].strip().lower() if found else ""
+    return first or "public"  # (PostgreSQL's default: "$user", public)
 
 
 def same_database(url_a: str, url_b: str) -> bool:

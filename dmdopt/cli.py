@@ -157,6 +157,21 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def _checkpoint_kept(config_path: str, checkpoints) -> str:
+    """What an interrupted production run leaves to resume from, in words."""
+    try:
+        from dmdopt.export import load_tuned_config
+        from dmdopt.production import _checkpoint_step
+
+        ckpt = Path(checkpoints) / f"{load_tuned_config(config_path).settings_hash()}.pt"
+        step = _checkpoint_step(ckpt) if ckpt.is_file() else None
+    except Exception:  # noqa: BLE001 - the interrupt is the news; this is only a hint
+        return "run the same command again to resume from the last checkpoint, if any"
+    if step is None:
+        return "no checkpoint was written yet; the same command starts over"
+    return f"the checkpoint at step {step} ({ckpt}) is kept; run the same command again to resume"
+
+
 def cmd_train(args) -> int:
     given = [n for n in _PLAIN_TRAIN_FLAGS if getattr(args, n) is not None]
     if args.config and given:
@@ -178,8 +193,7 @@ def cmd_train(args) -> int:
                                      cache_dir=args.cache_dir, progress=not args.quiet,
                                      log_mlflow=not args.no_mlflow)
         except KeyboardInterrupt:
-            print(f"interrupted: the last checkpoint in {checkpoints} is kept; run the same "
-                  "command again to resume from it", file=sys.stderr)
+            print(f"interrupted: {_checkpoint_kept(args.config, checkpoints)}", file=sys.stderr)
             return 130
         error = out.pop("mlflow_error", None)
         already = out.pop("already_logged", False)
@@ -278,9 +292,13 @@ def cmd_study_run(args) -> int:
     from dmdopt._util import mask_url
 
     after = "status" if config.mode == "cost_to_target" else "pareto"  # one objective: no front
-    storage = args.storage or config.storage  # the file's own, which a bare name would not find
-    print(f"done. next: dmdopt study {after} {config.name}"
-          + (f" --storage {mask_url(storage)}" if storage != DEFAULT_STORAGE else ""))
+    if args.storage:
+        ref = f"{config.name} --storage {mask_url(args.storage)}"
+    elif config.storage != DEFAULT_STORAGE:  # the file gives it (a bare name would not find it,
+        ref = args.file                      # and a masked URL would not open it)
+    else:
+        ref = config.name
+    print(f"done. next: dmdopt study {after} {ref}")
     return 0
 
 
@@ -559,7 +577,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = lambda message, category, *_args, **_kw: f"warning: {message}\n"
     try:
         code = int(args.func(args) or 0)
-        if argv is None and threading.current_thread() is threading.main_thread():
+        if code == 0 and argv is None and threading.current_thread() is threading.main_thread():
             # a command-line process whose work is done (its "done." printed): a Ctrl-C in the
             # seconds of teardown that follow (MLflow's and torch's threads) made it exit 130
             signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -204,7 +204,7 @@ def tuned_config_from_summary(summary: dict, *, policy: str = "knee", value: flo
     recorded = _RECORDED_BEFORE["dmd"] | attrs["dmd"]
     rank, window = recorded.get("rank"), recorded.get("window")
     if (isinstance(rank, int) and not isinstance(rank, bool) and isinstance(window, int)
-            and 0 < window - 2 < rank):
+            and window > 2 and rank == window - 1):
         # recorded before 2026-12-01, when the search clipped ranks to window - 1 and the DMD
         # clipped them again to window - 2 (the modes a window supports): the rank it ran
         recorded = recorded | {"rank": window - 2}

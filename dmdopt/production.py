@@ -205,7 +205,7 @@ def run_production(
         ckpt_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"cannot create checkpoint directory {ckpt_dir}: "
-                        f"{os_reason(exc, ckpt_dir)}") from None
+                        f"{os_reason(exc, ckpt_dir, folder=True)}") from None
     if not os.access(ckpt_dir, os.W_OK):
         raise UserError(f"checkpoint directory {ckpt_dir} is not writable")
     ckpt = ckpt_dir / f"{key}.pt"

@@ -607,6 +607,9 @@ def test_a_tracking_store_in_an_optuna_database_is_refused(tmp_path, monkeypatch
     # one PostgreSQL database, two schemas: two sets of tables, each its own alembic_version
     ("postgresql://u@db.example/optuna", "postgresql://u@db.example/optuna?options=-csearch_path%3Dmlflow", False),
     ("postgresql://u@h/db?options=-c%20search_path%3Dmlflow", "postgresql://v@h/db?options=-csearch_path%3Dmlflow", True),
+    # tables are made in the first schema of the path; none given is public
+    ("postgresql://u@h/db", "postgresql://u@h/db?options=-csearch_path%3Dpublic", True),
+    ("postgresql://u@h/db?options=-csearch_path%3Dmlflow,public", "postgresql://u@h/db?options=-csearch_path%3Dmlflow", True),
 ])
 def test_same_database_reads_past_spelling(a, b, same, tmp_path, monkeypatch):
     from dmdopt._util import same_database
@@ -630,10 +633,13 @@ def test_an_unescaped_password_gets_a_hint():
                 "postgresql://h/db", "sqlite:///a.db", "http://h:5000",
                 # an "@" in the query string is no password's (it was read as one, to its last @)
                 "postgresql://u:pw@h/db?application_name=me@laptop",
-                "postgresql://h/db?application_name=me@laptop"):
+                "postgresql://h/db?application_name=me@laptop",
+                "postgresql://h:5432/db?application_name=me@laptop"):  # a port, no password
         assert url_encoding_hint(url) == "", url
     said = 'connection to server at "h" failed: password authentication failed for user "u" (db)'
     assert redact_password(said, "postgresql://u:pw@h/db?application_name=me@laptop") == said
+    said = 'connection to server at "h", port 5432 failed: database "db" does not exist'
+    assert redact_password(said, "postgresql://h:5432/db?application_name=me@laptop") == said
 
 
 @pytest.mark.parametrize(("url", "connect_args"), [
@@ -700,11 +706,12 @@ def test_the_next_hint_names_the_study_files_storage_and_a_timeout_stop_says_so(
     monkeypatch.chdir(tmp_path)
     (tmp_path / "alt.toml").write_text(
         tiny_study_toml("alt", n_trials=3, extra='storage = "sqlite:///alt/optuna.db"'))
-    assert main(["study", "run", "alt.toml", "--no-mlflow", "--timeout", "0.001"]) == 0
+    # the first trial starts within microseconds and takes far more than 50 ms
+    assert main(["study", "run", "alt.toml", "--no-mlflow", "--timeout", "0.05"]) == 0
     out = capsys.readouterr().out
-    assert "stopped at the timeout (0.001 s) with 1 of 3 trials finished" in out, out
-    hint = out.strip().splitlines()[-1]
-    assert hint == "done. next: dmdopt study pareto alt --storage sqlite:///alt/optuna.db", hint
+    assert "stopped at the timeout (0.05 s) with 1 of 3 trials finished" in out, out
+    hint = out.strip().splitlines()[-1]  # the file names the storage (a URL may hold a password)
+    assert hint == "done. next: dmdopt study pareto alt.toml", hint
     assert main(hint.removeprefix("done. next: dmdopt ").split()) == 0
     assert "alt" in capsys.readouterr().out
 
@@ -717,12 +724,15 @@ def test_a_finished_command_line_process_ignores_a_late_ctrl_c(monkeypatch):
 
     import dmdopt.cli as cli
 
-    monkeypatch.setattr(cli, "cmd_study_status", lambda args: 0)
     before = signal.getsignal(signal.SIGINT)
     try:
+        monkeypatch.setattr(sys, "argv", ["dmdopt", "study", "status", "x"])
+        monkeypatch.setattr(cli, "cmd_study_status", lambda args: 130)  # interrupted: not done
+        assert main() == 130
+        assert signal.getsignal(signal.SIGINT) is before  # a second Ctrl-C still stops it
+        monkeypatch.setattr(cli, "cmd_study_status", lambda args: 0)
         assert main(["study", "status", "x"]) == 0
         assert signal.getsignal(signal.SIGINT) is before
-        monkeypatch.setattr(sys, "argv", ["dmdopt", "study", "status", "x"])
         assert main() == 0
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:

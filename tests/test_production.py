@@ -328,20 +328,39 @@ def test_an_unusable_tracking_store_fails_before_training(tmp_path, cache_dir, u
     assert "resuming from" not in capsys.readouterr().err
 
 
-def test_an_interrupted_production_run_says_its_checkpoint_is_kept(tmp_path, monkeypatch, capsys):
-    """Ctrl-C printed only 'interrupted', unlike study run: no word of the checkpoint kept."""
+def test_an_interrupted_production_run_says_what_it_resumes_from(tmp_path, cache_dir,
+                                                                  uninterrupted, monkeypatch, capsys):
+    """Ctrl-C printed only 'interrupted', unlike study run: no word of the checkpoint kept, or
+    that there was none yet."""
     import dmdopt.production as production
     from dmdopt.cli import main
+
+    config = write_config(tmp_path / "tuned.toml", uninterrupted)
+    real = production.run_production
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(production, "run_production", interrupted)
-    assert main(["train", "--config", str(tmp_path / "tuned.toml"), "--checkpoint-dir",
-                 str(tmp_path / "ck")]) == 130
-    err = capsys.readouterr().err.strip()
-    assert err == (f"interrupted: the last checkpoint in {tmp_path / 'ck'} is kept; run the same "
-                   "command again to resume from it"), err
+    command = ["train", "--config", str(config), "--checkpoint-dir", str(tmp_path / "ck")]
+    assert main(command) == 130
+    assert capsys.readouterr().err.strip() == (
+        "interrupted: no checkpoint was written yet; the same command starts over")
+    ckpt = real(config, checkpoint_dir=tmp_path / "ck", cache_dir=cache_dir, progress=False,
+                log_mlflow=False, steps=20)["checkpoint"]
+    assert main(command) == 130
+    assert capsys.readouterr().err.strip() == (
+        f"interrupted: the checkpoint at step 20 ({ckpt}) is kept; run the same command again "
+        "to resume")
+
+
+def test_a_checkpoint_dir_that_is_a_file_is_named(tmp_path, cache_dir, uninterrupted):
+    config = write_config(tmp_path / "tuned.toml", uninterrupted)
+    (tmp_path / "afile").write_text("")
+    for where in ("afile", "afile/sub"):  # 'File exists' read as the checkpoint existing
+        with pytest.raises(UserError, match=r"cannot create checkpoint directory .*afile.*: "
+                                            r".*afile is a file, not a folder$"):
+            produce(config, tmp_path / where, cache_dir)
 
 
 def test_a_logging_failure_after_training_keeps_the_figures(tmp_path, cache_dir, uninterrupted,

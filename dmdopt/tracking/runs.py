@@ -186,10 +186,10 @@ def _probe_database(uri: str, where: str, shown: str) -> None:
     prober = threading.Thread(target=list_tables, name="dmdopt-store-probe", daemon=True)
     prober.start()
     prober.join(_PROBE_TIMEOUT_S + _PROBE_GRACE_S)
+    if prober.is_alive():  # (its connection stays open until the driver gives up)
+        raise UserError(f"{where}: cannot use {shown!r} as a tracking store: no answer within "
+                        f"{_PROBE_TIMEOUT_S + _PROBE_GRACE_S:g} s")
     try:
-        if prober.is_alive():
-            raise UserError(f"{where}: cannot use {shown!r} as a tracking store: no answer within "
-                            f"{_PROBE_TIMEOUT_S + _PROBE_GRACE_S:g} s")
         if "error" in listed:
             raise listed["error"]
         tables = listed["tables"]
@@ -204,8 +204,7 @@ def _probe_database(uri: str, where: str, shown: str) -> None:
         raise UserError(f"{where}: cannot use {shown!r} as a tracking store: {reason}"
                         f"{url_encoding_hint(uri)}") from None
     finally:
-        if not prober.is_alive():  # (a hung one keeps its connection until it gives up)
-            engine.dispose()
+        engine.dispose()
     if OPTUNA_TABLES <= tables:
         raise UserError(f"{where}: {shown!r} holds an Optuna storage; {_OWN_DATABASE}")
 

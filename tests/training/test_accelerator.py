@@ -453,12 +453,19 @@ def test_a_complex_parameter_is_extrapolated_in_both_parts():
 def test_a_window_saved_for_other_parameters_is_refused_in_one_line():
     _, _, acc, _, _ = _resume_case(freeze=True)  # one group: the head
     model, x, y = _cnn_problem(4)  # nothing frozen: two groups
-    other = DMDAccelerator(model, torch.optim.SGD(model.parameters(), lr=0.05),
-                           DMDConfig(window=5, rank=2, horizon=5))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    other = DMDAccelerator(model, opt, DMDConfig(window=5, rank=2, horizon=5))
+    for _ in range(2):  # a window of its own under way
+        opt.zero_grad()
+        ((model(x) - y) ** 2).mean().backward()
+        opt.step()
+        other.step(lambda: ((model(x) - y) ** 2).mean())
+    before = [b.clone() for b in other.buffers]
     with pytest.raises(ValueError, match=r"saved window holds 1 groups .* give 2") as err:
         other.load_state_dict(acc.state_dict())
     assert "\n" not in str(err.value)
-    assert other.filled == 0  # nothing half-loaded
+    assert other.filled == 2 and other.steps_seen == 2  # nothing half-loaded
+    assert all(torch.equal(a, b) for a, b in zip(other.buffers, before, strict=True))
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
