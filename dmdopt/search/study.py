@@ -266,14 +266,6 @@ def prepare_study(config: StudyConfig, *, storage_url: str, cache_dir="dmdopt-ru
                 f"training: plain {t.optimizer} at lr {t.lr:g} for {t.max_steps} steps ends at "
                 f"validation error {final:.4g}, no better than where it started ({start:.4g}); "
                 "lower training.lr or change training.max_steps")
-        if config.target_error is not None and not config.target_error < start:
-            # plain training "reaches" it at cost 0, where no trial can beat it: every
-            # speed-up would be 0 (and an export of one refused as a figure <= 0)
-            drop_empty_study()
-            raise UserError(
-                f"study: target_error = {config.target_error:g} is not below the validation "
-                f"error training starts from ({start:.4g}), so every run reaches it before its "
-                "first step; lower study.target_error")
         bound = (config.max_error_ratio or math.inf) * final
         target = config.target_error if config.target_error is not None else final
         if config.mode == "cost_to_target" and target > bound:

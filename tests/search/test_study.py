@@ -362,14 +362,20 @@ def test_single_objective_mode_prunes_or_reaches_target(study_dir, capsys):
     assert isinstance(study.sampler._factory(0), optuna.samplers.RandomSampler)
 
 
-def test_a_target_met_before_the_first_step_is_refused_and_leaves_no_study(study_dir):
-    """A target at or above where training starts was 'reached' by the reference at cost 0:
-    every speed-up 0, and an export of the best trial refused ('speedup must be > 0')."""
-    config = config_for(study_dir, n_trials=1, extra='mode = "cost_to_target"\ntarget_error = 50')
-    with pytest.raises(UserError, match=r"target_error = 50 is not below the validation error "
-                                        r"training starts from \([0-9.]+\).*lower study.target_error"):
-        run(config)
-    assert not optuna.get_all_study_names(storage=config.storage)
+def test_a_target_met_at_the_start_is_reached_by_the_reference_at_its_first_evaluation(
+        study_dir, tmp_path):
+    """A target at or above where training starts was 'reached' by the reference at cost 0,
+    while a trial stops only at an evaluation after a step: every speed-up was 0, and the
+    export of the best trial refused ('speedup must be > 0')."""
+    from dmdopt.export import export_tuned_config
+
+    config = config_for(study_dir, n_trials=2, extra='mode = "cost_to_target"\ntarget_error = 50')
+    study = run(config)
+    to_target = study.user_attrs["reference"]["to_target"]
+    assert to_target["reached"] and to_target["cost_bpe"] == 10  # its first evaluation
+    summary = summarize(study, storage_url=config.storage)
+    tuned = export_tuned_config(summary, tmp_path / "t.toml", number=study.best_trial.number)
+    assert tuned.expected["speedup"] > 0
 
 
 def test_cost_to_target_prunes_only_trials_that_can_no_longer_win(study_dir):
