@@ -46,7 +46,7 @@ from typing import Any
 from dmdopt._util import atomic_file, git_commit, mask_url, os_reason, versions
 from dmdopt.errors import UserError
 from dmdopt.model import ModelConfig
-from dmdopt.pareto import speedup
+from dmdopt.pareto import missed_target, speedup
 from dmdopt.training.config import TRAIN_FLOAT_FIELDS, DMDConfig, TrainConfig
 
 SCHEMA_VERSION = 1
@@ -166,13 +166,13 @@ def tuned_config_from_summary(summary: dict, *, policy: str = "knee", value: flo
                             "constraints to export; pick one with --trial N")
         number, policy_text = summary["pareto"][0], "best (cost_to_target)"
         best = _find_trial(summary, number)
-        spent = (best.get("values") or [None])[0]
-        if best.get("objective") is not None and spent is not None and best["objective"] > spent:
+        if missed_target(best):
             # a miss (charged spend x (1 + error/target)): the best is slower than plain
             # training to nowhere; the two-objective mode refuses the like ("nothing beats")
             raise UserError(
                 f"no trial of study {summary.get('study_name')!r} reached its target; the best, "
-                f"trial {number}, ended at val error {best['values'][1]:.4g} after {spent:.0f} "
+                f"trial {number}, ended at val error {best['values'][1]:.4g} after "
+                f"{best['values'][0]:.0f} "
                 f"bpe: raise target_error, or export it anyway with --trial {number}")
     elif number is None:
         policy, value = parse_policy(policy, value)

@@ -44,6 +44,15 @@ def pareto_trials(summary: dict) -> list[dict]:
     return [by_number[n] for n in summary.get("pareto") or [] if n in by_number]
 
 
+def missed_target(trial: dict) -> bool:
+    """Whether a cost_to_target trial (a summary row) never reached its target: its objective
+    is its spend raised by how far it ended from it (`cost_total` x (1 + error/target)), so it
+    ranks below every hit; a hit's objective is its spend."""
+    spent = (trial.get("values") or [None])[0]
+    objective = trial.get("objective")
+    return objective is not None and spent is not None and objective > spent
+
+
 def recommended_number(summary: dict) -> int | None:
     rec = summary.get("recommended")
     return rec.get("number") if isinstance(rec, dict) else None

@@ -8,6 +8,7 @@ from optuna.trial import TrialState
 
 from dmdopt._util import mask_url
 from dmdopt.errors import UserError
+from dmdopt.pareto import missed_target
 
 INTERRUPTED = "interrupted (Ctrl-C or SIGTERM)"
 """The `fail_reason` of a trial stopped by the user (shown in MLflow and the trial lines)."""
@@ -160,7 +161,11 @@ def summarize(study: optuna.Study, *, storage_url: str | None = None, policy: st
         "hypervolume_reference_point": ref_point,
     }
     if single and summary["pareto"]:
-        summary["recommended"] = {"number": summary["pareto"][0], "policy": "best"}
+        # the best, unless it never reached the target (export refuses it then: MLflow and the
+        # dashboard showed as recommended a trial slower than plain training to nowhere)
+        best = next(r for r in rows if r["number"] == summary["pareto"][0])
+        if not missed_target(best):
+            summary["recommended"] = {"number": best["number"], "policy": "best"}
     elif summary["pareto"] and summary["reference"]:
         from dmdopt.search.recommend import points_from_summary, recommend
         try:

@@ -87,7 +87,9 @@ def test_a_study_whose_trials_all_missed_the_target_exports_only_on_request(tmp_
     """Its best trial never reached the target: export wrote it as the recommendation (a
     config slower than plain training), where the two-objective mode says nothing beats it."""
     url = f"sqlite:///{tmp_path}/c.db"
-    single_objective_study(url, "miss", [(600.0, 0.48, False), (700.0, 0.55, False)])
+    study = single_objective_study(url, "miss", [(600.0, 0.48, False), (700.0, 0.55, False)])
+    # nor is it the summary's recommendation (MLflow's tag, the dashboard's mark)
+    assert summarize(study, storage_url=url)["recommended"] is None
     out = tmp_path / "t.toml"
     assert main(["export", "miss", "--storage", url, "-o", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
