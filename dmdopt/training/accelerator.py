@@ -381,16 +381,20 @@ class DMDAccelerator:
             if base_loss is None:  # the weights the jump must beat, tested at the first move
                 base_loss = self._loss(closure)
                 best_loss, prev_loss = base_loss, base_loss
+            t0 = time.perf_counter()
             for group, flat in zip(self.groups, candidate, strict=True):
                 self._assign(group, flat)
             self._restore_buffers(buffers)  # not the previous closure call's update
+            self.stats["dmd_seconds"] += time.perf_counter() - t0
             loss = self._loss(closure)
             # a non-finite loss (inf here) counts as a rise even after another: a closure
             # that is never finite stops at the second candidate, not the end of the ladder
             worse = loss > prev_loss or math.isinf(loss)
             if loss < best_loss:
+                t0 = time.perf_counter()
                 best_loss, best_h, best_params = loss, horizon, candidate
                 best_buffers = self._save_buffers()
+                self.stats["dmd_seconds"] += time.perf_counter() - t0
             elif worse and (best_params is not None or rose):
                 break  # past the minimum along the (unimodal) ladder, or rising twice
             rose = worse
