@@ -68,31 +68,25 @@ def _workers(text: str) -> int | str:
     return "auto" if text == "auto" else _positive_int(text)
 
 
-def _study_ref(name: str, storage: str | None) -> tuple[str, str]:
-    """A study is named directly, or by its TOML file (which also gives its storage)."""
-    if name.lower().endswith(".toml"):
-        from dmdopt.search.config import load_study_file
-
-        config = load_study_file(name)
-        return config.name, storage or config.storage
-    return name, storage or DEFAULT_STORAGE
-
-
 def _load_study(args):
-    """(name, storage, study) of the study the command names. Named by a file that no longer
-    matches the stored study (edited since it ran), the stored study is what is read: say so,
-    as `study run` would refuse the file."""
+    """(name, storage, study) of the study the command names: directly, or by its TOML file,
+    which also gives its storage. Named by a file that no longer matches the stored study
+    (edited since it ran), the stored study is what is read: say so, as `study run` would
+    refuse the file."""
     from dmdopt.search.storage import load_study
 
-    name, storage = _study_ref(args.name, args.storage)
-    study = load_study(name, storage)
+    config = None
     if args.name.lower().endswith(".toml"):
         from dmdopt.search.config import load_study_file
+
+        config = load_study_file(args.name)
+    name = config.name if config else args.name
+    storage = args.storage or (config.storage if config else DEFAULT_STORAGE)
+    study = load_study(name, storage)
+    if config is not None and (stored := study.user_attrs.get("config")):
         from dmdopt.search.study import config_differences
 
-        stored = study.user_attrs.get("config")
-        changed = config_differences(stored, load_study_file(args.name)) if stored else ""
-        if changed:
+        if changed := config_differences(stored, config):
             print(f"warning: {args.name} differs from the stored study {name!r} ({changed}); "
                   "this reads the stored study", file=sys.stderr)
     return name, storage, study
