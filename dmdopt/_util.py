@@ -186,16 +186,16 @@ def _userinfo(url: str) -> str:
     """`user:password` as written in the URL, '' when there is none. It ends at the first `@`
     followed by a host (no `@` before the next `/`, `?`, `#` or the end), so a password's
     unescaped `@` stays in it and an `@` in the query string (`?application_name=me@laptop`)
-    does not; a user name holds none of `/?#`, so `host/db?x=a@b` has none, and digits then
-    `/?#` after the first `:` are a port (`host:5432/db?x=a@b`: none; a password such as
-    `12/34` is read as one too, and gets no hint)."""
+    does not; a user name holds none of `/?#`, so `host/db?x=a@b` has none, and digits after
+    the first `:` are a port when a `?` or `#` comes before the `@` (`host:5432/db?x=me@laptop`:
+    none), so a password such as `12/34` stays one and gets its hint."""
     _scheme, sep, rest = str(url).partition("://")
     if not sep:
         return ""
     for at in re.finditer("@", rest):
         userinfo = rest[:at.start()]
         if re.match(r"[^@/?#]*(?:[/?#]|$)", rest[at.end():]):
-            if re.match(r"[^:/?#]*:\d*[/?#]", userinfo):  # host:5432/db?x=me@laptop: a port
+            if re.match(r"[^:/?#]*:\d*(?:/[^?#]*)?[?#]", userinfo):  # host:5432/db?x=me@laptop: a port
                 return ""
             return userinfo if re.match(r"[^:/?#]*(?::|$)", userinfo) else ""
     return ""

@@ -622,7 +622,8 @@ def test_an_unescaped_password_gets_a_hint():
     from dmdopt._util import url_encoding_hint
 
     for url in ("postgresql://u:p@ss@h/db", "postgresql://u:a/b@h/db", "postgresql://u:a:b@h/db",
-                "postgresql://u:50%@h/db", "postgresql://u:a#b@h/db"):
+                "postgresql://u:50%@h/db", "postgresql://u:a#b@h/db",
+                "postgresql://u:12/34@h/db"):  # digits, then no ? before the @: no port
         assert "percent-encoded" in url_encoding_hint(url), url
     from dmdopt._util import redact_password
 
@@ -634,7 +635,8 @@ def test_an_unescaped_password_gets_a_hint():
                 # an "@" in the query string is no password's (it was read as one, to its last @)
                 "postgresql://u:pw@h/db?application_name=me@laptop",
                 "postgresql://h/db?application_name=me@laptop",
-                "postgresql://h:5432/db?application_name=me@laptop"):  # a port, no password
+                "postgresql://h:5432/db?application_name=me@laptop",  # a port, no password
+                "postgresql://h:5432?application_name=me@laptop"):
         assert url_encoding_hint(url) == "", url
     said = 'connection to server at "h" failed: password authentication failed for user "u" (db)'
     assert redact_password(said, "postgresql://u:pw@h/db?application_name=me@laptop") == said
