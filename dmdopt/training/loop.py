@@ -58,9 +58,11 @@ class TrainResult:
         return self.cost["backprop_equivalent"]
 
     def cost_to_reach(self, error: float) -> tuple[float, float] | None:
-        """(bpe cost, wall time) of the first curve point with val_error <= error, if any."""
+        """(bpe cost, wall time) of the first curve point after a step with val_error <= error,
+        if any. The starting point never counts (as for the reference's `to_target`): a
+        target at or above the starting error is not "reached" at cost 0."""
         for point in self.curve:
-            if point["val_error"] <= error:
+            if point["step"] > 0 and point["val_error"] <= error:
                 return point["cost"], point["wall"]
         return None
 

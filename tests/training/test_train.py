@@ -78,6 +78,18 @@ def test_minibatch_and_target_error_stop(tiny_dataset):
     assert result.curve[-1]["val_error"] <= 0.9
 
 
+def test_cost_to_reach_never_counts_the_starting_point(tiny_dataset):
+    # a target at or above the starting error is reached at the first evaluation after a
+    # step, as the reference's `to_target` has it, never at cost 0 (a 0 made speed-ups 0)
+    cfg = TrainConfig(optimizer="adam", lr=0.01, max_steps=20, eval_every=5)
+    result = train(dataset=tiny_dataset, model=SMALL, training=cfg)
+    start = result.curve[0]
+    assert start["step"] == 0
+    cost, _wall = result.cost_to_reach(start["val_error"] + 1.0)
+    assert cost == result.curve[1]["cost"] > 0
+    assert result.cost_to_reach(-1.0) is None
+
+
 def test_extending_a_run_cut_off_schedule_matches_the_uninterrupted_run(tiny_dataset, tmp_path):
     """A 25-step run (eval_every 10) ends with a point at 25, and a target met there; resumed
     to 40 steps, it must go on as the uninterrupted run does, which evaluates at 30 only."""
