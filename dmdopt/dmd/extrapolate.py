@@ -57,7 +57,15 @@ import torch
 from torch import Tensor
 
 from .operator import DMDOperator, dmd_from_gram
-from .pod import _combine_rows, _rows_gram, _rows_single, column_gram, combine_columns, parse_rank
+from .pod import (
+    _combine_rows,
+    _rows_gram,
+    _rows_single,
+    column_gram,
+    combine_columns,
+    exact_precision,
+    parse_rank,
+)
 
 __all__ = [
     "GROWING_POLICIES",
@@ -186,6 +194,7 @@ class DMDFit:
         return self.operator.eigenvalues
 
     @property
+    @exact_precision
     def modes(self) -> Tensor:
         """Projected DMD modes U W, (p, r) complex, on the snapshots' device (allocated here)."""
         if self.operator is None or self.basis is None:
@@ -205,6 +214,7 @@ class DMDFit:
         return coeff if bool(torch.isfinite(coeff).all()) else None
 
     @torch.no_grad()
+    @exact_precision
     def displacement(self, horizon: int | float | str, *, tol: float = NEUTRAL_TOL,
                      growing: str = "drop") -> Tensor | None:
         """predict(horizon) - x_{m-1}, (p,) in the basis' precision, or None when nothing is
@@ -251,6 +261,7 @@ def _check_snapshots(snapshots: Tensor) -> None:
 
 
 @torch.no_grad()
+@exact_precision
 def fit_dmd(snapshots: Tensor, *, rank: int | float | str) -> DMDFit:
     """Fit the affine-exact DMD to snapshots (p x m, columns in time order).
 

@@ -234,6 +234,10 @@ class DMDAccelerator:
             for dev in cuda:
                 with torch.cuda.device(dev):
                     torch.cuda.manual_seed(self.steps_seen)
+            # autocast caches its low-precision copy of each weight for the rest of its
+            # region: without this, every candidate after the first was scored with the
+            # first one's weights (measured: all losses equal, no jump ever kept)
+            torch.clear_autocast_cache()
             value = float(closure())
         self.stats["forward_passes"] += 1
         self.stats["forward_seconds"] += time.perf_counter() - t0
@@ -314,6 +318,7 @@ class DMDAccelerator:
                         self._assign(group, now)
             finally:
                 self._restore_buffers(best_buffers if best_params is not None else buffers)
+                torch.clear_autocast_cache()  # no cast of a candidate's weights outlives it
         if best_params is None:
             self.stats["jumps_rejected"] += 1
             self.stats["dmd_seconds"] += time.perf_counter() - t0

@@ -409,3 +409,21 @@ def test_dmd_flops():
     for bad in ((-1, 10, 4), (10, 10.0, 4), (10, 10, True)):
         with pytest.raises(ValueError):
             dmd_flops(*bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_an_autocast_region_does_not_reach_the_fit(dtype):
+    # the caller's autocast (a training loop under torch.autocast) must not run the Gram and
+    # basis products in half precision: a small move on a large state was lost to it
+    torch.manual_seed(1)
+    t = torch.arange(20.0)
+    X = 0.3 + torch.rand(4000, 1) + 1e-4 * (torch.randn(4000, 1) * 0.9 ** t)
+    plain = extrapolate(X, rank=1, horizon=10)
+    fit = fit_dmd(X, rank=1)
+    with torch.autocast("cpu", dtype=dtype):
+        inside = extrapolate(X, rank=1, horizon=10)
+        moved = fit.displacement(10)
+    assert inside.dtype == torch.float32 and moved.dtype == torch.float32
+    assert torch.equal(inside, plain)
+    assert torch.equal(moved, fit.displacement(10))
+    assert float((plain - X[:, -1]).abs().max()) > 1e-5  # a move that half precision loses

@@ -70,6 +70,31 @@ def test_accelerates_a_cnn_and_never_increases_the_loss():
         assert float(closure()) < start
 
 
+def test_a_step_inside_autocast_makes_the_same_jumps_as_outside():
+    # the closure may run under the caller's autocast; the DMD maths never does (it kept no
+    # jump when its Gram ran in bfloat16)
+    torch.manual_seed(0)
+    x = torch.randn(256, 8)
+    y = torch.sin(x.sum(1, keepdim=True))
+
+    def run(autocast: bool):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 1))
+        opt = torch.optim.SGD(net.parameters(), lr=0.2)
+        acc = DMDAccelerator(net, opt, DMDConfig(window=20))
+        for _ in range(100):
+            opt.zero_grad()
+            nn.functional.mse_loss(net(x), y).backward()
+            opt.step()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                acc.step(lambda: nn.functional.mse_loss(net(x).float(), y))
+        return acc.stats["jumps_accepted"], acc.stats["chosen_horizons"]
+
+    outside = run(False)
+    assert outside[0] >= 3
+    assert run(True)[0] >= outside[0] - 1  # the closure's own bf16 rounding may flip one
+
+
 def test_rejected_jump_leaves_weights_bit_identical():
     model, x, y = _cnn_problem(1)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
