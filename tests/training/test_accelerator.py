@@ -776,3 +776,51 @@ def test_a_float64_model_under_float32_snapshots_is_warned_of():
                        DMDConfig(snapshot_dtype="float64"))
         single = nn.Linear(3, 1)
         DMDAccelerator(single, torch.optim.SGD(single.parameters(), lr=0.1), DMDConfig())
+
+
+_DDP_SCRIPT = """
+import sys, torch, torch.distributed as dist, torch.multiprocessing as mp
+from torch import nn
+
+def worker(rank, world, init, out):
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    from dmdopt.training import DMDAccelerator, DMDConfig
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 8, generator=g)
+    y = torch.sin(x.sum(1, keepdim=True))
+    xs, ys = x[rank::world], y[rank::world]  # this rank's shard, as DistributedSampler gives
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 1))
+    model = nn.parallel.DistributedDataParallel(net)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    acc = DMDAccelerator(model, opt, DMDConfig(window=10))
+    for _ in range(100):
+        opt.zero_grad()
+        nn.functional.mse_loss(model(xs), ys).backward()
+        opt.step()
+        acc.step(lambda: nn.functional.mse_loss(model(xs[:32]), ys[:32]))
+    flat = torch.cat([p.detach().reshape(-1) for p in net.parameters()])
+    torch.save({"flat": flat, "stats": acc.stats}, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+if __name__ == "__main__":
+    mp.spawn(worker, args=(2, sys.argv[1], sys.argv[2]), nprocs=2)
+"""
+
+
+def test_ddp_ranks_keep_the_same_jumps_and_equal_weights(tmp_path):
+    # each rank scores candidates on its own shard; their verdicts must agree, else the
+    # weight copies drift apart (DDP never re-syncs weights)
+    import subprocess
+    import sys
+
+    script = tmp_path / "ddp.py"
+    script.write_text(_DDP_SCRIPT)
+    done = subprocess.run([sys.executable, str(script), f"file://{tmp_path / 'rendezvous'}",
+                           str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    assert ranks[0]["stats"]["jumps_accepted"] >= 3
+    assert ranks[0]["stats"]["chosen_horizons"] == ranks[1]["stats"]["chosen_horizons"]
+    assert torch.equal(ranks[0]["flat"], ranks[1]["flat"])
