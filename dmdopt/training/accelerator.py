@@ -441,10 +441,13 @@ class DMDAccelerator:
     def state_dict(self) -> dict:
         """A copy: later steps change neither the buffers nor the stats it holds. Saved for
         the parameters as they are now: a layer frozen since the last step gives the empty
-        window that step would start, so the model rebuilt as saved can load it."""
+        window that step would start, so the model rebuilt as saved can load it. Only the
+        window's filled rows are saved (all `window` rows made a checkpoint taken right after a
+        jump 20x the model's size, for nothing)."""
         self._follow_parameters()
-        return {"buffers": [b.clone() for b in self.buffers], "filled": self.filled,
-                "steps_seen": self.steps_seen, "stats": copy.deepcopy(self.stats)}
+        return {"buffers": [b[:self.filled].clone() for b in self.buffers], "filled": self.filled,
+                "window": self.config.window, "steps_seen": self.steps_seen,
+                "stats": copy.deepcopy(self.stats)}
 
     def load_state_dict(self, state: dict) -> None:
         """Resume a saved window. The buffers are first laid out for the model's trainable
@@ -452,15 +455,20 @@ class DMDAccelerator:
         accelerator was built): the window then carries on, not restarts at the next step.
         A window saved for other parameters (shapes, grouping, window length) is refused."""
         self._follow_parameters()
-        saved = [tuple(b.shape) for b in state["buffers"]]
+        window = self.config.window
+        # the filled rows (older saves: all `window` of them); a window of another length
+        # is another schedule of jumps, so it is refused like other shapes
+        rows = {b.shape[0] for b in state["buffers"]}
+        saved_window = state.get("window", max(rows, default=window))
+        saved = [(saved_window, *tuple(b.shape)[1:]) for b in state["buffers"]]
         now = [tuple(b.shape) for b in self.buffers]
-        if saved != now:
+        if saved != now or not all(state["filled"] <= n <= window for n in rows):
             raise ValueError(
                 f"DMDAccelerator.load_state_dict: the saved window holds {len(saved)} groups of "
                 f"(window, parameters) {saved}, this model and config give {len(now)}: {now}; "
                 "build the model (trainable layers, grouping, window) as it was when it was saved")
         for buf, saved_buf in zip(self.buffers, state["buffers"], strict=True):
-            buf.copy_(saved_buf)
+            buf[:saved_buf.shape[0]].copy_(saved_buf)
         self.filled = state["filled"]
         self.steps_seen = state["steps_seen"]
         self.stats = copy.deepcopy(state["stats"])
