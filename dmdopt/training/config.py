@@ -161,7 +161,8 @@ class DMDConfig:
                or 'auto': 'drift' under plain SGD (with or without momentum), 'drop' under any
                other optimiser (Adam & co.), as measured in `dmdopt.training.accelerator`.
     optimizer_state  'keep' (moments survive a kept jump) or 'reset' (cleared).
-    snapshot_dtype / snapshot_device  where snapshots live (memory: window*params*bytes).
+    snapshot_dtype / snapshot_device  where snapshots live (memory: window*params*bytes, plus a
+               jump's peak: README). Half dtypes round steps below ~1/256 (bf16) of a weight to 0.
     warmup     plain backprop steps before the first window (early training is not affine).
     """
 
