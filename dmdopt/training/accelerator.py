@@ -280,6 +280,9 @@ class DMDAccelerator:
             return None
         t0 = time.perf_counter()
         self._follow_parameters()
+        if not self.groups:  # everything frozen: no window, and no jump to count as rejected
+            self.stats["dmd_seconds"] += time.perf_counter() - t0
+            return None
         for buf, group in zip(self.buffers, self.groups, strict=True):
             self._record(group, buf[self.filled])
         self.filled += 1

@@ -161,6 +161,17 @@ def test_frozen_parameters_are_not_grouped():
     assert [len(g) for g in groups] == [1, 2]
 
 
+def test_a_fully_frozen_model_makes_no_window_and_counts_no_jump():
+    model = nn.Linear(3, 2)
+    model.requires_grad_(False)
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    acc = DMDAccelerator(model, opt, DMDConfig(window=3))
+    assert all(acc.step(lambda: torch.tensor(1.0)) is None for _ in range(7))
+    assert acc.stats["jumps_rejected"] == acc.stats["jumps_accepted"] == 0
+    model.weight.requires_grad_(True)  # unfrozen: a window starts on it
+    assert [acc.step(lambda: model.weight.sum()) for _ in range(3)][-1] is not None
+
+
 @pytest.mark.parametrize(("dtype", "nbytes"), [("float32", 4), ("float64", 8), ("bfloat16", 2)])
 def test_snapshot_bytes(dtype, nbytes):
     model, _, _ = _cnn_problem()
