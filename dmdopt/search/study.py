@@ -199,17 +199,33 @@ def _open_study(config: StudyConfig, storage, storage_url: str,
             study.set_metric_names(["cost_bpe"])
         else:
             study.set_metric_names(METRIC_NAMES)
-    elif existing != digest and config_digest(study.user_attrs.get("config") or {}) != digest:
-        # (the second test: a study whose stored digest counted a range key now refused)
-        changed = config_differences(study.user_attrs.get("config") or {}, config)
-        what = f" ({changed})" if changed else ""
-        raise UserError(
-            f"study {config.name!r} already exists in {mask_url(storage_url)} with a different "
-            f"configuration{what}; give this one another [study] name or use another storage"
-        )
-    else:
+        _refuse_another_config(study, config, storage_url)  # a launcher that wrote after us
+    elif existing != digest:
+        _refuse_another_config(study, config, storage_url)
+    if existing is not None:
         _check_resolved(study, config, storage_url)
     return study
+
+
+def _refuse_another_config(study: optuna.Study, config: StudyConfig, storage_url: str) -> None:
+    """UserError when the stored study holds another configuration than `config`.
+
+    Checked on opening, again before the reference is stored and before every trial: launchers
+    that create a new study at the same moment each read "no configuration yet" and each write
+    theirs, the last write winning. Without the later checks the others trained their trials
+    (sampled from their own ranges) into it and exited 0."""
+    stored = study.user_attrs
+    digest = config_digest(config)
+    existing = stored.get("config_digest")
+    # (the second test: a study whose stored digest counted a range key now refused)
+    if existing is None or existing == digest or config_digest(stored.get("config") or {}) == digest:
+        return
+    changed = config_differences(stored.get("config") or {}, config)
+    what = f" ({changed})" if changed else ""
+    raise UserError(
+        f"study {config.name!r} already exists in {mask_url(storage_url)} with a different "
+        f"configuration{what}; give this one another [study] name or use another storage"
+    )
 
 
 def prepare_study(config: StudyConfig, *, storage_url: str, cache_dir="dmdopt-runs/data",
@@ -283,6 +299,7 @@ def prepare_study(config: StudyConfig, *, storage_url: str, cache_dir="dmdopt-ru
         # Workers starting together on a new study each train the reference; the first one
         # stored wins, so every worker (and every plot) uses the same reference.
         study = reopened_if_deleted(study)
+        _refuse_another_config(study, config, storage_url)  # not a reference for another's
         if study.user_attrs.get("reference") is None:
             study.set_user_attr("reference", reference)
     reference = study.user_attrs["reference"]
@@ -594,6 +611,7 @@ def _worker_loop(config: StudyConfig, *, storage_url: str, n_trials: int | None,
                 time.sleep(poll if left is None else min(poll, left))
                 _fail_stale_trials(study)
                 continue
+        _refuse_another_config(study, config, storage_url)  # see there: a creation race
         current.clear()
         try:
             # SIGTERM and Ctrl-C wait while Optuna records a trial (see `deferred_interrupts`)

@@ -1115,3 +1115,34 @@ def test_a_command_that_reads_a_study_by_its_edited_file_says_it_reads_the_store
         err = capsys.readouterr().err.strip()
         assert err == ("warning: s.toml differs from the stored study 'tiny' (training.lr: 0.01 "
                        "in the study, 0.02 in the file); this reads the stored study"), err
+
+
+@pytest.mark.parametrize("after", ["config_digest", "reference"])
+def test_a_launcher_whose_new_study_another_overwrote_at_once_refuses_it(study_dir, monkeypatch,
+                                                                         after):
+    """Two launchers creating one new study with different files both read "no configuration
+    yet" and both wrote theirs; the one whose write came first trained its trials (from its
+    own ranges) into the other's study and exited 0. Emulated here: the other launcher's
+    writes land right after this one wrote its digest, or its reference."""
+    from dmdopt.search.study import config_digest
+
+    mine = config_for(study_dir, n_trials=2)
+    (study_dir / "other").mkdir()
+    theirs = config_for(study_dir / "other", n_trials=2, training='optimizer = "adam"\n'
+                        'lr = 0.02\nmax_steps = 60\neval_every = 10')
+    original = optuna.Study.set_user_attr
+    fired = []
+
+    def set_user_attr(self, key, value):
+        original(self, key, value)
+        if key == after and not fired:
+            fired.append(key)
+            original(self, "config", copy.deepcopy(theirs.raw))
+            original(self, "config_digest", config_digest(theirs))
+
+    monkeypatch.setattr(optuna.Study, "set_user_attr", set_user_attr)
+    with pytest.raises(UserError, match="with a different configuration") as err:
+        run(mine)
+    assert "training.lr" in str(err.value) and fired == [after]
+    study = load_study(mine.name, mine.storage)
+    assert not study.get_trials(deepcopy=False)  # no trial of the wrong configuration
