@@ -27,7 +27,7 @@ from dmdopt.tracking.runs import (
     flatten,
     get_or_create_experiment,
     log_batch,
-    prepare_local_store,
+    open_client,
     resolve_tracking_uri,
 )
 
@@ -100,8 +100,7 @@ def check_store(tracking_uri: str | None) -> None:
     production run finds out before it trains, not after."""
     uri = resolve_tracking_uri(tracking_uri)
     fail_fast(uri)
-    prepare_local_store(uri)
-    MlflowClient(tracking_uri=with_sql_driver(uri)).search_experiments(max_results=1)
+    open_client(uri)
 
 
 def log_model_run(*, tracking_uri: str | None, experiment: str, run_name: str, model: nn.Module,
@@ -112,8 +111,7 @@ def log_model_run(*, tracking_uri: str | None, experiment: str, run_name: str, m
 
     uri = resolve_tracking_uri(tracking_uri)
     fail_fast(uri)
-    prepare_local_store(uri)
-    client = MlflowClient(tracking_uri=with_sql_driver(uri))
+    client = open_client(uri)
     run = client.create_run(get_or_create_experiment(client, experiment, uri),
                             run_name=run_name, tags={"dmdopt.role": "production", **(tags or {})})
     run_id = run.info.run_id

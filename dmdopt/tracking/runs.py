@@ -19,7 +19,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import suppress
+from contextlib import contextmanager, suppress
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -278,6 +278,64 @@ def prepare_local_store(uri: str) -> None:
             raise OSError(f"{path} is not a SQLite database")
 
 
+@contextmanager
+def _store_setup_lock(uri: str) -> Iterator[None]:
+    """Held while a process opens (creates or migrates) an MLflow database store.
+
+    Why: MLflow creates and migrates its schema on a store's first open, with no lock of its
+    own. Several `dmdopt study run` processes started at once on a fresh store (one per machine
+    on one PostgreSQL, or several in one folder on the default SQLite file) ran the migration
+    together: 2 of 3 failed ("duplicate column name: step", a UniqueViolation on
+    alembic_version) and a SQLite store kept half-done `_alembic_tmp_*` tables. SQLite: an
+    exclusive `flock` on `<db>.setup-lock` beside it. PostgreSQL: a session advisory lock.
+    Other stores (a server, MySQL): no lock."""
+    path = sqlite_file(uri)
+    if path is not None:
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock
+            yield
+            return
+        with open(path.with_name(path.name + ".setup-lock"), "a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+        return
+    if urlparse(uri).scheme.split("+")[0] not in ("postgresql", "postgres"):
+        yield
+        return
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.pool import NullPool
+
+    url = with_sql_driver(uri)
+    engine = create_engine(url, poolclass=NullPool, connect_args=connect_timeout_args(url, 10))
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT pg_advisory_lock(:key)"), {"key": _SETUP_LOCK_KEY})
+            try:
+                yield
+            finally:
+                with suppress(Exception):
+                    conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": _SETUP_LOCK_KEY})
+    finally:
+        engine.dispose()
+
+
+_SETUP_LOCK_KEY = 0x646D646F70746D6C  # "dmdoptml": dmdopt's advisory lock for store set-up
+
+
+def open_client(uri: str) -> MlflowClient:
+    """A client of the store at `uri`, its schema created or migrated by one process at a
+    time (`_store_setup_lock`): the first query runs under the lock."""
+    prepare_local_store(uri)
+    with _store_setup_lock(uri):
+        client = MlflowClient(tracking_uri=with_sql_driver(uri))
+        client.search_experiments(max_results=1)
+    return client
+
+
 def _sqlite_header(path: Path) -> bool:
     """Whether a non-empty file starts with SQLite's header, read without opening the database
     (a lock held by a writer is no reason to refuse it)."""
@@ -467,8 +525,7 @@ class StudyTracker:
     @property
     def client(self) -> MlflowClient:
         if self._client is None:
-            prepare_local_store(self.tracking_uri)
-            self._client = MlflowClient(tracking_uri=with_sql_driver(self.tracking_uri))
+            self._client = open_client(self.tracking_uri)
         return self._client
 
     @property

@@ -515,7 +515,18 @@ def test_a_postgresql_store_uses_the_driver_that_is_installed(monkeypatch):
     assert check_tracking_uri(url) == url
 
     opened = []
-    monkeypatch.setattr(runs, "MlflowClient", lambda tracking_uri: opened.append(tracking_uri))
+
+    class Client:
+        def __init__(self, tracking_uri):
+            opened.append(tracking_uri)
+
+        def search_experiments(self, **kwargs):
+            return []
+
+    import contextlib
+
+    monkeypatch.setattr(runs, "MlflowClient", Client)
+    monkeypatch.setattr(runs, "_store_setup_lock", lambda uri: contextlib.nullcontext())
     StudyTracker(url, "s").client  # noqa: B018 - the client is made on first use
     assert opened == [expected]
 
@@ -585,3 +596,23 @@ def test_a_database_store_that_never_answers_is_given_up_on_time(tmp_path, monke
         assert time.monotonic() - started < 5
     finally:
         release.set()
+
+
+def test_processes_opening_a_fresh_sqlite_store_at_once_set_it_up_one_at_a_time(tmp_path):
+    """MLflow creates and migrates its schema on first open, without a lock: three processes
+    opening one fresh store together failed 2 or 3 of 3 ("duplicate column name: step") and
+    could leave `_alembic_tmp_*` tables behind."""
+    import sqlite3
+    import subprocess
+    import sys
+
+    db = tmp_path / "mlflow.db"
+    code = ("import sys; from dmdopt.tracking.runs import open_client; "
+            "open_client('sqlite:///' + sys.argv[1]).search_experiments()")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(db)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [err[-800:] for _, err in outs]
+    tables = {name for (name,) in sqlite3.connect(db).execute(
+        "SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert "experiments" in tables and not any(t.startswith("_alembic_tmp") for t in tables)
