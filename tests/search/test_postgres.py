@@ -254,3 +254,17 @@ def test_an_mlflow_store_in_a_schema_of_its_own_in_the_optuna_database_is_accept
         with engine.begin() as conn:
             conn.execute(sqlalchemy.text(f'DROP SCHEMA "{schema}" CASCADE'))
         engine.dispose()
+
+
+def test_a_search_path_naming_no_schema_fails_at_once(monkeypatch):
+    """InvalidSchemaName is a ProgrammingError, which was taken for a schema-creation race
+    and retried 6 times (about 10 s) before the one line."""
+    import dmdopt.search.storage as storage
+    from dmdopt.errors import UserError
+
+    slept = []
+    monkeypatch.setattr(storage.time, "sleep", slept.append)
+    url = f"{POSTGRES_URL}?options=-csearch_path%3Dno_such_schema_{uuid.uuid4().hex[:8]}"
+    with pytest.raises(UserError, match="cannot open") as err:
+        storage.open_storage(url)
+    assert slept == [] and "\n" not in str(err.value)
