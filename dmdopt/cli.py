@@ -369,16 +369,18 @@ def cmd_study_pareto(args) -> int:
 
 
 def cmd_study_sync(args) -> int:
+    from dmdopt._util import mask_url
     from dmdopt.tracking import StudyTracker
     from dmdopt.tracking.runs import _HALF_LOGGED_AFTER_S, check_tracking_uri
 
     name, storage, summary = _summary(args)
     check_tracking_uri(args.tracking_uri, storage=storage)
-    tracker = StudyTracker(args.tracking_uri, name, summary.get("study_uid"))
+    tracker = StudyTracker(args.tracking_uri, name, summary.get("study_uid"), warn=False)
     added = tracker.sync(summary)
-    if added is None:  # the reason was warned (once) by the tracker
-        raise UserError("sync-mlflow: the MLflow tracking store failed (see the warning above); "
-                        "what was logged before the failure stays: run the command again")
+    if added is None:  # one line: the tracker's reason, not a warning and then this
+        raise UserError(f"sync-mlflow: the MLflow tracking store {mask_url(tracker.tracking_uri)} "
+                        f"failed ({tracker.first_failure}); what was logged before the failure "
+                        "stays: run the command again")
     print(f"sync-mlflow: {added} trial run(s) added under the parent of study {name}")
     if tracker.pending:  # not "all synced": another process may be writing them, or was cut off
         print(f"sync-mlflow: trial(s) {', '.join(map(str, sorted(tracker.pending)))} left alone: "

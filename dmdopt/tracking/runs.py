@@ -485,8 +485,12 @@ class StudyTracker:
     """Mirrors one Optuna study (as a CONTRACT.md summary) into MLflow runs."""
 
     def __init__(self, tracking_uri: str | None, study_name: str,
-                 study_uid: str | None = None) -> None:
+                 study_uid: str | None = None, *, warn: bool = True) -> None:
+        """`warn=False`: a failure is not warned but kept in `first_failure` (one line; the
+        first is the cause, later ones its effects), for a command that reports it as its own
+        error (`sync-mlflow`)."""
         self.tracking_uri = resolve_tracking_uri(tracking_uri)
+        self.first_failure: str | None = None
         self.study_name = study_name
         # runs are this study's when both name and uid match; None (a study made before uids)
         # matches runs without the tag, as before
@@ -494,7 +498,7 @@ class StudyTracker:
         self._client: MlflowClient | None = None
         self._experiment_id: str | None = None
         self._parent_id: str | None = None
-        self._warned = False
+        self._warned = not warn
         self._paused_until = -math.inf
         # children this tracker began and a failure cut off (replaced at once, not after
         # _HALF_LOGGED_AFTER_S), and trials left to another writer's young RUNNING child
@@ -508,11 +512,15 @@ class StudyTracker:
         self._paused_until = -math.inf
 
     def _report(self, what: str, exc: BaseException) -> None:
+        # the first line only: a failed migration quotes its whole SQL statement
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        failure = redact_password(f"{what}: {type(exc).__name__}: {reason}", self.tracking_uri)
+        self.first_failure = self.first_failure or failure
         if not self._warned:
             self._warned = True
             warnings.warn(
-                f"MLflow tracking at {mask_url(self.tracking_uri)} failed ({what}: "
-                f"{type(exc).__name__}: {exc}); tracking pauses for "
+                f"MLflow tracking at {mask_url(self.tracking_uri)} failed ({failure}); "
+                "tracking pauses for "
                 f"{PAUSE_AFTER_FAILURE_S:.0f} s after each failure (later errors are logged at "
                 "debug level); the next trial logged after a pause, or `dmdopt study "
                 "sync-mlflow`, fills in what is missing once the store works.",
