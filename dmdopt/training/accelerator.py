@@ -77,6 +77,7 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.nn.parameter import is_lazy
 
 from dmdopt.training.config import DMDConfig
 from dmdopt.training.cost import CostCounter
@@ -94,9 +95,15 @@ def _real(p: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(p.detach()) if p.is_complex() else p.detach()
 
 
+def _trainable(p: nn.Parameter) -> bool:
+    """Trainable and materialised: a lazy module's parameter (`nn.LazyLinear` before its first
+    forward) has no shape yet; it joins the window once it has one (`_follow_parameters`)."""
+    return p.requires_grad and not is_lazy(p)
+
+
 def group_parameters(model: nn.Module, grouping: str) -> list[list[nn.Parameter]]:
     """Parameter groups that share one DMD: per module ('layer'), per tensor, or all ('global')."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in model.parameters() if _trainable(p)]
     if grouping == "global":
         return [params] if params else []
     if grouping == "tensor":
@@ -104,7 +111,7 @@ def group_parameters(model: nn.Module, grouping: str) -> list[list[nn.Parameter]
     groups: list[list[nn.Parameter]] = []
     seen: set[int] = set()
     for module in model.modules():
-        own = [p for p in module.parameters(recurse=False) if p.requires_grad and id(p) not in seen]
+        own = [p for p in module.parameters(recurse=False) if _trainable(p) and id(p) not in seen]
         if own:
             groups.append(own)
             seen.update(id(p) for p in own)
@@ -153,7 +160,7 @@ class DMDAccelerator:
         device, dtype and shape. (The groups keep the old tensors alive, so a new one never
         reuses an old one's id.)"""
         return [(id(p), p.device, p.dtype, p.shape)
-                for p in self.model.parameters() if p.requires_grad]
+                for p in self.model.parameters() if _trainable(p)]
 
     def _lay_out(self) -> None:
         """Groups, snapshot buffers and CUDA devices for the model's parameters as they are."""

@@ -161,6 +161,24 @@ def test_frozen_parameters_are_not_grouped():
     assert [len(g) for g in groups] == [1, 2]
 
 
+def test_a_lazy_model_is_accepted_before_its_first_forward():
+    # the optimiser accepts uninitialised parameters; the accelerator raised torch's
+    # "uninitialized parameter" error when built before the first forward
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.LazyLinear(16), nn.Tanh(), nn.LazyLinear(1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    acc = DMDAccelerator(model, opt, DMDConfig(window=5, rank=2, horizon=5))
+    x, y = torch.randn(64, 4), torch.randn(64, 1)
+    kept = []
+    for _ in range(20):
+        opt.zero_grad()
+        ((model(x) - y) ** 2).mean().backward()
+        opt.step()
+        kept.append(acc.step(lambda: ((model(x) - y) ** 2).mean()))
+    assert acc.sizes == [4 * 16 + 16, 16 + 1]  # laid out on the materialised parameters
+    assert kept.count(None) == 16 and acc.stats["jumps_accepted"] >= 1
+
+
 def test_a_fully_frozen_model_makes_no_window_and_counts_no_jump():
     model = nn.Linear(3, 2)
     model.requires_grad_(False)
