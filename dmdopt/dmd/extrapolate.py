@@ -58,11 +58,10 @@ from torch import Tensor
 
 from .operator import DMDOperator, dmd_from_gram
 from .pod import (
-    _combine_rows,
-    _rows_gram,
-    _rows_single,
     column_gram,
     combine_columns,
+    combine_differences,
+    difference_gram,
     exact_precision,
     parse_rank,
 )
@@ -266,8 +265,8 @@ def fit_dmd(snapshots: Tensor, *, rank: int | float | str) -> DMDFit:
     """Fit the affine-exact DMD to snapshots (p x m, columns in time order).
 
     Cost O(p m^2) (Gram of the differences) + O(p m r) (basis U). Extra device memory: U
-    (p x r) plus, for float32/half snapshots, one float32 (m-1) x p array of the differences
-    (`pod._rows_single`), or for float64 ones a float64 row block.
+    (p x r) plus one block of differences at a time (`pod._difference_blocks`, 32 MiB for
+    float32/half snapshots; a float64 row block of `pod.CHUNK_ELEMENTS` for float64 ones).
     """
     _check_snapshots(snapshots)
     parse_rank(rank)
@@ -275,12 +274,12 @@ def fit_dmd(snapshots: Tensor, *, rank: int | float | str) -> DMDFit:
     last = snapshots[:, -1].clone()
     if m < 3:
         return DMDFit(last, "too_few_snapshots")
-    # float32 snapshots: the differences are formed once, as contiguous rows, and serve both
-    # the Gram and the basis (see pod._rows_single); float64 keeps the all-float64 path.
-    rows32 = _rows_single(snapshots, True)
+    # float32/half snapshots: float32 products over blocks of their differences, never all
+    # of them at once (pod._difference_blocks); float64 keeps the all-float64 path.
+    single = snapshots.dtype != torch.float64
     passes = 1
-    if rows32 is not None:
-        gram, passes = _rows_gram(rows32, rank, n_rows=p, n_pod=m - 2)
+    if single:
+        gram, passes = difference_gram(snapshots, rank, n_pod=m - 2)
     else:
         gram = column_gram(snapshots, differences=True)  # (m-1) x (m-1), D = [d_0 .. d_{m-2}]
 
@@ -310,8 +309,8 @@ def fit_dmd(snapshots: Tensor, *, rank: int | float | str) -> DMDFit:
         float(torch.linalg.eigvalsh(0.5 * (basis_gram + basis_gram.T)).max().clamp(min=0)) ** 0.5
     )
     work = snapshots.dtype if snapshots.dtype in (torch.float32, torch.float64) else torch.float32
-    if rows32 is not None:
-        basis = _combine_rows(rows32, coeff, work)
+    if single:
+        basis = combine_differences(snapshots, coeff, work)
     else:
         basis = combine_columns(snapshots, coeff, differences=True, out_dtype=work)
     return DMDFit(last, "ok", op, basis, amplitudes, basis_norm, passes)

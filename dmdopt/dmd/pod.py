@@ -5,10 +5,11 @@ so the POD never touches a p x p object: it eigendecomposes the n x n Gram matri
 G = D^T D (``G = V diag(sigma^2) V^T``) and forms the modes as U = D V Sigma^-1.
 
 Memory: float64 data has its Gram accumulated over row blocks, one ``CHUNK_ELEMENTS`` block
-(64 MiB, plus its column differences) of extra memory at a time. float32 and half data take
-the fast path (`_rows_single`): one float32 array of the data's shape (of its differences, for
-DMD), i.e. 4 bytes per snapshot element whatever the snapshot dtype, never a float64 copy of
-the whole matrix (8 bytes per element, e.g. 4 GB for p = 1e7, m = 50).
+(64 MiB, plus its column differences) of extra memory at a time. The DMD's differences of
+float32 and half snapshots are formed and multiplied in float32 blocks of
+``DIFFERENCE_BLOCK_ELEMENTS`` (32 MiB; `difference_gram`, `combine_differences`). `pod` of
+float32/half data takes `_rows_single`: one float32 array of the data's shape. Never a float64
+copy of the whole matrix (8 bytes per element, e.g. 4 GB for p = 1e7, m = 50).
 
 Precision: the method of snapshots squares the condition number, so singular values below
 about ``sigma_max * sqrt(n * eps64)`` (~1e-7 relative) are rounding noise; `pod` clips the rank
@@ -257,7 +258,23 @@ def _rows_gram(rows: Tensor, rank: int | float | str, *, n_rows: int,
                n_pod: int | None) -> tuple[Tensor, int]:
     """`rows_gram`, and how many Gram products it formed (1, or 2 when it redid it in float64):
     the accelerator charges each one as DMD cost."""
-    gram = (rows @ rows.T).to("cpu", torch.float64)
+    def redo() -> Tensor:
+        n, p = rows.shape
+        gram = torch.zeros(n, n, dtype=torch.float64, device=rows.device)
+        step = max(1, CHUNK_ELEMENTS // max(n, 1))
+        for start in range(0, p, step):
+            block = rows[:, start:start + step].to(torch.float64)
+            gram += block @ block.T
+        return gram
+
+    return _checked_gram(rows @ rows.T, redo, rank, n_rows=n_rows, n_pod=n_pod)
+
+
+def _checked_gram(gram32: Tensor, redo, rank: int | float | str, *, n_rows: int,
+                  n_pod: int | None) -> tuple[Tensor, int]:
+    """The float32 Gram as float64 on the CPU, or `redo()`'s float64 one where the rank rule
+    keeps a direction below the float32 floor (`rows_gram` says why); and the passes (1, 2)."""
+    gram = gram32.to("cpu", torch.float64)
     k = gram.shape[0] if n_pod is None else n_pod
     small = pod_from_gram(gram[:k, :k], rank, n_rows=n_rows)
     if small.rank == 0:  # degenerate or non-finite: float64 would not change the verdict
@@ -270,13 +287,57 @@ def _rows_gram(rows: Tensor, rank: int | float | str, *, n_rows: int,
     wanted = select_rank(small.all_singular_values, rank, n_rows=n_rows, n_cols=k, rtol=-1.0)
     if float(small.all_singular_values[wanted - 1]) >= floor:
         return gram, 1
-    n, p = rows.shape
-    gram = torch.zeros(n, n, dtype=torch.float64, device=rows.device)
-    step = max(1, CHUNK_ELEMENTS // max(n, 1))
-    for start in range(0, p, step):
-        block = rows[:, start:start + step].to(torch.float64)
-        gram += block @ block.T
-    return gram.cpu(), 2
+    return redo().cpu(), 2
+
+
+DIFFERENCE_BLOCK_ELEMENTS = 1 << 23
+"""float32 numbers per block of snapshot differences (32 MiB): what a fit of float32 or half
+snapshots holds beyond its Gram and its basis."""
+
+
+def _difference_blocks(data: Tensor):
+    """Yield (row slice, float32 (m-1) x c block): the snapshots' differences, d_k = x_{k+1} -
+    x_k, for c of the p coordinates at a time, in float32 arithmetic (half data up-cast first).
+
+    Why blocks: forming all (m-1) x p differences at once doubled a fit's memory (one float32
+    copy of the window beside the snapshots: 228 MB at 3 million parameters, window 20); a
+    block costs 32 MiB and runs as fast: a whole fit at p = 530k, m = 20 (the default model's
+    output layer) took a median 23-25 ms, against 31-33 ms with all differences at once;
+    blocks of 4 MiB took 33-48 ms."""
+    rows = data.T  # (m, p): the accelerator's buffers hold contiguous rows
+    m, p = rows.shape
+    width = max(1, DIFFERENCE_BLOCK_ELEMENTS // max(m, 1))
+    for start in range(0, p, width):
+        block = rows[:, start:start + width]
+        if block.dtype != torch.float32:
+            block = block.to(torch.float32)
+        yield slice(start, start + width), block[1:] - block[:-1]
+
+
+def difference_gram(data: Tensor, rank: int | float | str, *, n_pod: int) -> tuple[Tensor, int]:
+    """float64 Gram (CPU) of the float32/half snapshots' differences, formed block by block
+    (`_difference_blocks`), redone in float64 as `rows_gram` is; and its passes (1 or 2)."""
+    n = data.shape[1] - 1
+
+    def gram(dtype: torch.dtype) -> Tensor:
+        out = torch.zeros(n, n, dtype=dtype, device=data.device)
+        for _, block in _difference_blocks(data):
+            block = block.to(dtype)
+            out.addmm_(block, block.T)
+        return out
+
+    return _checked_gram(gram(torch.float32), lambda: gram(torch.float64), rank,
+                         n_rows=data.shape[0], n_pod=n_pod)
+
+
+def combine_differences(data: Tensor, coefficients: Tensor, out_dtype: torch.dtype) -> Tensor:
+    """D[:, :k] @ coefficients (p x r) for float32/half snapshots, block by block in float32."""
+    k, r = coefficients.shape
+    out = torch.empty(data.shape[0], r, dtype=out_dtype, device=data.device)
+    coeff = coefficients.to(data.device, torch.float32)
+    for rows, block in _difference_blocks(data):
+        out[rows] = (block[:k].T @ coeff).to(out_dtype)
+    return out
 
 
 @exact_precision

@@ -353,7 +353,7 @@ def test_large_p_runs_without_p_by_p():
 HALF_FIT = """
 import resource, sys, torch
 from dmdopt.dmd import fit_dmd
-p, m = 2_000_000, 20
+p, m = 6_000_000, 20
 torch.manual_seed(0)
 buf = torch.empty(m, p, dtype=getattr(torch, sys.argv[1]))  # the accelerator's row layout
 x, v = torch.randn(p), torch.randn(p)
@@ -367,9 +367,10 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
 """
 
 
-def test_half_snapshots_fit_in_no_more_memory_than_float32():
-    """bfloat16 snapshots exist to halve memory: their fit must not up-cast the whole window
-    beside its float32 differences (it did, and peaked above float32 snapshots' fit)."""
+def test_a_fit_never_holds_all_differences_at_once():
+    """A fit formed the window's (m-1) x p float32 differences at once, doubling the memory a
+    window takes (and bfloat16 snapshots, which exist to halve it, peaked above float32 ones
+    while they were up-cast whole). It now works on 32 MiB blocks of them."""
     import subprocess
     import sys
 
@@ -379,9 +380,10 @@ def test_half_snapshots_fit_in_no_more_memory_than_float32():
                              text=True, timeout=300)
         assert out.returncode == 0, out.stderr[-2000:]
         grown[dtype] = float(out.stdout.split()[-1])
-    differences_mb = 4 * 19 * 2_000_000 / 2**20  # the float32 (m-1) x p rows: 145 MB
-    assert grown["float32"] < 1.5 * differences_mb
-    assert grown["bfloat16"] < 1.5 * differences_mb, grown
+    differences_mb = 4 * 19 * 6_000_000 / 2**20  # the float32 (m-1) x p rows: 435 MB
+    # measured 0-130 MB (the allocator keeps some freed blocks); 401 and 458 MB before
+    assert grown["float32"] < 0.5 * differences_mb, grown
+    assert grown["bfloat16"] < 0.5 * differences_mb, grown
 
 
 @pytest.mark.gpu
