@@ -55,6 +55,16 @@ _RANK_STRINGS = ("optimal", "full")
 _AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu")
 
 
+def _autocast_enabled(device: str) -> bool:
+    """`torch.is_autocast_enabled(device)`, which torch < 2.4 (pyproject allows 2.2) lacks:
+    there only the CPU and CUDA flags exist, as functions of no argument."""
+    try:
+        return bool(torch.is_autocast_enabled(device))
+    except TypeError:
+        legacy = {"cpu": torch.is_autocast_cpu_enabled, "cuda": torch.is_autocast_enabled}
+        return bool(legacy[device]()) if device in legacy else False
+
+
 def exact_precision(fn):
     """Run `fn` outside any autocast region the caller opened.
 
@@ -67,7 +77,7 @@ def exact_precision(fn):
     def wrapper(*args, **kwargs):
         with contextlib.ExitStack() as stack:
             for device in _AUTOCAST_DEVICES:
-                if torch.is_autocast_enabled(device):
+                if _autocast_enabled(device):
                     stack.enter_context(torch.autocast(device, enabled=False))
             return fn(*args, **kwargs)
     return wrapper

@@ -429,3 +429,26 @@ def test_an_autocast_region_does_not_reach_the_fit(dtype):
     assert torch.equal(inside, plain)
     assert torch.equal(moved, fit.displacement(10))
     assert float((plain - X[:, -1]).abs().max()) > 1e-5  # a move that half precision loses
+
+
+def test_the_autocast_guard_works_with_the_torch_2_2_api(monkeypatch):
+    """torch < 2.4 has `is_autocast_enabled()` without a device argument (pyproject allows
+    2.2): the guard raised TypeError there on every fit."""
+    import importlib
+
+    pod_module = importlib.import_module("dmdopt.dmd.pod")  # (dmdopt.dmd.pod is also a function)
+
+    cpu_on = {"on": False}
+
+    def old_api(*args):
+        if args:
+            raise TypeError("is_autocast_enabled() takes 0 positional arguments but 1 was given")
+        return False  # CUDA's flag
+
+    monkeypatch.setattr(torch, "is_autocast_enabled", old_api)
+    monkeypatch.setattr(torch, "is_autocast_cpu_enabled", lambda: cpu_on["on"], raising=False)
+    assert pod_module._autocast_enabled("cpu") is False and pod_module._autocast_enabled("xpu") is False
+    X = torch.cumsum(torch.randn(50, 8, generator=torch.Generator().manual_seed(3)), 1)
+    assert torch.isfinite(extrapolate(X, rank=2, horizon=5)).all()  # no autocast to leave
+    cpu_on["on"] = True  # (entering torch 2.13's autocast itself needs the new API: not here)
+    assert pod_module._autocast_enabled("cpu") is True
