@@ -170,6 +170,16 @@ def _open_study(config: StudyConfig, storage, storage_url: str,
     # cost_to_target prunes in the objective (`_BestCost`): a median rule on val error pruned
     # 22 of the first 26 trials of a 2,000-step Adam study, 17 at step 20, on one jump's float noise
     pruner = optuna.pruners.NopPruner()
+    # Exactly one launcher creates the study (the storage's unique name decides) and writes
+    # its configuration; the others wait for that record and compare theirs with it. When
+    # every launcher wrote its own, the writes of two files interleaved: both trained into
+    # one study, each passing a check against its own half of the record.
+    try:
+        storage.create_new_study(
+            [optuna.study.StudyDirection.MINIMIZE for _ in directions], config.name)
+        created = True
+    except optuna.exceptions.DuplicatedStudyError:
+        created = False
     try:
         study = optuna.create_study(study_name=config.name, storage=storage,
                                     sampler=make_sampler(config), pruner=pruner,
@@ -182,7 +192,11 @@ def _open_study(config: StudyConfig, storage, storage_url: str,
         raise UserError(f"study {config.name!r} in {mask_url(storage_url)} was not made by "
                         "dmdopt (it has trials but no dmdopt configuration); give this one "
                         "another [study] name")
-    if existing is None:
+    deadline = time.monotonic() + _CREATOR_WAIT_S
+    while not created and existing is None and time.monotonic() < deadline:
+        time.sleep(0.2)  # its creator is writing the record (milliseconds, unless it died)
+        existing = study.user_attrs.get("config_digest")
+    if existing is None:  # ours, or one whose creator died before its record: adopted
         if study_uid(study) is None:
             # MLflow tells studies apart by this, not by name: two storages (or a re-created
             # optuna.db) may hold studies of one name. Launchers starting together may each
@@ -207,13 +221,15 @@ def _open_study(config: StudyConfig, storage, storage_url: str,
     return study
 
 
+_CREATOR_WAIT_S = 30.0  # how long a launcher waits for the creator's configuration record
+
+
 def _refuse_another_config(study: optuna.Study, config: StudyConfig, storage_url: str) -> None:
     """UserError when the stored study holds another configuration than `config`.
 
-    Checked on opening, again before the reference is stored and before every trial: launchers
-    that create a new study at the same moment each read "no configuration yet" and each write
-    theirs, the last write winning. Without the later checks the others trained their trials
-    (sampled from their own ranges) into it and exited 0."""
+    Checked on opening, again before the reference is stored and before every trial: a study
+    deleted and made again meanwhile (`drop_empty_study`), or a creator that died before its
+    record was adopted by another file, must not take this launcher's trials."""
     stored = study.user_attrs
     digest = config_digest(config)
     existing = stored.get("config_digest")

@@ -1146,3 +1146,44 @@ def test_a_launcher_whose_new_study_another_overwrote_at_once_refuses_it(study_d
     assert "training.lr" in str(err.value) and fired == [after]
     study = load_study(mine.name, mine.storage)
     assert not study.get_trials(deepcopy=False)  # no trial of the wrong configuration
+
+
+def test_a_launcher_joining_a_study_being_created_waits_for_its_record(study_dir, monkeypatch):
+    """Two launchers creating one study with different files: only the storage's creator
+    writes the configuration; a joiner arriving mid-write waits for the record and is refused
+    against it (each used to write its own, and the halves of the two records interleaved)."""
+    import threading
+
+    from dmdopt.search.storage import open_storage
+    from dmdopt.search.study import _open_study, config_digest
+
+    mine = config_for(study_dir, n_trials=1)
+    (study_dir / "other").mkdir()
+    theirs = config_for(study_dir / "other", n_trials=1, training='optimizer = "adam"\n'
+                        'lr = 0.02\nmax_steps = 60\neval_every = 10')
+    original = optuna.Study.set_user_attr
+    joiner: dict = {}
+
+    def join() -> None:
+        try:
+            _open_study(theirs, open_storage(mine.storage), mine.storage, None)
+            joiner["result"] = "joined"
+        except UserError as exc:
+            joiner["result"] = str(exc)
+
+    def set_user_attr(self, key, value):
+        if key == "config" and "thread" not in joiner:  # the creator, mid-record
+            joiner["thread"] = threading.Thread(target=join)
+            joiner["thread"].start()
+            joiner["thread"].join(0.5)  # the joiner is waiting now, not writing
+        original(self, key, value)
+
+    monkeypatch.setattr(optuna.Study, "set_user_attr", set_user_attr)
+    run(mine)
+    joiner["thread"].join(60)
+    assert "with a different configuration (training.lr: 0.01 in the study, 0.02 in the file)" \
+        in joiner["result"], joiner
+    study = load_study(mine.name, mine.storage)
+    stored = study.user_attrs
+    assert stored["config_digest"] == config_digest(mine) == config_digest(stored["config"])
+    assert len(complete(study)) == 1
