@@ -310,20 +310,48 @@ def _store_setup_lock(uri: str) -> Iterator[None]:
     from sqlalchemy.pool import NullPool
 
     url = with_sql_driver(uri)
-    engine = create_engine(url, poolclass=NullPool, connect_args=connect_timeout_args(url, 10))
+    key = _setup_lock_key(url)
+    engine = create_engine(url, poolclass=NullPool, connect_args=connect_timeout_args(url, 10),
+                           isolation_level="AUTOCOMMIT")  # not "idle in transaction" meanwhile
     try:
         with engine.connect() as conn:
-            conn.execute(text("SELECT pg_advisory_lock(:key)"), {"key": _SETUP_LOCK_KEY})
+            # try, not wait: a holder that stalled (or whose link died: its session lives on
+            # until TCP keepalive, about 2 h) must not hang every new worker without a word
+            deadline = time.monotonic() + SETUP_LOCK_WAIT_S
+            held = bool(conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": key}).scalar())
+            while not held and time.monotonic() < deadline:
+                time.sleep(0.5)
+                held = bool(conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": key}).scalar())
+            if not held:
+                log.warning("MLflow store %s: another process has held its set-up lock for %.0f s; "
+                            "going on without it", mask_url(uri), SETUP_LOCK_WAIT_S)
             try:
                 yield
             finally:
-                with suppress(Exception):
-                    conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": _SETUP_LOCK_KEY})
+                if held:
+                    with suppress(Exception):
+                        conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
     finally:
         engine.dispose()
 
 
-_SETUP_LOCK_KEY = 0x646D646F70746D6C  # "dmdoptml": dmdopt's advisory lock for store set-up
+SETUP_LOCK_WAIT_S = 120.0  # MLflow's whole migration takes seconds
+
+
+def _setup_lock_key(url: str) -> int:
+    """The advisory-lock key of one MLflow store: its database and schema (the first of the
+    search_path, as `same_database` reads it), so stores in other schemas don't wait."""
+    import hashlib
+
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    options = " ".join(parsed.query.get("options", ())) if isinstance(
+        parsed.query.get("options"), tuple) else str(parsed.query.get("options", ""))
+    path = re.search(r"search_path\s*=\s*([^\s,]+)", options)
+    name = f"dmdopt-mlflow-setup:{parsed.host}:{parsed.port}:{parsed.database}:" \
+           f"{path.group(1) if path else 'public'}"
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
 
 
 def open_client(uri: str) -> MlflowClient:

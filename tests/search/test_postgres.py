@@ -268,3 +268,32 @@ def test_a_search_path_naming_no_schema_fails_at_once(monkeypatch):
     with pytest.raises(UserError, match="cannot open") as err:
         storage.open_storage(url)
     assert slept == [] and "\n" not in str(err.value)
+
+
+def test_a_held_mlflow_setup_lock_does_not_hang_a_new_worker(monkeypatch, caplog):
+    """pg_advisory_lock waits forever: a holder that stalled, or whose link died (its session
+    lives until TCP keepalive), hung every new worker without a word."""
+    import logging
+
+    from sqlalchemy import create_engine, text
+
+    import dmdopt.tracking.runs as runs
+
+    schema = f"setup_lock_{uuid.uuid4().hex[:8]}"
+    url = f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
+    engine = create_engine(POSTGRES_URL.replace("postgresql://", "postgresql+psycopg2://", 1),
+                           isolation_level="AUTOCOMMIT")
+    with engine.connect() as holder:
+        holder.execute(text(f"CREATE SCHEMA {schema}"))
+        try:
+            key = runs._setup_lock_key(runs.with_sql_driver(url))
+            assert key != runs._setup_lock_key(runs.with_sql_driver(POSTGRES_URL))  # per schema
+            assert holder.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": key}).scalar()
+            monkeypatch.setattr(runs, "SETUP_LOCK_WAIT_S", 1.0)
+            with caplog.at_level(logging.WARNING, logger="dmdopt.tracking.runs"):
+                client = runs.open_client(url)  # waits 1 s, then goes on
+            assert client.search_experiments(max_results=1) is not None
+            assert "held its set-up lock" in caplog.text
+        finally:
+            holder.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+    engine.dispose()
