@@ -31,8 +31,11 @@ any autocast region the caller opened (the closure keeps it).
 Data-parallel training: pass the `DistributedDataParallel`-wrapped model. Its ranks then
 score every candidate by the closure's loss averaged over the DDP's process group, so they
 keep the same jumps and their weights stay equal (each on its own shard, they drifted apart).
-Another wrapper (FSDP, a hand-made all-reduce) is not detected: with it, average the loss
-over the ranks inside the closure, and give every rank the same parameters to snapshot.
+`torch.compile` of the DDP model is seen through. Another wrapper (FSDP, a hand-made
+all-reduce) is not detected: with it, average the loss over the ranks inside the closure, and
+give every rank the same parameters to snapshot. A closure that raises on one rank only
+leaves the ranks' all-reduces unpaired (gloo aborts, NCCL hangs until its watchdog): let the
+error end the job on every rank.
 
 Cost: every closure call is added to the `CostCounter` (`forward_weight` batches each), the
 fits (`dmd_flops`) and every extra candidate (2pr + p per group for a predict, 3p for a
@@ -144,8 +147,9 @@ class DMDAccelerator:
         # candidates on its own shard: each rank's own verdict let the copies drift apart
         # (measured: 0.25 apart after 200 steps), and DDP never re-syncs weights. The ranks
         # therefore decide on the loss averaged over the DDP's process group.
-        self._sync_group = (model.process_group
-                            if isinstance(model, nn.parallel.DistributedDataParallel) else None)
+        inner = getattr(model, "_orig_mod", model)  # torch.compile(DDP(...)) wraps the DDP
+        self._sync_group = (inner.process_group
+                            if isinstance(inner, nn.parallel.DistributedDataParallel) else None)
         self._lay_out()
         self.filled = 0
         self.steps_seen = 0
@@ -272,7 +276,7 @@ class DMDAccelerator:
         import torch.distributed as dist
 
         device = next((p.device for g in self.groups for p in g), torch.device("cpu"))
-        if dist.get_backend(self._sync_group) != "nccl":
+        if "nccl" not in str(dist.get_backend(self._sync_group)):  # also "cuda:nccl,cpu:gloo"
             device = torch.device("cpu")  # gloo and mpi reduce CPU tensors
         total = torch.tensor([value], dtype=torch.float64, device=device)
         dist.all_reduce(total, group=self._sync_group)
