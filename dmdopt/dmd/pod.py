@@ -201,30 +201,18 @@ def _row_blocks(data: Tensor, differences: bool):
         yield slice(start, stop), block
 
 
-def _rows_single(data: Tensor, differences: bool) -> Tensor | None:
-    """For float32/half snapshots: the (columns or their differences) as contiguous float32
-    *rows*, (n, p), or None for float64 data (which keeps the all-float64 path).
+def _rows_single(data: Tensor) -> Tensor | None:
+    """For float32/half data (`pod`): its columns as contiguous float32 *rows*, (n, p), or None
+    for float64 data (which keeps the all-float64 path).
 
-    Why: training snapshots are float32 weights, so their differences carry float32 precision
-    whatever we do; a float32 BLAS product over contiguous rows is several times faster than
-    up-casting p x m blocks to float64 (measured: 48 vs 149 ms at p = 530k, m = 20), and keeps
-    the accelerator's share of wall time small. Costs one float32 (n, p) array, the result:
-    half snapshots are up-cast one row at a time into it, so they never need a float32 copy
-    of the whole window beside it (which made bfloat16 snapshots peak above float32 ones).
+    Why: training snapshots are float32 weights; a float32 BLAS product over contiguous rows
+    is several times faster than up-casting p x m blocks to float64 (measured: 48 vs 149 ms at
+    p = 530k, m = 20). Costs one float32 (n, p) array. (The DMD's differences never take this
+    path: they are formed in blocks, `_difference_blocks`.)
     """
     if data.dtype == torch.float64:
         return None
-    rows = data.T
-    if not differences:
-        return rows.to(torch.float32).contiguous()
-    if rows.dtype == torch.float32:
-        return (rows[1:] - rows[:-1]).contiguous()
-    out = torch.empty(max(rows.shape[0] - 1, 0), rows.shape[1], dtype=torch.float32,
-                      device=data.device)
-    for k in range(out.shape[0]):  # float32 arithmetic, as the up-cast whole would give
-        out[k].copy_(rows[k + 1])
-        out[k].sub_(rows[k])
-    return out
+    return data.T.to(torch.float32).contiguous()
 
 
 @exact_precision
@@ -233,10 +221,12 @@ def column_gram(data: Tensor, *, differences: bool = False) -> Tensor:
 
     O(p * n^2) flops; the small result goes to the CPU because everything after it is n x n
     work that is faster there than as tiny device kernels. float64 data: O(CHUNK_ELEMENTS)
-    extra memory. float32/half data: the product runs in float32 over contiguous rows
-    (`_rows_single`, one float32 copy).
+    extra memory. float32/half data: the product runs in float32, over contiguous rows
+    (`_rows_single`, one float32 copy), or over blocks of the differences.
     """
-    rows32 = _rows_single(data, differences)
+    if differences and data.dtype != torch.float64:
+        return _difference_product(data, torch.float32).to("cpu", torch.float64)
+    rows32 = _rows_single(data)
     if rows32 is not None:
         return (rows32 @ rows32.T).to("cpu", torch.float64)
     p, m = data.shape
@@ -327,17 +317,19 @@ def _difference_blocks(data: Tensor):
 def difference_gram(data: Tensor, rank: int | float | str, *, n_pod: int) -> tuple[Tensor, int]:
     """float64 Gram (CPU) of the float32/half snapshots' differences, formed block by block
     (`_difference_blocks`), redone in float64 as `rows_gram` is; and its passes (1 or 2)."""
-    n = data.shape[1] - 1
-
-    def gram(dtype: torch.dtype) -> Tensor:
-        out = torch.zeros(n, n, dtype=dtype, device=data.device)
-        for _, block in _difference_blocks(data):
-            block = block.to(dtype)
-            out.addmm_(block, block.T)
-        return out
-
-    return _checked_gram(gram(torch.float32), lambda: gram(torch.float64), rank,
+    return _checked_gram(_difference_product(data, torch.float32),
+                         lambda: _difference_product(data, torch.float64), rank,
                          n_rows=data.shape[0], n_pod=n_pod)
+
+
+def _difference_product(data: Tensor, dtype: torch.dtype) -> Tensor:
+    """D^T D of the float32 differences, accumulated over blocks in `dtype`, on the device."""
+    n = data.shape[1] - 1
+    out = torch.zeros(n, n, dtype=dtype, device=data.device)
+    for _, block in _difference_blocks(data):
+        block = block.to(dtype)
+        out.addmm_(block, block.T)
+    return out
 
 
 def combine_differences(data: Tensor, coefficients: Tensor, out_dtype: torch.dtype) -> Tensor:
@@ -364,7 +356,9 @@ def combine_columns(
     data's dtype), so a float32 layer keeps float32 modes: one float32 product for float32
     and half data, block by block in float64 for float64 data.
     """
-    rows32 = _rows_single(data, differences)
+    if differences and data.dtype != torch.float64:
+        return combine_differences(data, coefficients, out_dtype or data.dtype)
+    rows32 = _rows_single(data)
     if rows32 is not None:
         return _combine_rows(rows32, coefficients, out_dtype or data.dtype)
     p = data.shape[0]
@@ -444,7 +438,7 @@ def pod(data: Tensor, rank: int | float | str = "full") -> POD:
     """
     if data.ndim != 2:
         raise ValueError(f"data must be a 2-D (p x n) tensor; got shape {tuple(data.shape)}")
-    rows32 = _rows_single(data, False)
+    rows32 = _rows_single(data)
     gram = column_gram(data) if rows32 is None else rows_gram(rows32, rank, n_rows=data.shape[0])
     small = pod_from_gram(gram, rank, n_rows=data.shape[0])
     if rows32 is not None:  # the float32 rows are at hand: no second copy of them
