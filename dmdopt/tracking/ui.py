@@ -20,13 +20,13 @@ import urllib.request
 from pathlib import Path
 from typing import IO
 
-from dmdopt._util import mask_url, with_sql_driver
+from dmdopt._util import mask_url, redact_password, with_sql_driver
 from dmdopt.errors import UserError
 from dmdopt.tracking.runs import (
     DEFAULT_ARTIFACTS,
     check_tracking_uri,
     local_artifact_root,
-    prepare_local_store,
+    open_client,
 )
 
 
@@ -93,9 +93,15 @@ def start_ui(*, host: str = "127.0.0.1", port: int = 5000, backend_store_uri: st
         raise UserError(f"ui.backend_store_uri: {mask_url(uri)!r} is already a tracking server; "
                         "open it in a browser instead")
     try:
-        prepare_local_store(uri)
+        # MLflow migrates a fresh store on its first open: here, under dmdopt's set-up lock
+        # (`open_client`), not unlocked in the server beside a study's workers
+        open_client(uri)
     except OSError as exc:
         raise UserError(f"ui.backend_store_uri: cannot use {uri}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - MLflow's and the driver's errors: one line
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"ui.backend_store_uri: cannot use {mask_url(uri)}: "
+                        f"{redact_password(reason, uri)}") from None
     dest = Path(artifacts) if artifacts else (local_artifact_root(uri) or Path(DEFAULT_ARTIFACTS))
     if "://" not in str(dest):
         dest.mkdir(parents=True, exist_ok=True)

@@ -616,3 +616,34 @@ def test_processes_opening_a_fresh_sqlite_store_at_once_set_it_up_one_at_a_time(
     tables = {name for (name,) in sqlite3.connect(db).execute(
         "SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert "experiments" in tables and not any(t.startswith("_alembic_tmp") for t in tables)
+
+
+def test_ui_sets_a_fresh_store_up_under_the_set_up_lock_before_the_server(tmp_path, monkeypatch):
+    """The MLflow server migrated a fresh store itself, outside the lock that study workers
+    opening the same store take (`open_client`)."""
+    import contextlib
+    import sqlite3
+
+    import dmdopt.tracking.runs as runs
+    import dmdopt.tracking.ui as ui
+
+    locked, started = [], []
+    real_lock = runs._store_setup_lock
+
+    @contextlib.contextmanager
+    def lock(uri):
+        with real_lock(uri):
+            locked.append(uri)
+            yield
+
+    class Server:  # stands in for the MLflow server process: what the store holds at its start
+        def __init__(self, *args, **kwargs):
+            started.append({name for (name,) in sqlite3.connect(tmp_path / "m.db").execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table'")})
+            raise OSError("not started in this test")
+
+    monkeypatch.setattr(runs, "_store_setup_lock", lock)
+    monkeypatch.setattr(ui.subprocess, "Popen", Server)
+    with pytest.raises(OSError, match="not started in this test"):
+        ui.start_ui(port=_free_port(), backend_store_uri=f"sqlite:///{tmp_path / 'm.db'}")
+    assert locked and "experiments" in started[0] and "alembic_version" in started[0]
