@@ -31,6 +31,7 @@ from mlflow.tracking import MlflowClient
 
 from dmdopt._util import (
     OPTUNA_TABLES,
+    _search_path,
     connect_timeout_args,
     deferred_interrupts,
     file_in_the_way,
@@ -318,10 +319,11 @@ def _store_setup_lock(uri: str) -> Iterator[None]:
             # try, not wait: a holder that stalled (or whose link died: its session lives on
             # until TCP keepalive, about 2 h) must not hang every new worker without a word
             deadline = time.monotonic() + SETUP_LOCK_WAIT_S
-            held = bool(conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": key}).scalar())
-            while not held and time.monotonic() < deadline:
+            while not (held := bool(conn.execute(text("SELECT pg_try_advisory_lock(:k)"),
+                                                 {"k": key}).scalar())):
+                if time.monotonic() >= deadline:
+                    break
                 time.sleep(0.5)
-                held = bool(conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": key}).scalar())
             if not held:
                 log.warning("MLflow store %s: another process has held its set-up lock for %.0f s; "
                             "going on without it", mask_url(uri), SETUP_LOCK_WAIT_S)
@@ -346,11 +348,8 @@ def _setup_lock_key(url: str) -> int:
     from sqlalchemy.engine import make_url
 
     parsed = make_url(url)
-    options = " ".join(parsed.query.get("options", ())) if isinstance(
-        parsed.query.get("options"), tuple) else str(parsed.query.get("options", ""))
-    path = re.search(r"search_path\s*=\s*([^\s,]+)", options)
-    name = f"dmdopt-mlflow-setup:{parsed.host}:{parsed.port}:{parsed.database}:" \
-           f"{path.group(1) if path else 'public'}"
+    name = (f"dmdopt-mlflow-setup:{parsed.host}:{parsed.port}:{parsed.database}:"
+            f"{_search_path(parsed.query.get('options'))}")
     return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
 
 
