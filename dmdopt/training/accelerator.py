@@ -433,8 +433,10 @@ class DMDAccelerator:
             self.stats["dmd_seconds"] += time.perf_counter() - t0
             loss = self._loss(closure)
             # a non-finite loss (inf here) counts as a rise even after another: a closure
-            # that is never finite stops at the second candidate, not the end of the ladder
-            worse = loss > prev_loss or math.isinf(loss)
+            # that is never finite stops at the second candidate, not the end of the ladder.
+            # A tie counts as a rise too: a flat loss (saturated units, a closure that ignores
+            # these weights) stops at the second candidate instead of walking the ladder.
+            worse = loss >= prev_loss or math.isinf(loss)
             if loss < best_loss:
                 t0 = time.perf_counter()
                 best_loss, best_h, best_params = loss, horizon, candidate

@@ -613,6 +613,27 @@ def test_train_with_dmd_counts_jumps_and_cost():
     assert result.dmd_time > 0
 
 
+def test_a_flat_loss_stops_the_line_search_at_the_second_candidate():
+    """A closure whose loss does not change with the weights walked all 7 candidates (8
+    forward passes) for nothing: ties never counted as a rise."""
+    w = nn.Parameter(torch.zeros(1))
+    model = nn.Module()
+    model.w = w
+    acc = DMDAccelerator(model, torch.optim.SGD([w], lr=0.0), DMDConfig(window=6, rank=2, horizon=1))
+    calls = []
+
+    def flat():
+        calls.append(1)
+        return torch.tensor(0.25)
+
+    for k in range(6):
+        with torch.no_grad():
+            w.fill_(1 - 0.8 ** (k + 1))
+        result = acc.step(flat)
+    assert result is False and len(calls) == 1 + 2  # the base loss, two candidates
+    assert float(w.detach()) == torch.tensor(1 - 0.8 ** 6, dtype=torch.float32).item()
+
+
 @pytest.mark.parametrize(("target", "forwards", "kept"), [
     (0.0, 1 + 2, False),  # every step along the ladder is worse: stop at the second rise
     (1.0, 1 + 7, True),   # better and better up to the fixed point: the whole ladder is tried
