@@ -1,4 +1,5 @@
-"""Small helpers shared by several modules (versions, git commit, URL masking, atomic files)."""
+"""Small helpers shared by several modules (the embedded default locations, versions, git
+commit, URL masking, atomic files)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO
+
+# The embedded defaults (DESIGN.md, "Public surface"): every store lives under ./dmdopt-runs/,
+# relative to where a command runs. One place, so the CLI and the library cannot disagree.
+DEFAULT_STORAGE = "sqlite:///dmdopt-runs/optuna.db"  # the Optuna storage
+DEFAULT_CACHE = "dmdopt-runs/data"  # the dataset cache (solved PDE fields)
+DEFAULT_TRACKING_URI = "sqlite:///dmdopt-runs/mlflow.db"  # the MLflow store
+DEFAULT_ARTIFACTS = "dmdopt-runs/mlartifacts"  # its artifacts, beside it
 
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)  # read once, at import (single-threaded): os.umask can only be read by setting it

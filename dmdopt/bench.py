@@ -38,7 +38,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import NoReturn
 
-from dmdopt._util import atomic_file, os_reason, sigterm_as_interrupt, unwritable
+from dmdopt._util import DEFAULT_CACHE, atomic_file, os_reason, sigterm_as_interrupt, unwritable
 
 METHODS = ("adam", "gd", "sgd_momentum")
 """Benchmark method names: Adam; SGD without momentum (GD); SGD with momentum 0.9."""
@@ -126,7 +126,7 @@ def run_benchmark(*, seeds: int = 3, steps: int | None = None, json_path=None,
                   quick: bool = False, echo: Callable[[str], None] = print,
                   methods: tuple[str, ...] = METHODS, dmd=None, lrs: dict | None = None,
                   jobs: int = 1, threads: int | None = None,
-                  cache_dir: str = "dmdopt-runs/data") -> list[dict]:
+                  cache_dir: str = DEFAULT_CACHE) -> list[dict]:
     """Run plain vs DMD for each method and seed; print a table; return (and write) rows.
 
     Each row: method, seed, variant ('plain' | 'dmd'), final_val_error, cost (bpe spent),

@@ -17,10 +17,8 @@ import warnings
 from pathlib import Path
 
 from dmdopt import bench
+from dmdopt._util import DEFAULT_CACHE, DEFAULT_STORAGE
 from dmdopt.errors import UserError
-
-DEFAULT_STORAGE = "sqlite:///dmdopt-runs/optuna.db"
-DEFAULT_CACHE = "dmdopt-runs/data"
 
 
 class _Parser(argparse.ArgumentParser):

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from dmdopt._util import atomic_file, os_reason
+from dmdopt._util import DEFAULT_CACHE, atomic_file, os_reason
 from dmdopt.errors import UserError
 from dmdopt.problem.config import LOG_PARAMS, PARAM_NAMES, ProblemConfig
 from dmdopt.problem.sampling import SPLIT_NAMES, sample_params, split_indices
@@ -93,7 +93,7 @@ class Dataset:
 
 
 def cache_path(
-    config: ProblemConfig, cache_dir: str | os.PathLike[str] = "dmdopt-runs/data"
+    config: ProblemConfig, cache_dir: str | os.PathLike[str] = DEFAULT_CACHE
 ) -> Path:
     """Where the cache file for ``config`` lives."""
     return Path(cache_dir) / f"{config.config_hash()}.npz"
@@ -261,7 +261,7 @@ def _physical_memory() -> int | None:
 def load_dataset(
     config: ProblemConfig,
     *,
-    cache_dir: str | os.PathLike[str] = "dmdopt-runs/data",
+    cache_dir: str | os.PathLike[str] = DEFAULT_CACHE,
     workers: int | None = None,
     progress: bool = True,
 ) -> Dataset:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dmdopt._util import DEFAULT_STORAGE
 from dmdopt.errors import UserError
 from dmdopt.model import ModelConfig
 from dmdopt.training.config import GROWING_CHOICES, DMDConfig, TrainConfig
@@ -20,7 +21,6 @@ from dmdopt.training.config import GROWING_CHOICES, DMDConfig, TrainConfig
 SAMPLERS = ("nsga2", "tpe", "gp", "random")
 MAX_NAME = 250  # characters of a study name: MLflow's run-name column (its parent run's name)
 MODES = ("multi", "cost_to_target")
-DEFAULT_STORAGE = "sqlite:///dmdopt-runs/optuna.db"
 
 
 @dataclass(frozen=True)

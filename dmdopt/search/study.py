@@ -29,6 +29,7 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from dmdopt._util import (
+    DEFAULT_CACHE,
     Terminated,
     deferred_interrupts,
     interruptible,
@@ -244,7 +245,7 @@ def _refuse_another_config(study: optuna.Study, config: StudyConfig, storage_url
     )
 
 
-def prepare_study(config: StudyConfig, *, storage_url: str, cache_dir="dmdopt-runs/data",
+def prepare_study(config: StudyConfig, *, storage_url: str, cache_dir=DEFAULT_CACHE,
                   progress: bool = True, echo=print,
                   n_trials: int | None = None) -> tuple[optuna.Study, object]:
     """Create or resume the study, build the dataset, run the reference once.
@@ -535,7 +536,7 @@ def _storage_lost(cause: BaseException, storage_url: str) -> StorageLost:
 
 
 def worker_loop(config: StudyConfig, *, storage_url: str, n_trials: int | None,
-                timeout: float | None, cache_dir="dmdopt-runs/data", tracking: bool = True,
+                timeout: float | None, cache_dir=DEFAULT_CACHE, tracking: bool = True,
                 tracking_uri: str | None = None, echo=print, progress: bool = False,
                 tracker: _Tracking | None = None) -> int:
     """One worker: run trials until `n_trials` have a result in the storage (all workers
@@ -739,7 +740,7 @@ def visible_gpus() -> int:
 
 
 def run_study(config: StudyConfig, *, n_trials: int | None = None, storage: str | None = None,
-              workers: int | str = 1, timeout: float | None = None, cache_dir="dmdopt-runs/data",
+              workers: int | str = 1, timeout: float | None = None, cache_dir=DEFAULT_CACHE,
               tracking: bool = True, tracking_uri: str | None = None, progress: bool = True,
               echo=print) -> optuna.Study:
     """Create or resume `config`'s study and run it to `n_trials` trials with a result.

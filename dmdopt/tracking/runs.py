@@ -30,6 +30,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from dmdopt._util import (
+    DEFAULT_ARTIFACTS,
+    DEFAULT_TRACKING_URI,
     OPTUNA_TABLES,
     _search_path,
     connect_timeout_args,
@@ -54,8 +56,6 @@ log = logging.getLogger(__name__)
 for _name in ("mlflow.store.db.utils", "alembic.runtime.migration"):
     logging.getLogger(_name).setLevel(logging.WARNING)
 
-DEFAULT_TRACKING_URI = "sqlite:///dmdopt-runs/mlflow.db"
-DEFAULT_ARTIFACTS = "dmdopt-runs/mlartifacts"
 FINISHED_STATES = {"COMPLETE": "FINISHED", "FAIL": "FAILED", "PRUNED": "KILLED"}
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 
