@@ -11,7 +11,7 @@ budget, 0.0637, README's benchmark table), and that cost over 2,000 bpe.
     python benchmarks/probe_lr_schedule.py [--peaks 3e-3,1e-2] [--budgets 500,750,1000]
                                            [--seed 0] [--target 0.0637] [--jobs 2]
 
-Measured (seed 0, 2026-12-02, 2 cores): see README, "The goal" (a decaying learning rate).
+Measured (seed 0, 2026-12-02, 2 cores): see benchmarks/FINDINGS.md, "The goal" (a decaying learning rate).
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ Runs the (batch, seed, plain|dmd) runs in two processes, one thread each.
                                          [--seeds 3] [--lr 3e-3] [--target 0.0637]
 
 `--accept-rows B` (the default) uses as many rows as a batch. Measured (2026-12-02, 2 idle
-cores): see README, "The goal".
+cores): see benchmarks/FINDINGS.md, "The goal".
 """
 
 from __future__ import annotations

@@ -162,7 +162,7 @@ class DMDConfig:
                other optimiser (Adam & co.), as measured in `dmdopt.training.accelerator`.
     optimizer_state  'keep' (moments survive a kept jump) or 'reset' (cleared).
     snapshot_dtype / snapshot_device  where snapshots live (memory: window*params*bytes, plus a
-               jump's peak: README). Half dtypes round steps below ~1/256 (bf16) of a weight to 0.
+               jump's peak: README, "Memory"). Half dtypes round steps below ~1/256 (bf16) of a weight to 0.
     warmup     plain backprop steps before the first window (early training is not affine).
     """
 

@@ -267,7 +267,7 @@ def test_bench_lr_takes_each_methods_defaults_and_prints_best_against_best(monke
 
 
 def test_the_time_delay_probe_is_exact_for_heavy_ball_where_the_default_fit_is_not(capsys):
-    """`benchmarks/probe_delay_dmd.py` backs a README claim: its exactness part must hold."""
+    """`benchmarks/probe_delay_dmd.py` backs a claim in benchmarks/FINDINGS.md: its exactness part must hold."""
     import importlib.util
     import re
     from pathlib import Path
