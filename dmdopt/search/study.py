@@ -362,6 +362,7 @@ class _Tracking:
         try:
             from dmdopt.tracking import StudyTracker
             self.tracker = StudyTracker(tracking_uri, study_name)
+            self.tracker.training = True  # a launcher's or worker's: trials follow
         except Exception as exc:  # noqa: BLE001 - tracking is best-effort by design
             log.warning("MLflow tracking disabled: %s", exc)
 
@@ -380,6 +381,7 @@ class _Tracking:
         what is missing and writes the final front and status, pause or not."""
         if self.tracker is not None:
             self.tracker.unpause()
+            self.tracker.training = False  # the final status: FINISHED unless others train
             try:
                 self.start(study)
             except Exception as exc:  # noqa: BLE001

@@ -531,6 +531,11 @@ class StudyTracker:
         # _HALF_LOGGED_AFTER_S), and trials left to another writer's young RUNNING child
         self._cut_off: set[str] = set()
         self.pending: set[int] = set()
+        # True while a launcher or worker of the study runs in this process: the parent then
+        # stays RUNNING between two trials, when the storage shows none running (a single
+        # worker's parent was otherwise FINISHED for the whole study). The launcher clears it
+        # before its last refresh; `sync-mlflow` never sets it.
+        self.training = False
         fail_fast(self.tracking_uri)
 
     # -- plumbing
@@ -799,9 +804,10 @@ class StudyTracker:
                 "dmdopt.recommended_policy": str(rec.get("policy", ""))}
         log_batch(client, parent_id, metrics=metrics, tags=tags)
         states = {t.get("state") for t in summary.get("trials") or []}
-        # RUNNING while some trial trains; a queued (WAITING) trial alone -- an interrupted
-        # trial's rerun, a killed worker's retry -- waits for a resume that may never come
-        if "RUNNING" in states:
+        # RUNNING while this process trains the study or some trial trains anywhere; a queued
+        # (WAITING) trial alone -- an interrupted trial's rerun, a killed worker's retry --
+        # waits for a resume that may never come
+        if self.training or "RUNNING" in states:
             client.update_run(parent_id, status="RUNNING")
         else:
             _quiet_terminate(client, parent_id, "FINISHED")

@@ -19,6 +19,7 @@ from study_files import tiny_study_toml
 from dmdopt.cli import main
 from dmdopt.pareto import CSV_COLUMNS
 from dmdopt.search import load_study_file, run_study
+from dmdopt.search.objective import Objective
 
 
 def _search_runs(uri: str, experiment: str) -> list:
@@ -39,15 +40,37 @@ def tracked_study(tmp_path_factory):
         path.write_text(tiny_study_toml("tracked", n_trials=3))
         config = load_study_file(path)
         uri = f"sqlite:///{root}/mlflow.db"
-        study = run_study(config, tracking=True, tracking_uri=uri, progress=False,
-                          echo=lambda *_: None)
+        parent_seen = []  # the parent run's status as each trial starts training
+        call = Objective.__call__
+
+        def watched(self, trial):
+            parents = [r for r in _search_runs(uri, "tracked")
+                       if r.data.tags.get("dmdopt.role") == "parent"]
+            parent_seen.append([r.info.status for r in parents])
+            return call(self, trial)
+
+        Objective.__call__ = watched
+        try:
+            study = run_study(config, tracking=True, tracking_uri=uri, progress=False,
+                              echo=lambda *_: None)
+        finally:
+            Objective.__call__ = call
     finally:
         os.chdir(cwd)
-    return root, config, study, uri
+    return root, config, study, uri, parent_seen
+
+
+def test_the_parent_run_is_running_for_the_whole_study_then_finished(tracked_study):
+    """With one worker the storage shows no RUNNING trial between two trials, and each
+    refresh set the parent FINISHED: it read FINISHED while trials 1 and 2 trained."""
+    root, config, study, uri, parent_seen = tracked_study
+    assert parent_seen == [["RUNNING"]] * 3
+    parents = [r for r in _search_runs(uri, "tracked") if r.data.tags.get("dmdopt.role") == "parent"]
+    assert [p.info.status for p in parents] == ["FINISHED"] and parents[0].info.end_time
 
 
 def test_mlflow_has_one_parent_and_one_child_per_finished_trial(tracked_study):
-    root, config, study, uri = tracked_study
+    root, config, study, uri, _ = tracked_study
     runs = _search_runs(uri, "tracked")
     parents = [r for r in runs if r.data.tags.get("dmdopt.role") == "parent"]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
@@ -68,7 +91,7 @@ def test_mlflow_has_one_parent_and_one_child_per_finished_trial(tracked_study):
 
 
 def test_optuna_cli_reads_the_front_with_metric_names(tracked_study):
-    root, config, study, _ = tracked_study
+    root, config, study, _, _ = tracked_study
     storage = f"sqlite:///{root}/dmdopt-runs/optuna.db"
     optuna_cli = Path(sys.executable).parent / "optuna"
     out = subprocess.run([str(optuna_cli), "best-trials", "--study-name", "tracked",
@@ -95,7 +118,7 @@ def test_optuna_dashboard_opens_the_storage(tracked_study):
 
 
 def test_pareto_cli_lists_reference_and_front(tracked_study, capsys, monkeypatch):
-    root, config, study, _ = tracked_study
+    root, config, study, _, _ = tracked_study
     monkeypatch.chdir(root)
     assert main(["study", "pareto", "tracked", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
