@@ -39,15 +39,21 @@ def mask_url(url: str | None) -> str | None:
 def git_commit(path: str | Path | None = None) -> str | None:
     """The commit of the git checkout holding `path` (default: this package), if any, with
     "-dirty" appended when tracked files under `path` differ from it (the figures then came
-    from code no commit holds)."""
+    from code no commit holds). None when the checkout tracks nothing under `path`: a package
+    installed into a project's (ignored) `.venv` sits inside that project's repository, whose
+    commit holds no dmdopt."""
     where = Path(path) if path else Path(__file__).resolve().parent
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True,
                              text=True, timeout=5, check=False)
+        commit = out.stdout.strip()
+        if out.returncode != 0 or not commit:
+            return None
+        tracked = subprocess.run(["git", "ls-files", "--", "."], cwd=where, capture_output=True,
+                                 text=True, timeout=5, check=False)
     except (OSError, subprocess.SubprocessError):
         return None
-    commit = out.stdout.strip()
-    if out.returncode != 0 or not commit:
+    if tracked.returncode != 0 or not tracked.stdout.strip():
         return None
     try:  # --no-optional-locks: never take the index lock of a checkout someone works in
         changed = subprocess.run(["git", "--no-optional-locks", "status", "--porcelain",

@@ -384,6 +384,25 @@ def test_the_recorded_commit_says_when_the_code_differs_from_it(tmp_path):
     assert git_commit(tmp_path) == clean + "-dirty"
 
 
+def test_a_package_installed_inside_another_repository_names_no_commit(tmp_path):
+    """dmdopt installed into a project's ignored `.venv` recorded the project's commit as the
+    code every trial and export ran."""
+    import subprocess
+
+    from dmdopt._util import git_commit
+
+    run = lambda *a: subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True)  # noqa: E731
+    run("init", "-q")
+    (tmp_path / ".gitignore").write_text(".venv/\n")
+    run("add", ".gitignore")
+    run("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "project")
+    package = tmp_path / ".venv" / "lib" / "site-packages" / "dmdopt"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    assert git_commit(package) is None
+    assert git_commit(tmp_path) is not None  # the project's own files still name it
+
+
 def test_model_and_problem_are_the_ones_the_trials_ran_not_the_exporters_defaults(summary, tmp_path):
     """The study file names only some [model]/[problem] keys; an export filled the rest with
     the exporting dmdopt's defaults, so after a change of defaults it wrote a model and dataset
