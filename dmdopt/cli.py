@@ -236,7 +236,7 @@ def cmd_train(args) -> int:
     dataset = load_dataset(problem, cache_dir=args.cache_dir, progress=not args.quiet)
     result = train(dataset=dataset, model=model, training=training, dmd=dmd, progress=not args.quiet)
     _print_metrics(result.metrics | {
-        "cost_bpe": result.backprop_equivalent, "backprop_steps": result.cost["backprop_steps"],
+        "cost_total": result.backprop_equivalent, "backprop_steps": result.cost["backprop_steps"],
         "forward_passes": result.cost["forward_passes"], "wall_time": result.wall_time,
         "dmd_time": result.dmd_time, "jumps_accepted": result.jumps_accepted,
         "jumps_rejected": result.jumps_rejected, "device": result.device,

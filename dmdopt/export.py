@@ -62,8 +62,9 @@ _ADDED_LATER = {"training": ("accept_rows",)}
 # default differs (growing came in as "drop", which the code before it always did; its
 # default is "auto" since). Without this an old trial would export settings it never ran.
 _RECORDED_BEFORE = {"dmd": {"growing": "drop"}}
-EXPECTED_KEYS = ("cost_bpe", "cost_total", "val_rel_l2", "test_rel_l2", "speedup", "device",
-                 "cpu_threads", "cpu_capability", "max_steps", "settings_hash")
+EXPECTED_KEYS = ("cost_bpe", "cost_total", "cost_to_reference", "reference_val_rel_l2",
+                 "val_rel_l2", "test_rel_l2", "speedup", "device", "cpu_threads",
+                 "cpu_capability", "max_steps", "settings_hash")
 
 
 def _problem_cls():
@@ -222,6 +223,11 @@ def tuned_config_from_summary(summary: dict, *, policy: str = "knee", value: flo
         "cost_total": attrs.get("cost_total"),
         "val_rel_l2": values[1] if len(values) >= 2 else attrs.get("val_error"),
         "test_rel_l2": attrs.get("test_error"),
+        # the error plain training ended at, and where this trial first reached it: production
+        # reports its own cost to that error beside its whole spend (`cost_total`), so the
+        # speed-up a study measured can be checked on the production run
+        "cost_to_reference": attrs.get("cost_to_reference") if attrs.get("reached_reference") else None,
+        "reference_val_rel_l2": (summary.get("reference") or {}).get("val_rel_l2"),
         # the speed-up of this point's cost (a cost_to_target trial records the one to the
         # reference's error, not to the study's target): the one the front and dashboard show
         "speedup": speedup(summary, trial),

@@ -144,7 +144,13 @@ def _log_run(*, tracking_uri, experiment, tuned, training, result, config_path, 
         "dmdopt.config_hash": key,
         "dmdopt.dataset_hash": tuned.problem.config_hash(),
         "dmdopt.git_commit": git_commit() or "",
+        # what a number cannot say: the device used (the param holds the one asked for),
+        # how the run ended, and whether it reproduced the trial (absent: not compared)
+        "dmdopt.device": str(summary.get("device") or ""),
+        "dmdopt.stopped_by": str(summary.get("stopped_by") or ""),
     }
+    if summary.get("reproduced") is not None:
+        tags["dmdopt.reproduced"] = str(bool(summary["reproduced"])).lower()
     return log_model_run(tracking_uri=tracking_uri, experiment=experiment, run_name=run_name,
                          model=result.model, params=_flat_params(tuned, training),
                          metrics=metrics, tags=tags)
@@ -231,7 +237,8 @@ def run_production(
 
     summary: dict[str, Any] = dict(result.metrics)
     summary.update({
-        "cost_bpe": result.cost["backprop_equivalent"],
+        # the whole spend; `cost_to_reference` below is the study's cost objective
+        "cost_total": result.cost["backprop_equivalent"],
         "backprop_steps": result.cost["backprop_steps"],
         "wall_time": result.wall_time, "dmd_time": result.dmd_time,
         "jumps_accepted": result.jumps_accepted, "jumps_rejected": result.jumps_rejected,
@@ -241,6 +248,11 @@ def run_production(
         "checkpoint": str(ckpt), "checkpoint_every": every, "config_hash": key,
         "expected_val_rel_l2": None, "val_rel_diff": None, "tolerance": None, "reproduced": None,
     })
+    reference_error = tuned.expected.get("reference_val_rel_l2")
+    if reference_error is not None:  # where this run first reached plain training's error
+        reached = result.cost_to_reach(reference_error)
+        summary.update(cost_to_reference=reached[0] if reached else None,
+                       expected_cost_to_reference=tuned.expected.get("cost_to_reference"))
     expected = tuned.expected.get("val_rel_l2")
     exported_on, now_on = tuned.provenance.get("dataset_hash"), tuned.problem.config_hash()
     if expected is not None and exported_on not in (None, now_on):

@@ -249,7 +249,7 @@ def test_data_and_train_run(tmp_path, monkeypatch, capsys):
     assert main(["train", "--grid", "16", "--samples", "40", "--steps", "20", "--width", "16",
                  "--quiet", "--eval-every", "10"]) == 0
     out = capsys.readouterr().out
-    assert "val_rel_l2" in out and "cost_bpe" in out
+    assert "val_rel_l2" in out and "cost_total" in out
 
 
 def test_a_diverging_run_is_one_line_exit_2(tmp_path, monkeypatch, capsys):

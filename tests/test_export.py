@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from dmdopt.errors import UserError
-from dmdopt.export import export_tuned_config, load_tuned_config
+from dmdopt.export import export_tuned_config, load_tuned_config, tuned_config_from_summary
 from dmdopt.model import ModelConfig
 from dmdopt.problem import ProblemConfig
 from dmdopt.training.config import DMDConfig, TrainConfig
@@ -32,7 +32,8 @@ def make_trial(number: int, cost: float, err: float, *, window: int = 12, rank=5
         "number": number, "state": state,
         "params": {"window": window, "rank": rank, "horizon": dmd["horizon"]},
         "values": [cost, err] if state == "COMPLETE" else None,
-        "user_attrs": {"cost_total": cost * 1.5, "cost_to_reference": cost, "val_error": err,
+        "user_attrs": {"cost_total": cost * 1.5, "cost_to_reference": cost,
+                       "reached_reference": True, "val_error": err,
                        "test_error": err * 1.1, "speedup": 600.0 / cost, "device": "cpu",
                        "cpu_threads": 3, "cpu_capability": "AVX2",
                        "training": training, "dmd": dmd},
@@ -91,7 +92,8 @@ def test_round_trip_keeps_every_setting(summary, tmp_path, suffix):
     assert prov["dataset_hash"] == ProblemConfig.from_dict(PROBLEM).config_hash()
     assert "torch" in prov["versions"] and "dmdopt" in prov["versions"]
     assert datetime.fromisoformat(prov["created_at"]).utcoffset().total_seconds() == 0
-    assert loaded.expected == {"cost_bpe": 150.0, "cost_total": 225.0, "val_rel_l2": 0.05,
+    assert loaded.expected == {"cost_bpe": 150.0, "cost_total": 225.0, "cost_to_reference": 150.0,
+                               "reference_val_rel_l2": 0.08, "val_rel_l2": 0.05,
                                "test_rel_l2": pytest.approx(0.055), "speedup": 4.0,
                                "device": "cpu", "cpu_threads": 3, "cpu_capability": "AVX2",
                                "max_steps": loaded.training.max_steps,
@@ -162,6 +164,16 @@ def good(summary, tmp_path) -> dict:
     path = tmp_path / "good.json"
     export_tuned_config(summary, path)
     return json.loads(path.read_text())
+
+
+def test_expected_names_the_references_error_and_the_trials_cost_to_it(good, summary, tmp_path):
+    """Production reports its own cost to plain training's error from these two figures."""
+    assert good["expected"]["reference_val_rel_l2"] == 0.08
+    assert good["expected"]["cost_to_reference"] == good["expected"]["cost_bpe"]
+    assert load_tuned_config(_write_json(tmp_path, good)).expected["reference_val_rel_l2"] == 0.08
+    for trial in summary["trials"]:  # a trial that never reached it: no cost to it
+        trial["user_attrs"]["reached_reference"] = False
+    assert "cost_to_reference" not in tuned_config_from_summary(summary, number=2).expected
 
 
 def _write_json(tmp_path: Path, data: dict) -> Path:

@@ -17,7 +17,9 @@ max-error-ratio=R
     The cheapest point whose error is at most R x the reference's error ("as good as plain
     training, within R, for the least cost").
 budget=C
-    The most accurate point that costs at most C backprop-equivalent steps.
+    The most accurate point that costs at most C backprop-equivalent steps, in the front's
+    cost (a two-objective study's: the cost to reach the reference's error; the trial's whole
+    spend is `cost_total`, and it ends more accurate than that error).
 
 Every policy chooses among the front's points that plain training (the reference) does not
 weakly dominate: a point that costs at least the reference's budget (or its first passage to
