@@ -157,3 +157,15 @@ def test_plain_training_itself_is_no_recommendation_when_its_curve_ends_noisy():
         recommend([plain_again], reference)
     faster = {"number": 7, "cost_bpe": 120.0, "val_rel_l2": 0.10}  # beats the first passage
     assert recommend([faster], reference) == 7
+
+
+def test_numpy_numbers_are_points_like_any_other():
+    """A front built from a DataFrame has numpy scalars: they were dropped as "not numbers",
+    leaving "no completed trial ... to recommend from"."""
+    import numpy as np
+
+    points = [{"number": 0, "cost_bpe": np.int64(500), "val_rel_l2": np.float32(0.2)},
+              {"number": 1, "cost_bpe": 300.0, "val_rel_l2": np.float64(0.3)}]
+    assert [p["number"] for p in pareto_front(points)] == [1, 0]
+    assert recommend(points, {"cost_bpe": np.float64(600.0), "val_rel_l2": 0.25},
+                     policy="max-error-ratio=1.0") == 0

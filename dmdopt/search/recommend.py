@@ -35,6 +35,7 @@ number. When no point qualifies (or there are no points) a `UserError` says why.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -46,7 +47,8 @@ _NEEDS_VALUE = {"max-error-ratio": "a ratio R > 0 (e.g. 1.05)",
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """Any real number (numpy's scalars too: a front built from a DataFrame has them)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _finite_points(points: Iterable[Mapping[str, Any]]) -> list[dict]:
