@@ -140,7 +140,7 @@ def _log_run(*, tracking_uri, experiment, tuned, training, result, config_path, 
         "dmdopt.source_study": str(study) if study is not None else "",
         "dmdopt.source_trial": str(trial) if trial is not None else "",
         "dmdopt.source_policy": str(prov.get("policy", "")),
-        "dmdopt.tuned_config": str(config_path),
+        "dmdopt.tuned_config": str(Path(config_path).resolve()),  # from any folder
         "dmdopt.config_hash": key,
         "dmdopt.dataset_hash": tuned.problem.config_hash(),
         "dmdopt.git_commit": git_commit() or "",

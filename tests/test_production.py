@@ -444,6 +444,7 @@ def test_mlflow_run_carries_the_source_study_and_trial(tmp_path, cache_dir, unin
     # the device used, how the run ended, and the check it exists for, as tags
     assert run.data.tags["dmdopt.device"] == "cpu" and run.data.tags["dmdopt.stopped_by"] == "budget"
     assert run.data.tags["dmdopt.reproduced"] == "true"
+    assert run.data.tags["dmdopt.tuned_config"] == str(config.resolve())  # from any folder
 
 
 @pytest.mark.slow
