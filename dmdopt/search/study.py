@@ -8,6 +8,7 @@ so a killed worker's trial is re-run).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -37,7 +38,7 @@ from dmdopt._util import (
     sigterm_as_interrupt,
 )
 from dmdopt.errors import UserError, WorkersFailed
-from dmdopt.search.config import StudyConfig
+from dmdopt.search.config import StudyConfig, parse_study
 from dmdopt.search.objective import METRIC_NAMES, Objective, reference_run
 from dmdopt.search.sampler import make_sampler, nsga2_population
 from dmdopt.search.storage import made_by_another_tool, open_storage
@@ -90,7 +91,40 @@ def _shown(value: Any) -> str:
 
 
 def _digested(config: StudyConfig | dict) -> dict:
-    """The part of a study's configuration its digest covers."""
+    """The part of a study's configuration its digest covers, as this dmdopt reads it: every
+    section parsed, its defaults filled in and its numbers in one spelling. So `high = 200`
+    and `200.0`, or a default written out (`momentum = 0.0`), are the study they mean; a
+    resume was refused for them, sending the user to a new study name. A stored file that no
+    longer parses (a key this dmdopt refuses) is compared as written, as before."""
+    raw = _raw_digested(config)
+    try:
+        # (a stored file: parsed with its own n_trials/timeout, which the digest leaves out)
+        parsed = config if isinstance(config, StudyConfig) else parse_study(
+            dict(raw, study=config.get("study") or {}))
+    except (UserError, ValueError, TypeError, AttributeError):
+        return raw
+    from dmdopt.problem import ProblemConfig
+
+    space = dataclasses.asdict(parsed.space)
+    if parsed.space.rank.kind == "energy":  # `high = 1` is the fraction 1.0
+        space["rank"] |= {"low": float(parsed.space.rank.low), "high": float(parsed.space.rank.high)}
+    searched = ("window", "rank", "horizon")
+    dmd = DMDConfig.from_dict(parsed.dmd | {"window": 20, "rank": 1, "horizon": 10}).to_dict()
+    return {
+        "study": {"name": parsed.name, "sampler": parsed.sampler, "seed": parsed.seed,
+                  "mode": parsed.mode, "target_error": parsed.target_error,
+                  "max_error_ratio": parsed.max_error_ratio},
+        "problem": ProblemConfig.from_dict(parsed.problem).to_dict(),
+        "model": parsed.model.to_dict(),
+        "training": parsed.training.to_dict(),
+        "dmd": {k: v for k, v in dmd.items() if k not in searched},
+        "search": space,
+    }
+
+
+def _raw_digested(config: StudyConfig | dict) -> dict:
+    """The file as written, less what may differ between launchers of one study (storage,
+    n_trials, timeout) and range keys earlier versions ignored."""
     raw = {k: v for k, v in (config.raw if isinstance(config, StudyConfig) else config).items()}
     study = dict(raw.get("study", {}))
     for key in ("storage", "n_trials", "timeout"):

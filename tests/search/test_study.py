@@ -136,6 +136,24 @@ def test_rerun_resumes_and_keeps_finished_trials(study_dir):
     assert len(complete(run(config, n_trials=3))) == 3
 
 
+def test_a_file_that_means_the_same_settings_resumes_however_it_spells_them(study_dir):
+    """`high = 200` for `200.0`, or a default written out, was "a different configuration":
+    the user was told to start a new study and lost the resume."""
+    config = config_for(study_dir, n_trials=1)
+    run(config)
+    path = study_dir / "s.toml"
+    text = path.read_text().replace("high = 200.0", "high = 200").replace(
+        "lr = 0.01", "lr = 0.01\nmomentum = 0.0")
+    text = text.replace("n_samples = 60", "n_samples = 60\nseed = 0")  # ProblemConfig's default
+    path.write_text(text)
+    respelled = load_study_file(path)
+    assert len(complete(run(respelled, n_trials=2))) == 2
+    # a real change is still refused, and named in the file's spelling of its meaning
+    path.write_text(text.replace("high = 200", "high = 300"))
+    with pytest.raises(UserError, match=r"search\.horizon\.high: 200\.0 in the study, 300\.0 in the file"):
+        run(load_study_file(path), n_trials=3)
+
+
 @pytest.mark.parametrize("section, key, theirs", [("model", "activation", "relu"),
                                                  ("dmd", "grouping", "global"),
                                                  ("training", "seed", 7),
