@@ -163,6 +163,9 @@ def run_benchmark(*, seeds: int = 3, steps: int | None = None, json_path=None,
             except Exception as exc:  # noqa: BLE001 - reported after the table, below
                 failure = exc
                 break
+            except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: the finished pairs are kept
+                failure = exc
+                break
             rows.extend(pair_rows)
             echo(line)
     else:
@@ -183,7 +186,10 @@ def run_benchmark(*, seeds: int = 3, steps: int | None = None, json_path=None,
                         break
                     rows.extend(pair_rows)
                     echo(line)
-            except BaseException:  # Ctrl-C or SIGTERM: stop the pairs running too
+            except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: stop the pairs running too,
+                _stop(pool)                      # then print and write the finished ones
+                failure = exc
+            except BaseException:
                 _stop(pool)
                 raise
             if failure is not None:
@@ -192,7 +198,7 @@ def run_benchmark(*, seeds: int = 3, steps: int | None = None, json_path=None,
         rows.sort(key=lambda r: (order[r["method"].removesuffix("+dmd")], r["seed"],
                                  r["variant"] != "plain"))
     _table(rows, methods, echo)
-    if json_path is not None:
+    if json_path is not None and (rows or not isinstance(failure, KeyboardInterrupt)):
         path = Path(json_path)
         try:
             with atomic_file(path) as fh:
@@ -201,6 +207,8 @@ def run_benchmark(*, seeds: int = 3, steps: int | None = None, json_path=None,
             from dmdopt.errors import UserError
             raise UserError(f"--json: cannot write {path}: {os_reason(exc, path)}") from None
         echo(f"wrote {path}{' (the pairs that finished)' if failure is not None else ''}")
+    if isinstance(failure, KeyboardInterrupt):
+        raise failure  # exit 130, after what finished is printed and written
     if failure is not None:
         import concurrent.futures.process as cfp
 
@@ -415,6 +423,9 @@ def run_from_args(args, error: Callable[[str], NoReturn]) -> list[dict]:
               "jump): DMD would never run")
     if args.json is not None and not args.json:
         error("--json: give a file path, got an empty string")
+    if args.json is not None and Path(args.json).suffix.lower() != ".json":
+        # a study file or tuned config given by mistake was overwritten with the rows
+        error(f"--json: expected a path ending in .json, got {args.json}")
     if args.json is not None and (why := unwritable(args.json)) is not None:
         error(f"--json: cannot write {args.json}: {why}")  # now, not after the whole run
     t0 = time.perf_counter()

@@ -198,7 +198,32 @@ def test_failed_pairs_keep_the_finished_ones_and_the_json_is_strict(tmp_path, mo
     assert rows[0]["error"] == "loss is nan" and rows[2]["final_val_error"] is None
 
 
+def test_an_interrupted_bench_prints_and_writes_the_pairs_that_finished(tmp_path, monkeypatch,
+                                                                        capsys):
+    """Ctrl-C or SIGTERM after some pairs finished wrote no JSON and printed no table; one
+    before any finished leaves an earlier file of that name alone."""
+    import dmdopt.bench
+
+    def fake_pair(*, method, seed, **_):
+        if method == "adam":
+            raise KeyboardInterrupt
+        return _rows("gd", seed, 2000, 800), f"gd seed {seed}"
+
+    monkeypatch.setattr(dmdopt.bench, "_run_pair", fake_pair)
+    monkeypatch.setattr(dmdopt.bench, "_dataset", lambda *a: None)
+    out = tmp_path / "rows.json"
+    with pytest.raises(KeyboardInterrupt):
+        dmdopt.bench.run_benchmark(seeds=1, methods=("gd", "adam"), json_path=out, echo=print)
+    rows = json.loads(out.read_text())
+    assert [(r["method"], r["seed"]) for r in rows] == [("gd", 0), ("gd+dmd", 0)]
+    assert "(the pairs that finished)" in capsys.readouterr().out
+    with pytest.raises(KeyboardInterrupt):  # nothing finished: the earlier rows stay
+        dmdopt.bench.run_benchmark(seeds=1, methods=("adam",), json_path=out, echo=print)
+    assert json.loads(out.read_text()) == rows
+
+
 @pytest.mark.parametrize(("argv", "needle"), [
+    (["--json", "quick.toml"], "--json: expected a path ending in .json, got quick.toml"),
     (["--quick", "--steps", "10"], "--steps 10 is fewer than the DMD window (20"),
     (["--steps", "12", "--dmd", "window=5,warmup=8"], "(13 steps before the first jump)"),
     (["--methods", "gd", "--lr", "adam=1"], "'adam' is not among --methods gd"),
