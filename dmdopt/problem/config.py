@@ -96,6 +96,11 @@ class ProblemConfig:
             raise ValueError(f"problem.diffusivity range must be > 0, got {self.diffusivity!r}")
         if self.decay[0] < 0:
             raise ValueError(f"problem.decay range must be >= 0, got {self.decay!r}")
+        for name in ("source_x", "source_y"):  # a source off the unit square: all-zero fields,
+            lo, hi = getattr(self, name)      # which training then reported as a divergence
+            if lo < 0.0 or hi > 1.0:
+                raise ValueError(f"problem.{name} must lie in [0, 1] (the unit square), got "
+                                 f"{list(getattr(self, name))!r}")
         for name in ("source_width", "source_strength", "val_fraction", "test_fraction"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, Real) or not math.isfinite(v):
