@@ -321,7 +321,11 @@ def cmd_study_status(args) -> int:
             print("best       none: every COMPLETE trial ends beyond the study's max_error_ratio")
             return 0
         cost, missed = trial_cost(best)
-        how = f"dmdopt export {name}" + (f" --trial {best.number}" if missed else "")
+        # the study as the user named it here (its file also gives its storage), and an output:
+        # `dmdopt export NAME` alone lacks -o, and a bare name the storage of a file
+        named = args.name + (f" --storage {mask_url(args.storage)}" if args.storage else "")
+        how = (f"dmdopt export {named} -o tuned.toml"
+               + (f" --trial {best.number}" if missed else ""))
         print(f"best       trial {best.number}  cost {cost:.1f} bpe{missed}  "
               f"{trial_knobs(best)}  (`{how}` writes it)")
     return 0

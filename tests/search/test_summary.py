@@ -35,7 +35,7 @@ def single_objective_study(url: str, name: str, trials: list[tuple[float, float,
     return study
 
 
-def test_the_best_trial_is_the_cheapest_feasible_one_everywhere(tmp_path, capsys):
+def test_the_best_trial_is_the_cheapest_feasible_one_everywhere(tmp_path, capsys, monkeypatch):
     url = f"sqlite:///{tmp_path}/c.db"
     # trial 0: cheapest but beyond the error bound; 1: feasible; 2: never reached the target
     study = single_objective_study(url, "c2t", [(100.0, 0.7, True), (150.0, 0.45, True),
@@ -50,7 +50,13 @@ def test_the_best_trial_is_the_cheapest_feasible_one_everywhere(tmp_path, capsys
     assert rows[2]["values"] == [300.0, 0.48] and rows[2]["objective"] == 600.0
 
     assert main(["study", "status", "c2t", "--storage", url]) == 0
-    assert "best       trial 1 " in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "best       trial 1 " in printed
+    # the command it suggests runs as printed (it lacked -o and the storage)
+    how = printed.split("(`")[1].split("`")[0]
+    assert how == f"dmdopt export c2t --storage {url} -o tuned.toml"
+    monkeypatch.chdir(tmp_path)
+    assert main(how.split()[1:]) == 0 and load_tuned_config(tmp_path / "tuned.toml")
     out = tmp_path / "tuned.toml"
     assert main(["export", "c2t", "--storage", url, "-o", str(out)]) == 0
     tuned = load_tuned_config(out)
