@@ -561,6 +561,29 @@ def test_a_storage_that_is_no_optuna_database_is_refused_and_left_untouched(tmp_
                  "--quiet"]) == 0
 
 
+def test_mlflows_default_store_is_no_new_optuna_storage(tmp_path, monkeypatch, capsys):
+    """`storage = "sqlite:///dmdopt-runs/mlflow.db"` with --no-mlflow made Optuna's tables
+    there; every tracked command was then refused, naming $MLFLOW_TRACKING_URI though unset."""
+    from study_files import tiny_study_toml
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "s.toml").write_text(tiny_study_toml(n_trials=1))
+    assert main(["study", "run", "s.toml", "--storage", "sqlite:///dmdopt-runs/mlflow.db",
+                 "--no-mlflow", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "is MLflow's default store" in err, err
+    assert not (tmp_path / "dmdopt-runs" / "mlflow.db").exists()
+    # a default store that does hold an Optuna storage (made by an earlier dmdopt) is named
+    # as what it is, not as the unset variable
+    assert main(["study", "run", "s.toml", "--storage", "sqlite:///dmdopt-runs/o.db",
+                 "--no-mlflow", "--quiet"]) == 0
+    (tmp_path / "dmdopt-runs" / "o.db").rename(tmp_path / "dmdopt-runs" / "mlflow.db")
+    assert main(["study", "sync-mlflow", "tiny", "--storage", "sqlite:///dmdopt-runs/mlflow.db"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "the default tracking store: " in err and "$MLFLOW_TRACKING_URI" not in err, err
+
+
 def test_a_tracking_store_in_an_optuna_database_is_refused(tmp_path, monkeypatch, capsys):
     """MLflow pointed at the Optuna storage created its tables beside Optuna's and the command
     exited 0. The same database under the same or another URL (a fresh study: no tables yet)

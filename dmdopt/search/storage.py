@@ -15,6 +15,8 @@ import optuna
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
 from dmdopt._util import (
+    DEFAULT_STORAGE,
+    DEFAULT_TRACKING_URI,
     MLFLOW_TABLES,
     OPTUNA_TABLES,
     connect_timeout_args,
@@ -23,6 +25,7 @@ from dmdopt._util import (
     os_reason,
     read_only_sqlite,
     redact_password,
+    same_database,
     sqlite_file,
     url_encoding_hint,
     with_sql_driver,
@@ -99,6 +102,8 @@ def open_storage(url: str, *, heartbeat_interval: int | None = None,
         engine_kwargs["connect_args"] = {"timeout": 60}
     if path is None or path.exists():
         _check_tables(url, engine_kwargs["connect_args"], writable=writable)
+    elif writable:  # a new file
+        _refuse_mlflows_default(url)
     for attempt in range(_SCHEMA_RACE_ATTEMPTS):
         try:
             return RDBStorage(
@@ -126,6 +131,15 @@ def _cannot_open(url: str, exc: Exception) -> UserError:
                      f"{url_encoding_hint(url)}")
 
 
+def _refuse_mlflows_default(url: str) -> None:
+    """A new Optuna storage in MLflow's default store (a study run with --no-mlflow) would
+    hold Optuna's tables when MLflow later opens its default store there, and every tracked
+    command would then be refused."""
+    if same_database(url, DEFAULT_TRACKING_URI):
+        raise UserError(f"storage: {mask_url(url)!r} is MLflow's default store; the Optuna "
+                        f"storage needs a database of its own, e.g. {DEFAULT_STORAGE}")
+
+
 def _check_tables(url: str, connect_args: dict, *, writable: bool) -> None:
     """Optuna creates its tables in whatever database it opens. A command that only reads
     (status, pareto, export) must find them there: a mistyped --storage naming MLflow's
@@ -145,6 +159,8 @@ def _check_tables(url: str, connect_args: dict, *, writable: bool) -> None:
         raise _cannot_open(url, exc) from None
     if OPTUNA_TABLES <= tables:
         return
+    if writable:
+        _refuse_mlflows_default(url)
     if MLFLOW_TABLES <= tables:
         raise UserError(f"storage: {mask_url(url)!r} is an MLflow tracking store, not an Optuna "
                         "storage (that is --tracking-uri); the Optuna storage needs a database of "

@@ -101,7 +101,8 @@ def check_tracking_uri(tracking_uri: str | None, field: str = "--tracking-uri", 
     retries). An HTTP server that does not answer stays best-effort: it may come back, and
     `study sync-mlflow` fills in what it missed."""
     uri = resolve_tracking_uri(tracking_uri)
-    where = field if tracking_uri else "$MLFLOW_TRACKING_URI"  # the default store works
+    where = (field if tracking_uri else "$MLFLOW_TRACKING_URI"
+             if os.environ.get("MLFLOW_TRACKING_URI") else "the default tracking store")
     shown = mask_url(uri) if "://" in str(uri) else re.sub(r"^.*@", "***@", str(uri))
     if re.fullmatch(r"[\w.-]+:\d+", str(uri)):  # 127.0.0.1:5000: no scheme, read as a folder
         raise UserError(f"{where}: {shown!r} has no scheme; a tracking server is "
