@@ -10,6 +10,7 @@ import argparse
 import json
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -102,9 +103,13 @@ def _output_is_not_the_study_file(args) -> None:
                         "to another path")
     if out.suffix.lower() == ".toml" and out.is_file():  # (export reads .TOML as TOML too)
         try:
-            is_study = isinstance(tomllib.loads(out.read_text(encoding="utf-8-sig")).get("study"), dict)
-        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
-            is_study = False
+            text = out.read_text(encoding="utf-8-sig")
+        except (OSError, UnicodeDecodeError):
+            text = ""
+        try:
+            is_study = isinstance(tomllib.loads(text).get("study"), dict)
+        except tomllib.TOMLDecodeError:  # a study file mid-edit is still one: its header says
+            is_study = re.search(r"^\s*\[\s*study\s*\]", text, re.MULTILINE) is not None
         if is_study:
             raise UserError(f"--output {args.output} is a study file (it has a [study] table); "
                             "write the output to another path")

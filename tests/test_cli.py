@@ -377,6 +377,10 @@ def test_export_refuses_to_overwrite_the_study_file(tmp_path, monkeypatch, capsy
     assert main(["export", "tiny", "-o", "S2.TOML"]) == 2
     assert "is a study file" in capsys.readouterr().err
     assert (tmp_path / "S2.TOML").read_text() == before
+    (tmp_path / "s3.toml").write_text(before + "lr = = 3\n")  # a study file mid-edit
+    assert main(["export", "tiny", "-o", "s3.toml"]) == 2
+    assert "is a study file" in capsys.readouterr().err
+    assert (tmp_path / "s3.toml").read_text() == before + "lr = = 3\n"
     (tmp_path / "d.png").write_bytes(b"png")
     assert main(["dashboard", "tiny", "-o", "d.png"]) == 2  # any file, written over as HTML
     assert "name it .html" in capsys.readouterr().err and (tmp_path / "d.png").read_bytes() == b"png"
