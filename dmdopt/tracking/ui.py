@@ -20,7 +20,7 @@ import urllib.request
 from pathlib import Path
 from typing import IO
 
-from dmdopt._util import mask_url, redact_password, with_sql_driver
+from dmdopt._util import mask_url, redact_password, sqlite_file, with_sql_driver
 from dmdopt.errors import UserError
 from dmdopt.tracking.runs import (
     DEFAULT_ARTIFACTS,
@@ -89,18 +89,25 @@ def start_ui(*, host: str = "127.0.0.1", port: int = 5000, backend_store_uri: st
         raise UserError(f"ui.port: must be in 1..65535, got {port!r}")
     _check_can_listen(host, int(port))
     uri = check_tracking_uri(backend_store_uri, "ui.backend_store_uri")
+    where = ("ui.backend_store_uri" if backend_store_uri else "$MLFLOW_TRACKING_URI"
+             if os.environ.get("MLFLOW_TRACKING_URI") else "the default tracking store")
     if uri.startswith(("http://", "https://")):
-        raise UserError(f"ui.backend_store_uri: {mask_url(uri)!r} is already a tracking server; "
+        raise UserError(f"{where}: {mask_url(uri)!r} is already a tracking server; "
                         "open it in a browser instead")
+    if (path := sqlite_file(uri)) is not None and not path.exists():
+        # `dmdopt ui` in another folder than the study's served an empty store, unsaid
+        print(f"note: no MLflow store at {path} yet: the UI starts on an empty one (run "
+              "`dmdopt ui` in the folder the study ran in, or set MLFLOW_TRACKING_URI)",
+              file=sys.stderr)
     try:
         # MLflow migrates a fresh store on its first open: here, under dmdopt's set-up lock
         # (`open_client`), not unlocked in the server beside a study's workers
         open_client(uri)
     except OSError as exc:
-        raise UserError(f"ui.backend_store_uri: cannot use {uri}: {exc}") from None
+        raise UserError(f"{where}: cannot use {uri}: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - MLflow's and the driver's errors: one line
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"ui.backend_store_uri: cannot use {mask_url(uri)}: "
+        raise UserError(f"{where}: cannot use {mask_url(uri)}: "
                         f"{redact_password(reason, uri)}") from None
     dest = Path(artifacts) if artifacts else (local_artifact_root(uri) or Path(DEFAULT_ARTIFACTS))
     if "://" not in str(dest):

@@ -253,7 +253,7 @@ def test_model_round_trip(mlflow_store, capfd):
     assert "Pickle" not in err and "pickle" not in err
 
 
-def test_ui_refuses_remote_hosts_without_opt_in(tmp_path):
+def test_ui_refuses_remote_hosts_without_opt_in(tmp_path, monkeypatch):
     from dmdopt.errors import UserError
     from dmdopt.tracking import start_ui
     from dmdopt.tracking.ui import is_loopback, server_command
@@ -262,6 +262,10 @@ def test_ui_refuses_remote_hosts_without_opt_in(tmp_path):
         start_ui(host="0.0.0.0", backend_store_uri=f"sqlite:///{tmp_path}/mlflow.db")
     with pytest.raises(UserError, match="already a tracking server"):
         start_ui(backend_store_uri="http://127.0.0.1:5000")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")  # `dmdopt ui` reads it
+    with pytest.raises(UserError, match=r"^\$MLFLOW_TRACKING_URI: .*already a tracking server"):
+        start_ui()
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
     with pytest.raises(UserError, match=r"u:\*\*\*@") as info:  # the password is not shown
         start_ui(backend_store_uri="https://u:secret@127.0.0.1:5000")
     assert "secret" not in str(info.value)
@@ -618,7 +622,8 @@ def test_processes_opening_a_fresh_sqlite_store_at_once_set_it_up_one_at_a_time(
     assert "experiments" in tables and not any(t.startswith("_alembic_tmp") for t in tables)
 
 
-def test_ui_sets_a_fresh_store_up_under_the_set_up_lock_before_the_server(tmp_path, monkeypatch):
+def test_ui_sets_a_fresh_store_up_under_the_set_up_lock_before_the_server(tmp_path, monkeypatch,
+                                                                         capsys):
     """The MLflow server migrated a fresh store itself, outside the lock that study workers
     opening the same store take (`open_client`)."""
     import contextlib
@@ -647,3 +652,8 @@ def test_ui_sets_a_fresh_store_up_under_the_set_up_lock_before_the_server(tmp_pa
     with pytest.raises(OSError, match="not started in this test"):
         ui.start_ui(port=_free_port(), backend_store_uri=f"sqlite:///{tmp_path / 'm.db'}")
     assert locked and "experiments" in started[0] and "alembic_version" in started[0]
+    # a store that was not there: said (`dmdopt ui` in another folder served an empty one)
+    assert f"note: no MLflow store at {tmp_path / 'm.db'} yet" in capsys.readouterr().err
+    with pytest.raises(OSError, match="not started in this test"):  # now it is: no note
+        ui.start_ui(port=_free_port(), backend_store_uri=f"sqlite:///{tmp_path / 'm.db'}")
+    assert "note:" not in capsys.readouterr().err
