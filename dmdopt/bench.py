@@ -419,15 +419,16 @@ def run_from_args(args, error: Callable[[str], NoReturn]) -> list[dict]:
     steps = _budget(args.steps, args.quick)
     first = (dmd or DMDConfig()).first_jump_step
     if steps < first:  # the window never fills: the "DMD" runs would be plain ones
-        error(f"--steps {steps} is fewer than the DMD window ({first} steps before the first "
-              "jump): DMD would never run")
+        budget = f"--steps {steps}" if args.steps else f"the budget of {steps} steps (--steps)"
+        error(f"{budget} is fewer than the DMD window ({first} steps before the first jump): "
+              "DMD would never run")
     if args.json is not None and not args.json:
         error("--json: give a file path, got an empty string")
+    if args.json is not None and (why := unwritable(args.json)) is not None:
+        error(f"--json: cannot write {args.json}: {why}")  # now, not after the whole run
     if args.json is not None and Path(args.json).suffix.lower() != ".json":
         # a study file or tuned config given by mistake was overwritten with the rows
         error(f"--json: expected a path ending in .json, got {args.json}")
-    if args.json is not None and (why := unwritable(args.json)) is not None:
-        error(f"--json: cannot write {args.json}: {why}")  # now, not after the whole run
     t0 = time.perf_counter()
     with sigterm_as_interrupt():  # `kill`, a scheduler's stop: the --jobs workers stop too
         rows = run_benchmark(seeds=args.seeds, steps=args.steps, json_path=args.json,

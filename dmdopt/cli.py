@@ -513,7 +513,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-dir", type=_path, help="--config only (default dmdopt-runs/checkpoints)")
     logging_to = p.add_mutually_exclusive_group()  # both: one of them would be ignored
     logging_to.add_argument("--tracking-uri", type=_tracking_uri, help="--config only")
-    logging_to.add_argument("--no-mlflow", action="store_true", help="--config only")
+    logging_to.add_argument("--no-mlflow", action="store_true",
+                            help="--config runs only (they log to MLflow; a plain run never does)")
     p.add_argument("--cache-dir", type=_path, default=DEFAULT_CACHE)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_train)

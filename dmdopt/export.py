@@ -414,9 +414,9 @@ def _parse(text: str, fmt: str, where: str) -> Any:
 def load_tuned_config(path: str | os.PathLike) -> TunedConfig:
     """Read and validate a tuned config (TOML, JSON or YAML by extension)."""
     path = Path(path)
-    fmt = _format_of(path)
-    if path.is_dir():
+    if path.is_dir():  # before the extension: a folder has none to speak of
         raise UserError(f"tuned config {path} is a directory")
+    fmt = _format_of(path)
     if not path.is_file():
         raise UserError(f"tuned config not found: {path}")
     try:

@@ -772,3 +772,19 @@ def test_a_finished_command_line_process_ignores_a_late_ctrl_c(monkeypatch):
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, before)
+
+
+def test_small_mistakes_get_the_line_that_fits_them(tmp_path, capsys):
+    """A folder as --config was "unknown extension ''"; a tuned config asking for CUDA on a
+    machine without one did not say how to run it anyway."""
+    import torch
+
+    from dmdopt.training.loop import resolve_device
+
+    assert main(["train", "--config", str(tmp_path)]) == 2
+    assert f"tuned config {tmp_path} is a directory" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"no CUDA device is visible \(--device cpu runs it"):
+            resolve_device("cuda")
+        with pytest.raises(ValueError, match="visible$"):  # said by --device itself: no hint
+            resolve_device("cuda", source="--device")

@@ -226,6 +226,7 @@ def test_an_interrupted_bench_prints_and_writes_the_pairs_that_finished(tmp_path
     (["--json", "quick.toml"], "--json: expected a path ending in .json, got quick.toml"),
     (["--quick", "--steps", "10"], "--steps 10 is fewer than the DMD window (20"),
     (["--steps", "12", "--dmd", "window=5,warmup=8"], "(13 steps before the first jump)"),
+    (["--quick", "--dmd", "warmup=700"], "the budget of 600 steps (--steps) is fewer than"),
     (["--methods", "gd", "--lr", "adam=1"], "'adam' is not among --methods gd"),
     (["--methods", "gd", "--lr", "gd=1", "--lr", "gd=2"], "'gd' is given twice"),
 ])
