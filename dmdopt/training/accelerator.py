@@ -434,9 +434,9 @@ class DMDAccelerator:
             loss = self._loss(closure)
             # a non-finite loss (inf here) counts as a rise even after another: a closure
             # that is never finite stops at the second candidate, not the end of the ladder.
-            # A tie counts as a rise too: a flat loss (saturated units, a closure that ignores
-            # these weights) stops at the second candidate instead of walking the ladder.
-            worse = loss >= prev_loss or math.isinf(loss)
+            # A tie is no rise: float32 (or bf16) losses on a plateau tie for a rung or two
+            # before a farther candidate improves; so a flat loss walks the whole ladder.
+            worse = loss > prev_loss or math.isinf(loss)
             if loss < best_loss:
                 t0 = time.perf_counter()
                 best_loss, best_h, best_params = loss, horizon, candidate

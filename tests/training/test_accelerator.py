@@ -613,25 +613,23 @@ def test_train_with_dmd_counts_jumps_and_cost():
     assert result.dmd_time > 0
 
 
-def test_a_flat_loss_stops_the_line_search_at_the_second_candidate():
-    """A closure whose loss does not change with the weights walked all 7 candidates (8
-    forward passes) for nothing: ties never counted as a rise."""
+def test_tied_losses_do_not_stop_the_line_search_before_a_farther_improvement():
+    """Candidates whose float32 losses tie (a plateau far above zero) come before one that
+    improves: counting a tie as a rise rejected such jumps (a review's case)."""
     w = nn.Parameter(torch.zeros(1))
     model = nn.Module()
     model.w = w
     acc = DMDAccelerator(model, torch.optim.SGD([w], lr=0.0), DMDConfig(window=6, rank=2, horizon=1))
-    calls = []
+    losses = iter([1.0, 1.0, 1.0, 0.5, 0.6, 0.7, 0.8, 0.9])  # base, then the ladder
 
-    def flat():
-        calls.append(1)
-        return torch.tensor(0.25)
+    def plateau():
+        return torch.tensor(next(losses))
 
     for k in range(6):
         with torch.no_grad():
             w.fill_(1 - 0.8 ** (k + 1))
-        result = acc.step(flat)
-    assert result is False and len(calls) == 1 + 2  # the base loss, two candidates
-    assert float(w.detach()) == torch.tensor(1 - 0.8 ** 6, dtype=torch.float32).item()
+        result = acc.step(plateau)
+    assert result is True and acc.stats["forward_passes"] == 5  # base, 2 ties, best, a rise
 
 
 @pytest.mark.parametrize(("target", "forwards", "kept"), [
