@@ -421,6 +421,18 @@ class _Tracking:
             except Exception as exc:  # noqa: BLE001
                 log.warning("MLflow: could not refresh the parent run: %s", exc)
 
+    def abandon(self, study: optuna.Study) -> None:
+        """The launcher stops on an error or an interrupt: the parent must not stay RUNNING
+        (`training` kept it so between trials). Best effort, and no waiting on a paused store:
+        a resume or `study sync-mlflow` logs the rest."""
+        if self.tracker is None:
+            return
+        self.tracker.training = False
+        try:
+            self.tracker.sync(summarize(study, storage_url=self.storage_url))
+        except Exception as exc:  # noqa: BLE001 - the storage itself may be what failed
+            log.debug("MLflow: no final refresh of the parent run: %s", exc)
+
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         if self.tracker is None:
             return
@@ -815,11 +827,27 @@ def run_study(config: StudyConfig, *, n_trials: int | None = None, storage: str 
         tracker.start(study)
     except Exception as exc:  # noqa: BLE001
         log.warning("MLflow: could not create the parent run: %s", exc)
+    try:
+        _run_workers(config, study, tracker, storage_url=storage_url, n_trials=n_trials,
+                     timeout=timeout, cache_dir=cache_dir, tracking=tracking,
+                     tracking_uri=tracking_uri, echo=echo, workers=workers, gpus=gpus)
+    except BaseException:  # Ctrl-C, SIGTERM, workers that gave up or died, a storage lost
+        tracker.abandon(study)
+        raise
+    tracker.finish(study)
+    if timeout is not None and n_trials is not None and (done := _count_results(study)) < n_trials:
+        echo(f"stopped at the timeout ({timeout:g} s) with {done} of {n_trials} trials finished; "
+             "run the same command again to go on")
+    return study
+
+
+def _run_workers(config: StudyConfig, study: optuna.Study, tracker: _Tracking, *, storage_url,
+                 n_trials, timeout, cache_dir, tracking, tracking_uri, echo, workers, gpus) -> None:
+    """This process as the one worker, or `workers` spawned processes until they end."""
     if workers == 1:
         worker_loop(config, storage_url=storage_url, n_trials=n_trials, timeout=timeout,
                     cache_dir=cache_dir, tracking=tracking, tracking_uri=tracking_uri, echo=echo,
                     tracker=tracker)
-        tracker.finish(study)
     else:
         ctx = mp.get_context("spawn")
         # K CPU workers each using every core (torch's default) oversubscribe the machine:
@@ -872,8 +900,3 @@ def run_study(config: StudyConfig, *, n_trials: int | None = None, storage: str 
             raise WorkersFailed(f"{len(died)} of {workers} worker process(es) died ({codes}) with "
                                 f"{complete}{of} trials finished; finished trials are kept: run "
                                 "the same command again to resume")
-        tracker.finish(study)
-    if timeout is not None and n_trials is not None and (done := _count_results(study)) < n_trials:
-        echo(f"stopped at the timeout ({timeout:g} s) with {done} of {n_trials} trials finished; "
-             "run the same command again to go on")
-    return study

@@ -183,3 +183,28 @@ def test_an_interrupted_trial_reaches_mlflow_when_the_study_resumes(tmp_path, mo
     # the resume re-ran its settings first (trial 2), and the reason says so
     assert children[1].data.tags["dmdopt.fail_reason"] == "interrupted (Ctrl-C or SIGTERM); re-run as trial 2"
     assert children[2].data.tags["dmdopt.rerun_of"] == "1"
+
+
+def test_a_study_stopped_by_an_interrupt_leaves_no_parent_running(tmp_path, monkeypatch):
+    """The parent stays RUNNING between trials while the launcher trains; an interrupt (or
+    workers giving up, a storage lost) skipped the launcher's final refresh, and it read
+    RUNNING for good."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "s.toml").write_text(tiny_study_toml("stopped", n_trials=3))
+    config = load_study_file(tmp_path / "s.toml")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    calls, call = [], Objective.__call__
+
+    def interrupted_on_the_second(self, trial):
+        calls.append(trial.number)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return call(self, trial)
+
+    monkeypatch.setattr(Objective, "__call__", interrupted_on_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        run_study(config, tracking=True, tracking_uri=uri, progress=False, echo=lambda *_: None)
+    parents = [r for r in _search_runs(uri, "stopped") if r.data.tags.get("dmdopt.role") == "parent"]
+    assert [p.info.status for p in parents] == ["FINISHED"]
+    children = [r for r in _search_runs(uri, "stopped") if r.data.tags.get("mlflow.parentRunId")]
+    assert sorted(c.info.status for c in children) == ["FAILED", "FINISHED"]  # both logged
