@@ -210,9 +210,10 @@ def test_config_dict_roundtrip_and_validation():
     with pytest.raises(ValueError, match="wind_x"):
         ProblemConfig.from_dict({"wind_x": [1.0, -1.0]})
     # a source off the unit square solved to all-zero fields, then "diverged" in training
-    with pytest.raises(ValueError, match=r"problem.source_x must lie in \[0, 1\].*\[5.0, 9.0\]"):
+    with pytest.raises(ValueError, match=r"problem.source_x must lie within 3 source widths of "
+                                         r"the unit square, \[-0.3, 1.3\].*\[5.0, 9.0\]"):
         ProblemConfig.from_dict({"source_x": [5, 9]})
-    assert ProblemConfig(source_y=(0, 1)).source_y == (0.0, 1.0)  # the edges are the square's
+    assert ProblemConfig(source_y=(-0.3, 1.3)).source_y == (-0.3, 1.3)  # near it: a field
     with pytest.raises(ValueError, match="problem.grid must be an int"):
         ProblemConfig.from_dict({"grid": "64"})
     with pytest.raises(ValueError, match="val_fraction"):
