@@ -21,6 +21,7 @@ DEFAULT_STORAGE = "sqlite:///dmdopt-runs/optuna.db"  # the Optuna storage
 DEFAULT_CACHE = "dmdopt-runs/data"  # the dataset cache (solved PDE fields)
 DEFAULT_TRACKING_URI = "sqlite:///dmdopt-runs/mlflow.db"  # the MLflow store
 DEFAULT_ARTIFACTS = "dmdopt-runs/mlartifacts"  # its artifacts, beside it
+DEFAULT_CHECKPOINTS = "dmdopt-runs/checkpoints"  # production training's checkpoints
 
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)  # read once, at import (single-threaded): os.umask can only be read by setting it

@@ -222,6 +222,15 @@ def run_benchmark(*, seeds: int = 3, steps: int | None = None, json_path=None,
     return rows
 
 
+def _is_tuned_config(path: Path) -> bool:
+    """An existing JSON tuned config (a table with `schema_version`), not a bench's rows."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(data, dict) and "schema_version" in data
+
+
 def _stop(pool) -> None:
     """Stop a pool's running pairs now. The executor has no public terminate before Python
     3.14, and a pair left running trains on for minutes after its launcher is gone."""
@@ -424,11 +433,16 @@ def run_from_args(args, error: Callable[[str], NoReturn]) -> list[dict]:
               "DMD would never run")
     if args.json is not None and not args.json:
         error("--json: give a file path, got an empty string")
+    if args.json and not args.json.endswith("/") and not Path(args.json).is_dir():
+        # a study file or tuned config given by mistake was overwritten with the rows (a
+        # folder: `unwritable` says so below)
+        if Path(args.json).suffix.lower() != ".json":
+            error(f"--json: expected a path ending in .json, got {args.json}")
+        if _is_tuned_config(Path(args.json)):
+            error(f"--json: {args.json} is a tuned config (from `dmdopt export`); write the rows "
+                  "to another path")
     if args.json is not None and (why := unwritable(args.json)) is not None:
         error(f"--json: cannot write {args.json}: {why}")  # now, not after the whole run
-    if args.json is not None and Path(args.json).suffix.lower() != ".json":
-        # a study file or tuned config given by mistake was overwritten with the rows
-        error(f"--json: expected a path ending in .json, got {args.json}")
     t0 = time.perf_counter()
     with sigterm_as_interrupt():  # `kill`, a scheduler's stop: the --jobs workers stop too
         rows = run_benchmark(seeds=args.seeds, steps=args.steps, json_path=args.json,

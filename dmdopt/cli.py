@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+import shlex
 import signal
 import sys
 import threading
@@ -290,9 +291,9 @@ def cmd_study_run(args) -> int:
 
     after = "status" if config.mode == "cost_to_target" else "pareto"  # one objective: no front
     if args.storage:
-        ref = f"{config.name} --storage {mask_url(args.storage)}"
+        ref = f"{config.name} --storage {shlex.quote(mask_url(args.storage))}"
     elif config.storage != DEFAULT_STORAGE:  # the file gives it (a bare name would not find it,
-        ref = args.file                      # and a masked URL would not open it)
+        ref = shlex.quote(args.file)         # and a masked URL would not open it)
     else:
         ref = config.name
     print(f"done. next: dmdopt study {after} {ref}")
@@ -328,7 +329,8 @@ def cmd_study_status(args) -> int:
         cost, missed = trial_cost(best)
         # the study as the user named it here (its file also gives its storage), and an output:
         # `dmdopt export NAME` alone lacks -o, and a bare name the storage of a file
-        named = args.name + (f" --storage {mask_url(args.storage)}" if args.storage else "")
+        named = shlex.quote(args.name) + (f" --storage {shlex.quote(mask_url(args.storage))}"
+                                          if args.storage else "")
         how = (f"dmdopt export {named} -o tuned.toml"
                + (f" --trial {best.number}" if missed else ""))
         print(f"best       trial {best.number}  cost {cost:.1f} bpe{missed}  "

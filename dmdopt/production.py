@@ -29,12 +29,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from dmdopt._util import DEFAULT_CACHE, DEFAULT_CHECKPOINTS
 from dmdopt.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_DATA_DIR = Path("dmdopt-runs") / "data"
-DEFAULT_CHECKPOINT_DIR = Path("dmdopt-runs") / "checkpoints"
+DEFAULT_CHECKPOINT_DIR = Path(DEFAULT_CHECKPOINTS)
 DEFAULT_EXPERIMENT = "dmdopt-production"
 SAME_DEVICE_TOLERANCE = 1e-6
 OTHER_DEVICE_TOLERANCE = 0.05
@@ -190,6 +190,8 @@ def run_production(
         text = " ".join(str(exc).split())
         if device:  # the value came from --device (TrainConfig's check or the GPU's absence)
             text = text.replace("training.device", "--device", 1)
+        elif "no CUDA device" in text:  # the file's: the command can run it elsewhere
+            text += " (--device cpu runs it on the CPU)"
         raise UserError(text) from None
     if checkpoint_every is not None and (not isinstance(checkpoint_every, int) or checkpoint_every < 1):
         raise UserError(f"checkpoint_every must be a positive integer, got {checkpoint_every!r}")
@@ -228,7 +230,7 @@ def run_production(
     # `stopped_by` in the checkpoint and returns at once.
     if start and progress:
         print(f"resuming from {ckpt} at step {start}", file=sys.stderr)
-    dataset = load_dataset(tuned.problem, cache_dir=cache_dir or DEFAULT_DATA_DIR, progress=progress)
+    dataset = load_dataset(tuned.problem, cache_dir=cache_dir or DEFAULT_CACHE, progress=progress)
     try:
         result = train(dataset=dataset, model=tuned.model, training=training, dmd=tuned.dmd,
                        progress=progress, checkpoint_path=ckpt, checkpoint_every=every)
@@ -248,11 +250,6 @@ def run_production(
         "checkpoint": str(ckpt), "checkpoint_every": every, "config_hash": key,
         "expected_val_rel_l2": None, "val_rel_diff": None, "tolerance": None, "reproduced": None,
     })
-    reference_error = tuned.expected.get("reference_val_rel_l2")
-    if reference_error is not None:  # where this run first reached plain training's error
-        reached = result.cost_to_reach(reference_error)
-        summary.update(cost_to_reference=reached[0] if reached else None,
-                       expected_cost_to_reference=tuned.expected.get("cost_to_reference"))
     expected = tuned.expected.get("val_rel_l2")
     exported_on, now_on = tuned.provenance.get("dataset_hash"), tuned.problem.config_hash()
     if expected is not None and exported_on not in (None, now_on):
@@ -262,6 +259,11 @@ def run_production(
                        "differently): the run is not compared with [expected]", exported_on,
                        now_on)
         expected = None
+    reference_error = tuned.expected.get("reference_val_rel_l2")
+    if reference_error is not None and exported_on in (None, now_on):  # the trial's dataset
+        # where this run first reached plain training's final error: the study's cost
+        reached = result.cost_to_reach(reference_error)
+        summary["cost_to_reference"] = reached[0] if reached else None
     recorded_settings = tuned.expected.get("settings_hash")
     if expected is not None and recorded_settings not in (None, key):
         logger.warning("[dmd], [training] or [model] differ from the trial's settings (settings "
@@ -281,6 +283,8 @@ def run_production(
         diff = abs(result.val_error - expected) / max(abs(expected), 1e-300)
         summary.update(expected_val_rel_l2=expected, val_rel_diff=diff, tolerance=tol,
                        reproduced=diff <= tol)
+        if "cost_to_reference" in summary:  # the trial's, to compare with
+            summary["expected_cost_to_reference"] = tuned.expected.get("cost_to_reference")
         if diff > tol:
             def where(device, n, kernels):
                 if device != "cpu" or not (n or kernels):

@@ -779,12 +779,20 @@ def test_small_mistakes_get_the_line_that_fits_them(tmp_path, capsys):
     machine without one did not say how to run it anyway."""
     import torch
 
+    from dmdopt.export import TunedConfig, write_tuned_config
+    from dmdopt.model import ModelConfig
+    from dmdopt.problem import ProblemConfig
+    from dmdopt.training.config import DMDConfig, TrainConfig
     from dmdopt.training.loop import resolve_device
 
     assert main(["train", "--config", str(tmp_path)]) == 2
     assert f"tuned config {tmp_path} is a directory" in capsys.readouterr().err
-    if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match=r"no CUDA device is visible \(--device cpu runs it"):
+    if not torch.cuda.is_available():  # the hint only where the command takes --device
+        write_tuned_config(TunedConfig(
+            dmd=DMDConfig(window=5, rank=3), training=TrainConfig(max_steps=10, device="cuda"),
+            model=ModelConfig(width=8, depth=1), problem=ProblemConfig(grid=8, n_samples=20)),
+            tmp_path / "gpu.toml")
+        assert main(["train", "--config", str(tmp_path / "gpu.toml"), "--no-mlflow"]) == 2
+        assert "no CUDA device is visible (--device cpu runs it on the CPU)" in capsys.readouterr().err
+        with pytest.raises(ValueError, match="visible$"):  # a study file or the library: no hint
             resolve_device("cuda")
-        with pytest.raises(ValueError, match="visible$"):  # said by --device itself: no hint
-            resolve_device("cuda", source="--device")

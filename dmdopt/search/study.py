@@ -79,8 +79,12 @@ def _differences(stored: dict, config: StudyConfig) -> list[str]:
         elif json.dumps(old, default=str) != json.dumps(new, default=str):
             yield f"{where}: {_shown(old)} in the study, {_shown(new)} in the file"
 
-    as_stored = json.loads(json.dumps(_digested(config), default=str))  # as the study keeps it
-    return list(walk(_digested(stored), as_stored, ""))
+    try:  # both sides as they read, or (a stored file this dmdopt refuses) both as written:
+        old, new = _meaning(stored), _meaning(config)  # a mix names every default filled in
+    except _UNREADABLE:
+        old, new = _raw_digested(stored), _raw_digested(config)
+    as_stored = json.loads(json.dumps(new, default=str))  # as the study keeps it
+    return list(walk(old, as_stored, ""))
 
 
 _ABSENT = object()
@@ -96,14 +100,22 @@ def _digested(config: StudyConfig | dict) -> dict:
     and `200.0`, or a default written out (`momentum = 0.0`), are the study they mean; a
     resume was refused for them, sending the user to a new study name. A stored file that no
     longer parses (a key this dmdopt refuses) is compared as written, as before."""
-    raw = _raw_digested(config)
     try:
-        # (a stored file: parsed with its own n_trials/timeout, which the digest leaves out)
-        parsed = config if isinstance(config, StudyConfig) else parse_study(
-            dict(raw, study=config.get("study") or {}))
-    except (UserError, ValueError, TypeError, AttributeError):
-        return raw
+        return _meaning(config)
+    except _UNREADABLE:
+        return _raw_digested(config)
+
+
+_UNREADABLE = (UserError, ValueError, TypeError, AttributeError)  # a file this dmdopt refuses
+
+
+def _meaning(config: StudyConfig | dict) -> dict:
+    """`_digested`'s reading of a file; raises `_UNREADABLE` for one this dmdopt refuses."""
     from dmdopt.problem import ProblemConfig
+
+    # (a stored file: parsed with its own n_trials/timeout, which the digest leaves out)
+    parsed = config if isinstance(config, StudyConfig) else parse_study(
+        dict(_raw_digested(config), study=config.get("study") or {}))
 
     space = dataclasses.asdict(parsed.space)
     if parsed.space.rank.kind == "energy":  # `high = 1` is the fraction 1.0
@@ -112,14 +124,18 @@ def _digested(config: StudyConfig | dict) -> dict:
     dmd = DMDConfig.from_dict(parsed.dmd | {"window": 20, "rank": 1, "horizon": 10}).to_dict()
     return {
         "study": {"name": parsed.name, "sampler": parsed.sampler, "seed": parsed.seed,
-                  "mode": parsed.mode, "target_error": parsed.target_error,
-                  "max_error_ratio": parsed.max_error_ratio},
+                  "mode": parsed.mode, "target_error": _float_or_none(parsed.target_error),
+                  "max_error_ratio": _float_or_none(parsed.max_error_ratio)},
         "problem": ProblemConfig.from_dict(parsed.problem).to_dict(),
         "model": parsed.model.to_dict(),
         "training": parsed.training.to_dict(),
         "dmd": {k: v for k, v in dmd.items() if k not in searched},
         "search": space,
     }
+
+
+def _float_or_none(value: float | None) -> float | None:
+    return None if value is None else float(value)
 
 
 def _raw_digested(config: StudyConfig | dict) -> dict:

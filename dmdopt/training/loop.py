@@ -85,8 +85,7 @@ def resolve_device(name: str, *, source: str = "training.device") -> torch.devic
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"{source} is {name!r} but no CUDA device is visible"
-                         + (" (--device cpu runs it on the CPU)" if source != "--device" else ""))
+        raise ValueError(f"{source} is {name!r} but no CUDA device is visible")
     device = torch.device(name)
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise ValueError(f"{source} is {name!r} but only {torch.cuda.device_count()} "

@@ -154,6 +154,26 @@ def test_a_file_that_means_the_same_settings_resumes_however_it_spells_them(stud
         run(load_study_file(path), n_trials=3)
 
 
+def test_a_stored_file_this_dmdopt_refuses_is_compared_as_written(study_dir):
+    """Its side fell back to the text while the file's was read with every default filled in,
+    so the refusal listed defaults as differences and hid the real one behind '...'."""
+    import json
+
+    from dmdopt.search.study import config_differences
+
+    config = config_for(study_dir, n_trials=1)
+    stored = json.loads(json.dumps(config.raw))
+    stored["problem"]["source_x"] = [5.0, 9.0]  # accepted by an earlier dmdopt, refused now
+    assert config_differences(stored, config) == \
+        "problem.source_x: [5.0, 9.0] in the study, not set in the file"
+    # and numbers of [study] in one spelling too
+    text = (study_dir / "s.toml").read_text().replace('seed = 0', 'seed = 0\nmax_error_ratio = 2')
+    (study_dir / "s.toml").write_text(text)
+    two = load_study_file(study_dir / "s.toml")
+    (study_dir / "s.toml").write_text(text.replace("max_error_ratio = 2", "max_error_ratio = 2.0"))
+    assert config_differences(two.raw, load_study_file(study_dir / "s.toml")) == ""
+
+
 @pytest.mark.parametrize("section, key, theirs", [("model", "activation", "relu"),
                                                  ("dmd", "grouping", "global"),
                                                  ("training", "seed", 7),

@@ -307,3 +307,18 @@ def test_the_time_delay_probe_is_exact_for_heavy_ball_where_the_default_fit_is_n
     assert len(rows) == 3
     for first, delay in rows:
         assert float(first.rstrip(",")) > 1.0 and float(delay) < 1e-8
+
+
+def test_json_paths_that_are_no_rows_file_are_refused_before_anything_is_made(tmp_path, monkeypatch,
+                                                                               capsys):
+    """`--json newdir/quick.toml` made newdir/ before refusing; a JSON tuned config was
+    overwritten with the rows."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        main(["bench", "--json", "newdir/sub/quick.toml"])
+    assert info.value.code == 2 and not (tmp_path / "newdir").exists()
+    (tmp_path / "tuned.json").write_text(json.dumps({"schema_version": 1, "dmd": {}}))
+    with pytest.raises(SystemExit) as info:
+        main(["bench", "--json", "tuned.json"])
+    assert info.value.code == 2 and "is a tuned config" in capsys.readouterr().err
+    assert json.loads((tmp_path / "tuned.json").read_text())["schema_version"] == 1
