@@ -43,6 +43,11 @@ class ModelConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def n_parameters(self, n_inputs: int, n_outputs: int) -> int:
+        """The `Regressor`'s parameter count, without building it (a size check's input)."""
+        w = self.width
+        return n_inputs * w + w + (self.depth - 1) * (w * w + w) + w * n_outputs + n_outputs
+
     @classmethod
     def from_dict(cls, data: dict) -> ModelConfig:
         known = {f.name for f in fields(cls)}

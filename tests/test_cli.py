@@ -489,6 +489,24 @@ def test_a_model_too_large_for_memory_is_one_line(tmp_path, monkeypatch, capsys)
         assert err.startswith("dmdopt: error: out of memory") and err.count("\n") == 0
 
 
+def test_a_model_past_the_machines_memory_is_refused_before_it_is_built(tmp_path, monkeypatch,
+                                                                        capsys):
+    """Linux lends memory it lacks: width 1e9 was allocated, then killed by the OOM killer
+    (exit 137, no message) while it filled the pages."""
+    import dmdopt.training.loop as loop
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was built")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(loop, "build_regressor", never)
+    assert main(["train", "--grid", "8", "--samples", "20", "--steps", "2", "--quiet",
+                 "--width", "1000000000", "--depth", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "71,000,000,064 parameters need at least 1,058.0 GiB (weights, gradients, " \
+           "optimiser state), more than the" in err and err.count("\n") == 0
+
+
 def test_a_read_only_mlflow_store_fails_at_once(tmp_path, monkeypatch, capsys):
     """MLflow retried its writes to a read-only SQLite file for 108 s before sync-mlflow's
     error (210 s in a study). Simulated: CI runs as root, which may write anything."""

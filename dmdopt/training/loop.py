@@ -149,6 +149,34 @@ def denormals_flushed() -> bool:
     return bool((torch.full((1,), 1e-40, dtype=torch.float32) * 1.0).item() == 0.0)
 
 
+_SNAPSHOT_BYTES = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2}
+
+
+def _refuse_what_cannot_fit(n_params: int, training: TrainConfig, dmd: DMDConfig | None,
+                            device: torch.device) -> None:
+    """MemoryError (one line at the CLI, exit 2) when the weights, their gradients, the
+    optimiser's state and the DMD window alone exceed the device's whole memory. Linux hands
+    out memory it does not have, so such a run was not refused but killed by the OOM killer
+    (exit 137, no message), at risk to whatever else the machine runs. Activations come on
+    top: this is a floor, and a run that passes may still not fit."""
+    states = 2 if training.optimizer == "adam" else int(training.momentum > 0)
+    need = n_params * 4 * (2 + states)
+    if dmd is not None and (dmd.snapshot_device == "same" or device.type == "cpu"):
+        need += dmd.window * n_params * _SNAPSHOT_BYTES[dmd.snapshot_dtype]
+    if device.type == "cuda":
+        have = torch.cuda.get_device_properties(device).total_memory
+    else:
+        try:
+            have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):  # not a POSIX system: no check
+            return
+    if need > have:
+        raise MemoryError(
+            f"{n_params:,} parameters need at least {need / 2**30:,.1f} GiB (weights, gradients, "
+            f"optimiser state{', DMD window' if dmd is not None else ''}), more than the "
+            f"{have / 2**30:,.1f} GiB of {device.type}")
+
+
 def _train(*, dataset, model, training, dmd, progress, on_eval, checkpoint_path,
            checkpoint_every) -> TrainResult:
     """`train`'s body."""
@@ -172,6 +200,8 @@ def _train(*, dataset, model, training, dmd, progress, on_eval, checkpoint_path,
     batch_rows = min(config.batch_size or n_train, n_train)
 
     # --- model, optimiser, accelerator ------------------------------------------------------
+    _refuse_what_cannot_fit(model_config.n_parameters(x_train_np.shape[1], y_train_np.shape[1]),
+                            config, dmd, device)
     net = build_regressor(model_config, x_train_np, y_train_np).to(device)
     y_train_scaled = net.scale_targets(y_train)
     optimizer = make_optimizer(net.parameters(), config)
