@@ -765,12 +765,21 @@ def _queue_rerun(study: optuna.Study, storage, trial_id: int | None) -> None:
             study.enqueue_trial(trial.params, user_attrs={"rerun_of": trial.number})
 
 
+def one_gpu(visible: str | None, index: int) -> str:
+    """CUDA_VISIBLE_DEVICES for a worker that takes the launcher's `index`-th visible GPU. A
+    launcher confined to some GPUs (Slurm, a scheduler: "2,3", or UUIDs) gave its workers "0"
+    and "1", the machine's first GPUs, which were not its own."""
+    listed = [d.strip() for d in visible.split(",") if d.strip()] if visible else []
+    return listed[index] if index < len(listed) else str(index)
+
+
 def _worker_entry(path_or_raw, storage_url, n_trials, timeout, cache_dir, tracking, tracking_uri,
                   device_index, cpu_threads=None):
     """Entry point of a spawned worker process (binds one GPU when several are visible;
     on CPU, gets its share of the cores)."""
     if device_index is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(device_index)
+        os.environ["CUDA_VISIBLE_DEVICES"] = one_gpu(os.environ.get("CUDA_VISIBLE_DEVICES"),
+                                                     device_index)
     if cpu_threads is not None:
         import torch
         torch.set_num_threads(cpu_threads)

@@ -1225,3 +1225,15 @@ def test_a_launcher_joining_a_study_being_created_waits_for_its_record(study_dir
     stored = study.user_attrs
     assert stored["config_digest"] == config_digest(mine) == config_digest(stored["config"])
     assert len(complete(study)) == 1
+
+
+@pytest.mark.parametrize(("visible", "index", "expected"), [
+    (None, 1, "1"),                      # nothing set: the machine's numbering
+    ("2,3", 0, "2"), ("2,3", 1, "3"),    # a launcher confined to GPUs 2 and 3 (was "0", "1")
+    ("GPU-aa11, GPU-bb22", 1, "GPU-bb22"),  # UUIDs, as schedulers may set them
+    ("", 0, "0"),
+])
+def test_a_worker_takes_one_of_the_launchers_own_gpus(visible, index, expected):
+    from dmdopt.search.study import one_gpu
+
+    assert one_gpu(visible, index) == expected
