@@ -15,7 +15,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO
 
-# The embedded defaults (DESIGN.md, "Public surface"): every store lives under ./dmdopt-runs/,
+# The embedded defaults (README, "Defaults"): every store lives under ./dmdopt-runs/,
 # relative to where a command runs. One place, so the CLI and the library cannot disagree.
 DEFAULT_STORAGE = "sqlite:///dmdopt-runs/optuna.db"  # the Optuna storage
 DEFAULT_CACHE = "dmdopt-runs/data"  # the dataset cache (solved PDE fields)
