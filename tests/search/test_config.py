@@ -173,7 +173,7 @@ def test_a_study_made_with_a_now_refused_range_key_resumes_without_it(tmp_path):
     path = write(tmp_path, tiny_study_toml(n_trials=1))
     config = load_study_file(path)
     study = run_study(config, tracking=False, progress=False, echo=lambda *_: None,
-                      storage=f"sqlite:///{tmp_path}/o.db")
+                      storage=f"sqlite:///{tmp_path}/o.db", cache_dir=tmp_path / "data")
     # what the older version stored for the same file with `log = true` under the horizon
     old_raw = json.loads(json.dumps(config.raw))
     old_raw["search"]["horizon"]["log"] = True
@@ -183,7 +183,7 @@ def test_a_study_made_with_a_now_refused_range_key_resumes_without_it(tmp_path):
     study.set_user_attr("config_digest", hashlib.sha256(
         json.dumps(hashed, sort_keys=True, default=str).encode()).hexdigest()[:16])
     resumed = run_study(config, n_trials=2, tracking=False, progress=False, echo=lambda *_: None,
-                        storage=f"sqlite:///{tmp_path}/o.db")
+                        storage=f"sqlite:///{tmp_path}/o.db", cache_dir=tmp_path / "data")
     assert len(resumed.trials) >= 2
 
 

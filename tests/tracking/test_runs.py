@@ -258,16 +258,20 @@ def test_ui_refuses_remote_hosts_without_opt_in(tmp_path, monkeypatch):
     from dmdopt.tracking import start_ui
     from dmdopt.tracking.ui import is_loopback, server_command
 
+    # a free port: the default 5000 may be taken (a developer's own `mlflow ui`), and the
+    # port is checked before the store
+    port = _free_port()
+
     with pytest.raises(UserError, match="0.0.0.0.*--allow-remote"):
-        start_ui(host="0.0.0.0", backend_store_uri=f"sqlite:///{tmp_path}/mlflow.db")
+        start_ui(host="0.0.0.0", port=port, backend_store_uri=f"sqlite:///{tmp_path}/mlflow.db")
     with pytest.raises(UserError, match="already a tracking server"):
-        start_ui(backend_store_uri="http://127.0.0.1:5000")
+        start_ui(port=port, backend_store_uri="http://127.0.0.1:5000")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")  # `dmdopt ui` reads it
     with pytest.raises(UserError, match=r"^\$MLFLOW_TRACKING_URI: .*already a tracking server"):
-        start_ui()
+        start_ui(port=port)
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     with pytest.raises(UserError, match=r"u:\*\*\*@") as info:  # the password is not shown
-        start_ui(backend_store_uri="https://u:secret@127.0.0.1:5000")
+        start_ui(port=port, backend_store_uri="https://u:secret@127.0.0.1:5000")
     assert "secret" not in str(info.value)
     assert is_loopback("localhost") and is_loopback("::1") and not is_loopback("10.0.0.5")
     cmd = server_command(host="127.0.0.1", port=5001, backend_store_uri="sqlite:///x.db",
