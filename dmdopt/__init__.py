@@ -5,6 +5,8 @@ Public surface (everything else is private):
     load_dataset                                     -- the problem's data (dmdopt.problem)
     load_study_file, run_study, recommend, load_tuned_config -- studies and tuned configs
     dmdopt.dmd.extrapolate                           -- one (p x m) snapshot matrix
+    UserError -- what reading a user's file raises (bad file, field or value); the
+                 constructors of the config classes raise ValueError for a bad value
 Imports are lazy so `import dmdopt` stays cheap and the CLI starts fast.
 """
 
@@ -28,14 +30,16 @@ _EXPORTS = {
     "run_study": "dmdopt.search.study",
     "recommend": "dmdopt.search.recommend",
     "load_tuned_config": "dmdopt.export",
+    "UserError": "dmdopt.errors",
 }
 
 __all__ = [
     "DMDAccelerator", "DMDConfig", "ModelConfig", "ProblemConfig", "TrainConfig", "TrainResult",
-    "load_dataset", "load_study_file", "load_tuned_config", "recommend", "run_study", "train",
+    "UserError", "load_dataset", "load_study_file", "load_tuned_config", "recommend", "run_study", "train",
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
+    from dmdopt.errors import UserError
     from dmdopt.export import load_tuned_config
     from dmdopt.model import ModelConfig
     from dmdopt.problem.config import ProblemConfig

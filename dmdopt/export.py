@@ -413,6 +413,28 @@ def _parse(text: str, fmt: str, where: str) -> Any:
 
 def load_tuned_config(path: str | os.PathLike) -> TunedConfig:
     """Read and validate a tuned config (TOML, JSON or YAML by extension)."""
+    return _validate(_read(path), str(path))
+
+
+def load_dmd_settings(path: str | os.PathLike) -> tuple[DMDConfig, str | None]:
+    """The `[dmd]` settings of a tuned config and the optimiser they were tuned for
+    (`[training] optimizer`, None without a `[training]` section): all that
+    `DMDAccelerator.from_config` uses. A user's own training loop has no use for the
+    regressor's `[model]` and the pollutant's `[problem]`, so `schema_version` and `[dmd]`
+    make a complete file here; the other sections, when there, are not checked."""
+    where = str(path)
+    data = _read(path)
+    _check_header(data, where)
+    if "dmd" not in data:
+        raise UserError(f"{where}: missing section [dmd]")
+    dmd = _build(DMDConfig, _check_section(data["dmd"], "dmd", DMDConfig, where), "dmd", where)
+    training = data.get("training")
+    optimizer = training.get("optimizer") if isinstance(training, dict) else None
+    return dmd, optimizer if isinstance(optimizer, str) else None
+
+
+def _read(path: str | os.PathLike) -> Any:
+    """A tuned config file's parsed data, not yet validated."""
     path = Path(path)
     if path.is_dir():  # before the extension: a folder has none to speak of
         raise UserError(f"tuned config {path} is a directory")
@@ -423,7 +445,7 @@ def load_tuned_config(path: str | os.PathLike) -> TunedConfig:
         text = path.read_text(encoding="utf-8-sig")  # a BOM (Windows editors): no error
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"{path}: cannot read: {_one_line(exc)}") from None
-    return _validate(_parse(text, fmt, str(path)), str(path))
+    return _parse(text, fmt, str(path))
 
 
 def tuned_config_from_dict(data: dict, *, where: str = "tuned config") -> TunedConfig:
@@ -521,7 +543,8 @@ def _check_expected(table: Any, where: str) -> dict:
     return out
 
 
-def _validate(data: Any, where: str) -> TunedConfig:
+def _check_header(data: Any, where: str) -> None:
+    """A table of known sections, of the schema version this dmdopt reads."""
     if not isinstance(data, dict):
         raise UserError(f"{where}: expected a table of sections, got {_one_line(repr(data))[:80]}")
     if "schema_version" not in data:
@@ -537,6 +560,10 @@ def _validate(data: Any, where: str) -> TunedConfig:
     for key in data:
         if key not in allowed:
             raise UserError(f"{where}: unknown key {key} (sections: {', '.join(sorted(allowed - {'schema_version'}))})")
+
+
+def _validate(data: Any, where: str) -> TunedConfig:
+    _check_header(data, where)
     for section in SETTINGS_SECTIONS:
         if section not in data:
             raise UserError(f"{where}: missing section [{section}]")

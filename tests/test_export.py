@@ -437,3 +437,42 @@ def test_model_and_problem_are_the_ones_the_trials_ran_not_the_exporters_default
     legacy = export_tuned_config(summary, tmp_path / "l.toml")
     assert legacy.model == ModelConfig.from_dict(MODEL)
     assert legacy.provenance["dataset_hash"] == ProblemConfig.from_dict(PROBLEM).config_hash()
+
+
+def test_from_config_needs_only_the_dmd_section_and_warns_on_another_optimiser(good, tmp_path):
+    """A user's own loop has no regressor [model] or pollutant [problem]: a file of
+    schema_version and [dmd] gives the accelerator its settings. Before, it was refused for
+    each missing section and key in turn."""
+    import warnings
+
+    import torch
+
+    from dmdopt import DMDAccelerator
+
+    model = torch.nn.Linear(3, 2)
+    dmd = DMDConfig(window=7, rank=3, horizon=40.0).to_dict()
+    path = tmp_path / "dmd.json"
+    path.write_text(json.dumps({"schema_version": good["schema_version"], "dmd": dmd}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no [training]: nothing to compare the optimiser with
+        acc = DMDAccelerator.from_config(path, model, torch.optim.SGD(model.parameters(), lr=0.1))
+    assert (acc.config.window, acc.config.rank, acc.config.horizon) == (7, 3, 40.0)
+    # a section it does not use is not checked; a [dmd] key missing or unknown still is
+    path.write_text(json.dumps({"schema_version": good["schema_version"], "dmd": dmd,
+                                "model": {"width": "wide"}}))
+    DMDAccelerator.from_config(path, model, torch.optim.SGD(model.parameters(), lr=0.1))
+    path.write_text(json.dumps({"schema_version": good["schema_version"],
+                                "dmd": {k: v for k, v in dmd.items() if k != "rank"}}))
+    with pytest.raises(UserError, match=r"dmd\.json: missing key dmd\.rank"):
+        DMDAccelerator.from_config(path, model, torch.optim.SGD(model.parameters(), lr=0.1))
+    path.write_text(json.dumps({"schema_version": good["schema_version"]}))
+    with pytest.raises(UserError, match=r"missing section \[dmd\]"):
+        DMDAccelerator.from_config(path, model, torch.optim.SGD(model.parameters(), lr=0.1))
+    # settings tuned for Adam handed to SGD: a warning naming both; AdamW is an Adam
+    tuned = tmp_path / "tuned.json"
+    tuned.write_text(json.dumps(dict(good, training=dict(good["training"], optimizer="adam"))))
+    with pytest.warns(UserWarning, match=r"tuned for training\.optimizer = 'adam'.* SGD"):
+        DMDAccelerator.from_config(tuned, model, torch.optim.SGD(model.parameters(), lr=0.1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        DMDAccelerator.from_config(tuned, model, torch.optim.AdamW(model.parameters()))

@@ -13,8 +13,13 @@ This is exact (up to rounding) whenever the snapshots span the Krylov space of t
 i.e. m >= dim + 3 for dynamics living in a `dim`-dimensional (affine) subspace.
 
 Eigenvalue policy (``tol`` = `NEUTRAL_TOL` by default):
-  * decaying, |lambda| < 1 - tol: summed exactly; for horizon=inf summed to the limit.
-  * neutral, 1 - tol <= |lambda| <= 1 + tol: for a finite horizon projected onto the unit
+  * decaying, |lambda| < 1: summed exactly for a finite horizon (`horizon_gain` is stable
+    as lambda -> 1); for horizon=inf summed to the limit when |lambda| < 1 - tol, and not
+    extrapolated when 1 - tol <= |lambda| < 1 (a gain above 1 / tol: indistinguishable from
+    a mode that never converges). Until 2026-12-08 the band below 1 was projected onto the
+    circle for finite horizons too: a mode at lambda = 1 - 5e-7 then moved h steps instead of
+    sum lambda^j, 2.5e-4 off at h = 1000 (affine dynamics, so not exact).
+  * neutral, 1 <= |lambda| <= 1 + tol: for a finite horizon projected onto the unit
     circle (lambda / |lambda|), i.e. bounded oscillation or constant drift h * amplitude; for
     horizon=inf not extrapolated (it never converges).
   * growing, |lambda| > 1 + tol: dropped for every horizon (``growing="drop"``, the
@@ -79,6 +84,9 @@ __all__ = [
 ]
 
 NEUTRAL_TOL = 1e-6
+_GRAM_LIMIT = 2**30
+"""Bytes of the (m - 1)^2 float64 Gram above which a window with more snapshots than
+coordinates is taken for a transposed (m x p) matrix: a real window is 5-100 snapshots."""
 """Half-width of the band around |lambda| = 1 treated as neutral (see module docstring).
 
 With horizon=inf the largest amplification of a kept mode is 1 / NEUTRAL_TOL = 1e6 step
@@ -155,7 +163,7 @@ def stabilized_gain(eigenvalues: Tensor, horizon: float, tol: float = NEUTRAL_TO
         gain = horizon_gain(torch.where(keep, lam, torch.zeros_like(lam)), horizon)
     else:
         keep = mod <= 1.0 + tol if growing == "drop" else torch.ones_like(mod, dtype=torch.bool)
-        neutral = mod >= 1.0 - tol
+        neutral = mod > 1.0  # onto the circle; a decaying mode is summed as it is
         lam = torch.where(neutral, lam / torch.where(neutral, mod, 1.0), lam)
         gain = horizon_gain(lam, horizon)
     return torch.where(keep, gain, torch.zeros_like(gain))
@@ -257,6 +265,11 @@ def _check_snapshots(snapshots: Tensor) -> None:
         raise ValueError(f"snapshots must be a 2-D (p x m) tensor with m >= 1; got {shape}")
     if not snapshots.dtype.is_floating_point:
         raise TypeError(f"snapshots must be real floating point; got dtype {snapshots.dtype}")
+    m = snapshots.shape[1]
+    if m > snapshots.shape[0] and (m - 1) ** 2 * 8 > _GRAM_LIMIT:  # (m x p) given by mistake
+        raise ValueError(f"snapshots must be (p x m), one snapshot per column; got shape "
+                         f"{tuple(snapshots.shape)}: {m} snapshots would need a "
+                         f"{(m - 1) ** 2 * 8 / 2**30:.0f} GiB Gram matrix (pass snapshots.T?)")
 
 
 @torch.no_grad()

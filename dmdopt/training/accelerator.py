@@ -5,8 +5,9 @@
         ...; loss.backward(); optimizer.step()
         acc.step(closure)   # closure() -> loss tensor, forward only, used to accept/reject
 
-After each optimiser step the accelerator copies every parameter group into a snapshot buffer
-(`window` columns). When the buffer is full it fits one affine-exact DMD per group
+After each optimiser step the accelerator copies the model's trainable parameters, grouped by
+`DMDConfig.grouping` (not the optimiser's param_groups; a parameter the optimiser holds but
+the model does not register is never extrapolated), into snapshot buffers (`window` rows). When the buffer is full it fits one affine-exact DMD per group
 (`dmdopt.dmd.fit_dmd`) and runs a **line search over the horizon** with forward passes only:
 candidates horizon x factor (or, for horizon=inf, damped steps now + f (inf-state - now)) are
 tried from the smallest step to the largest, and the search stops at the first candidate that
@@ -24,7 +25,10 @@ holding a non-finite snapshot makes its Gram non-finite and the jump is rejected
 forward pass, so NaN never reaches the weights; a candidate that moves no weights (every mode
 dropped) is skipped without one. Every closure call of a jump sees the same random numbers (a
 dropout layer draws the same masks for each candidate, so the test compares weights, not
-noise) and leaves the caller's RNG streams as they were. An exception or Ctrl-C inside a
+noise) and leaves torch's default generators (CPU, and CUDA) as they were. A closure that
+draws its check batch from its own `torch.Generator`, a loader's iterator, `numpy` or `random`
+gets a new batch at every call (each candidate judged on other data) and advances that
+stream: pick the check batch once, outside the closure. An exception or Ctrl-C inside a
 closure rolls the weights and buffers back before it propagates. The DMD maths runs outside
 any autocast region the caller opened (the closure keeps it).
 
@@ -39,8 +43,11 @@ error end the job on every rank.
 
 Cost: every closure call is added to the `CostCounter` (`forward_weight` batches each), the
 fits (`dmd_flops`) and every extra candidate (2pr + p per group for a predict, 3p for a
-damped step) to its DMD FLOPs. `stats['dmd_seconds']` is the accelerator's own wall time
-(snapshots, linear algebra, forming candidates), `stats['forward_seconds']` the closures'.
+damped step) to its DMD FLOPs. `stats` holds: `jumps_accepted`, `jumps_rejected`; `forward_passes`, the closure calls
+(the `CostCounter` gets `forward_weight` times that); `dmd_flops`; `dmd_seconds`, the
+accelerator's own wall time (snapshots, linear algebra, forming candidates);
+`forward_seconds`, the closures'; `chosen_horizons`, each kept jump's horizon in steps, or
+under horizon=inf either inf (the converged state) or the factor f < 1 of a damped step.
 
 Defaults (`DMDConfig`; measured on the quick benchmark, `dmdopt bench --quick`, one seed
 each, cost to reach the plain run's final validation error relative to plain cost):
@@ -74,6 +81,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import numbers
 import time
 import warnings
 from collections.abc import Callable
@@ -137,11 +145,18 @@ class DMDAccelerator:
                  *, cost: CostCounter | None = None, forward_weight: float = 1.0) -> None:
         """`forward_weight`: one closure call in units of a forward pass over a training batch
         (e.g. n_train / batch_size when the closure evaluates the whole training set)."""
+        if not isinstance(config, DMDConfig):  # a dict failed later as "no attribute 'growing'"
+            raise TypeError(f"DMDAccelerator: config must be a DMDConfig, got "
+                            f"{type(config).__name__} (DMDConfig(**settings) makes one)")
+        if isinstance(forward_weight, bool) or not isinstance(forward_weight, numbers.Real) \
+                or not math.isfinite(forward_weight) or forward_weight <= 0:
+            raise ValueError(f"DMDAccelerator: forward_weight must be a finite number > 0, "
+                             f"got {forward_weight!r}")
         self.model = model
         self.optimizer = optimizer
         self.config = config
         self.cost = cost
-        self.forward_weight = forward_weight
+        self.forward_weight = float(forward_weight)
         self.growing = resolve_growing(config.growing, optimizer)
         # Under DistributedDataParallel every rank holds the same weights but scores the
         # candidates on its own shard: each rank's own verdict let the copies drift apart
@@ -203,10 +218,19 @@ class DMDAccelerator:
     @classmethod
     def from_config(cls, path, model: nn.Module, optimizer: torch.optim.Optimizer,
                     **kwargs) -> DMDAccelerator:
-        """An accelerator with the DMD settings of an exported tuned config (TOML/JSON/YAML)."""
-        from dmdopt.export import load_tuned_config
+        """An accelerator with the `[dmd]` settings of a tuned config (TOML/JSON/YAML): a file
+        from `dmdopt export`, or one holding only `schema_version` and a complete `[dmd]`.
+        Settings tuned for one optimiser may not suit another (window 10 helps SGD and hurts
+        Adam), so an optimiser other than the file's `[training] optimizer` gets a warning."""
+        from dmdopt.export import load_dmd_settings
 
-        return cls(model, optimizer, load_tuned_config(path).dmd, **kwargs)
+        dmd, tuned_for = load_dmd_settings(path)
+        kinds = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}  # AdamW is an Adam
+        if tuned_for in kinds and not isinstance(optimizer, kinds[tuned_for]):
+            warnings.warn(f"{path}: its DMD settings were tuned for training.optimizer = "
+                          f"{tuned_for!r}, and this optimiser is {type(optimizer).__name__}: "
+                          "they may not suit it (tune them for it in a study)", stacklevel=2)
+        return cls(model, optimizer, dmd, **kwargs)
 
     @property
     def snapshot_bytes(self) -> int:

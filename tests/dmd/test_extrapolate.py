@@ -452,3 +452,34 @@ def test_the_autocast_guard_works_with_the_torch_2_2_api(monkeypatch):
     assert torch.isfinite(extrapolate(X, rank=2, horizon=5)).all()  # no autocast to leave
     cpu_on["on"] = True  # (entering torch 2.13's autocast itself needs the new API: not here)
     assert pod_module._autocast_enabled("cpu") is True
+
+
+@pytest.mark.parametrize("slow", [1 - 5e-7, 1 - 1e-7])
+def test_a_mode_decaying_within_the_neutral_band_is_summed_exactly(slow):
+    """Affine dynamics with an eigenvalue just below 1 (GD's slowest direction): the band
+    below 1 was projected onto the circle, so the mode moved h steps instead of
+    sum slow^j: 2.5e-5 off at h = 100 and 2.5e-4 at h = 1000."""
+    gen = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(40, 2, dtype=F64, generator=gen))
+    lam = torch.tensor([slow, 0.5], dtype=F64)
+    coef = torch.tensor([1.0, 0.7], dtype=F64)
+    m, hmax = 8, 1000
+    steps = torch.stack([q @ (coef * lam**k) for k in range(m - 1 + hmax)], 1)  # d_k
+    xs = torch.cat([torch.zeros(40, 1, dtype=F64), steps.cumsum(1)], 1)  # x_k = sum_{j<k} d_j
+    fit = fit_dmd(xs[:, :m], rank=10)
+    for h in (100, hmax):
+        truth = xs[:, m - 1 + h]
+        move = truth - xs[:, m - 1]
+        assert float((fit.predict(h) - truth).norm() / move.norm()) < 1e-6, h
+    # horizon=inf still leaves such a mode where it is (gain above 1 / tol)
+    assert float((fit.predict("inf") - xs[:, m - 1]).norm()) < 2 * float(
+        (xs[:, m - 1] - xs[:, m - 2]).norm())
+
+
+def test_snapshots_given_time_down_the_rows_are_named_not_a_memory_error():
+    """A (m x p) window of 200,000 'snapshots' asked for a 149 GiB Gram: a raw allocator error."""
+    with pytest.raises(ValueError, match=r"\(p x m\), one snapshot per column; got shape "
+                                         r"\(10, 200000\).*snapshots\.T"):
+        extrapolate(torch.randn(200_000, 10).T, rank=5, horizon=10)
+    # more snapshots than coordinates is still a window (p = 3, m = 12)
+    assert extrapolate(torch.randn(3, 12, dtype=F64), rank=2, horizon=3).shape == (3,)

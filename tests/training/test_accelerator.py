@@ -886,3 +886,16 @@ def test_ddp_ranks_keep_the_same_jumps_and_equal_weights(tmp_path):
     assert ranks[0]["stats"]["jumps_accepted"] >= 3
     assert ranks[0]["stats"]["chosen_horizons"] == ranks[1]["stats"]["chosen_horizons"]
     assert torch.equal(ranks[0]["flat"], ranks[1]["flat"])
+
+
+def test_a_config_that_is_not_a_dmdconfig_and_a_bad_forward_weight_are_named():
+    """A dict failed at the first step as "'dict' object has no attribute 'growing'"; a
+    negative or NaN forward_weight made the cost negative or NaN without a word."""
+    model = nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(TypeError, match=r"config must be a DMDConfig, got dict"):
+        DMDAccelerator(model, opt, {"window": 10})
+    for bad in (-3, 0, float("nan"), float("inf"), True, "2"):
+        with pytest.raises(ValueError, match=r"forward_weight must be a finite number > 0"):
+            DMDAccelerator(model, opt, DMDConfig(), forward_weight=bad)
+    assert DMDAccelerator(model, opt, DMDConfig(), forward_weight=np.float32(2)).forward_weight == 2.0
