@@ -133,7 +133,9 @@ def run_benchmark(*, seeds: int = 3, steps: int | None = None, json_path=None,
     wall_time; plain rows also first_passage_cost/_wall (where the plain curve itself first
     reaches its final error); DMD rows cost_to_target, wall_to_target, speedup (plain cost /
     cost_to_target; None if the plain error was never reached), first_passage_speedup (plain
-    first passage / cost_to_target), dmd_share, fwd_share, jumps_accepted, jumps_rejected.
+    first passage / cost_to_target), dmd_share (the DMD maths' share of the run's wall time),
+    accelerator_share (the same with the closure's accept/reject forward passes), fwd_share
+    (those forward passes' share of the bpe cost), jumps_accepted, jumps_rejected.
 
     `lrs` overrides `LEARNING_RATES` per method. `jobs` > 1 runs the (method, seed) pairs in
     that many processes, the CPU threads split between them; a pair's plain and DMD runs stay
@@ -295,6 +297,8 @@ def _run_pair(*, method: str, seed: int, lr: float, quick: bool, steps: int, dmd
         first_passage_speedup=(first[0] / reached[0]) if reached and reached[0] > 0 else None,
         wall_speedup=(plain.wall_time / reached[1]) if reached and reached[1] > 0 else None,
         dmd_share=result.dmd_time / result.wall_time if result.wall_time > 0 else None,
+        accelerator_share=((result.dmd_time + result.forward_time) / result.wall_time
+                           if result.wall_time > 0 else None),
         fwd_share=(result.cost["forward_passes"] / 3.0) / result.backprop_equivalent,
         jumps_accepted=result.jumps_accepted, jumps_rejected=result.jumps_rejected,
     )
@@ -302,7 +306,7 @@ def _run_pair(*, method: str, seed: int, lr: float, quick: bool, steps: int, dmd
                   f" | dmd {result.val_error:.4f}, target at {_fmt(row['cost_to_target'], '.0f')} bpe"
                   f" (x{_fmt(row['speedup'], '.2f')}), jumps {result.jumps_accepted}/"
                   f"{result.jumps_accepted + result.jumps_rejected}, dmd share "
-                  f"{row['dmd_share']:.1%}")
+                  f"{row['dmd_share']:.1%} ({row['accelerator_share']:.1%} with its forwards)")
 
 
 def _table(rows: list[dict], methods, echo) -> None:
@@ -311,10 +315,12 @@ def _table(rows: list[dict], methods, echo) -> None:
     run that diverged has no target, so its seed has no DMD run and is named below the table."""
     head = (f"{'method':13s} {'lr':>7s} | {'plain err':>9s} {'plain bpe':>9s} {'plain s':>7s} | "
             f"{'dmd err':>8s} {'bpe->tgt':>8s} {'s->tgt':>7s} {'reached':>7s} | "
-            f"{'cost x':>6s} {'fp x':>5s} {'wall x':>6s} {'dmd%':>5s} {'fwd%':>5s}")
+            f"{'cost x':>6s} {'fp x':>5s} {'wall x':>6s} {'dmd%':>5s} {'acc%':>5s} {'fwd%':>5s}")
     echo("")
     echo("medians over seeds; cost x = plain bpe / DMD bpe to reach the plain final error, "
-         "fp x = plain's own first passage to that error / DMD's (higher is better)")
+         "fp x = plain's own first passage to that error / DMD's (higher is better); "
+         "dmd% = the DMD maths' share of the DMD run's wall time, acc% = with the accept/reject "
+         "forward passes, fwd% = those passes' share of its bpe cost")
     echo(head)
     echo("-" * len(head))
     notes = []
@@ -332,6 +338,7 @@ def _table(rows: list[dict], methods, echo) -> None:
             continue
         reached = [r for r in dmd if r.get("cost_to_target") is not None]
         share = _median([r.get("dmd_share") for r in dmd])
+        acc = _median([r.get("accelerator_share") for r in dmd])
         fwd = _median([r.get("fwd_share") for r in dmd])
         echo(f"{method:13s} {plain[0]['lr']:>7.3g} | "
              f"{_fmt(_median([r['final_val_error'] for r in plain]), '9.4f')} "
@@ -345,6 +352,7 @@ def _table(rows: list[dict], methods, echo) -> None:
              f"{_fmt(_median([r.get('first_passage_speedup') for r in dmd], 0.0) or None, '5.2f')} "
              f"{_fmt(_median([r.get('wall_speedup') for r in dmd], 0.0) or None, '6.2f')} "
              f"{_fmt(100 * share if share is not None else None, '5.1f')} "
+             f"{_fmt(100 * acc if acc is not None else None, '5.1f')} "
              f"{_fmt(100 * fwd if fwd is not None else None, '5.1f')}")
     echo("")
     for note in notes:

@@ -42,12 +42,14 @@ class TrainResult:
     metrics: dict[str, float]  # val_/test_ mse, rel_l2, r2
     cost: dict[str, float]  # backprop_steps, forward_passes, dmd_flops, backprop_equivalent
     wall_time: float
-    dmd_time: float
+    dmd_time: float  # the accelerator's own work: snapshots, POD/DMD, forming candidates
     jumps_accepted: int
     jumps_rejected: int
     device: str
     stopped_by: str  # "budget" | "target"
     model: nn.Module | None = field(default=None, repr=False)
+    # the closure calls that accept or reject a jump (their cost is in `cost` already)
+    forward_time: float = 0.0
 
     @property
     def val_error(self) -> float:
@@ -70,7 +72,7 @@ class TrainResult:
         return {
             "curve": self.curve, "metrics": self.metrics, "cost": self.cost,
             "wall_time": self.wall_time, "dmd_time": self.dmd_time,
-            "jumps_accepted": self.jumps_accepted, "jumps_rejected": self.jumps_rejected,
+            "forward_time": self.forward_time, "jumps_accepted": self.jumps_accepted, "jumps_rejected": self.jumps_rejected,
             "device": self.device, "stopped_by": self.stopped_by,
         }
 
@@ -349,6 +351,7 @@ def _train(*, dataset, model, training, dmd, progress, on_eval, checkpoint_path,
         dmd_time=stats.get("dmd_seconds", 0.0),
         jumps_accepted=stats.get("jumps_accepted", 0), jumps_rejected=stats.get("jumps_rejected", 0),
         device=str(device), stopped_by=state.get("stopped_by") or "budget", model=net,
+        forward_time=stats.get("forward_seconds", 0.0),
     )
 
 

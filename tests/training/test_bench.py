@@ -33,6 +33,11 @@ def test_bench_json_rows(tmp_path, monkeypatch, capsys):
             assert abs(row["first_passage_speedup"]
                        - plain["first_passage_cost"] / row["cost_to_target"]) < 1e-9
             assert row["first_passage_speedup"] <= row["speedup"] + 1e-12
+    for row in dmd_rows:
+        # the accept/reject forward passes are the accelerator's wall time too: the share
+        # without them was the only one reported
+        assert 0 < row["dmd_share"] < row["accelerator_share"] < 1
+    assert "acc%" in printed and "with its forwards" in printed
 
 
 def test_parallel_jobs_give_the_rows_of_a_sequential_run(tmp_path, monkeypatch):
@@ -126,7 +131,8 @@ def _rows(method, seed, plain_cost, to_target, dmd_error=0.1):
            "speedup": plain_cost / to_target if hit else None,
            "first_passage_speedup": plain_cost / to_target if hit else None,
            "wall_speedup": 10.0 / (to_target / 100) if hit else None,
-           "dmd_share": 0.03, "fwd_share": 0.05, "jumps_accepted": 1, "jumps_rejected": 0}
+           "dmd_share": 0.03, "accelerator_share": 0.08, "fwd_share": 0.05, "jumps_accepted": 1,
+           "jumps_rejected": 0}
     return [plain, dmd]
 
 
