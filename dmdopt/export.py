@@ -13,6 +13,8 @@ extension. Schema version 1::
                   versions {dmdopt, torch, optuna, mlflow} and git_commit of the code that ran
                   the trial, created_at (UTC, the export's time)
     [expected]    the trial's metrics: cost_bpe, cost_total, val_rel_l2, test_rel_l2, speedup,
+                  speedup_first_passage (against the reference's own first passage to its
+                  final error, the stricter ratio the recommendation filters on),
                   device (where the trial ran), cpu_threads and cpu_capability (torch's threads
                   and vector kernels there, on a CPU), and what they were measured at:
                   max_steps (the trial's budget) and settings_hash (`settings_hash()` of the
@@ -46,7 +48,7 @@ from typing import Any
 from dmdopt._util import atomic_file, git_commit, mask_url, os_reason, versions
 from dmdopt.errors import UserError
 from dmdopt.model import ModelConfig
-from dmdopt.pareto import missed_target, speedup
+from dmdopt.pareto import missed_target, speedup, speedup_first_passage
 from dmdopt.training.config import TRAIN_FLOAT_FIELDS, DMDConfig, TrainConfig
 
 SCHEMA_VERSION = 1
@@ -63,7 +65,8 @@ _ADDED_LATER = {"training": ("accept_rows",)}
 # default is "auto" since). Without this an old trial would export settings it never ran.
 _RECORDED_BEFORE = {"dmd": {"growing": "drop"}}
 EXPECTED_KEYS = ("cost_bpe", "cost_total", "cost_to_reference", "reference_val_rel_l2",
-                 "val_rel_l2", "test_rel_l2", "speedup", "device", "cpu_threads",
+                 "val_rel_l2", "test_rel_l2", "speedup", "speedup_first_passage", "device",
+                 "cpu_threads",
                  "cpu_capability", "max_steps", "settings_hash")
 
 
@@ -175,6 +178,11 @@ def tuned_config_from_summary(summary: dict, *, policy: str = "knee", value: flo
                 f"trial {number}, ended at val error {best['values'][1]:.4g} after "
                 f"{best['values'][0]:.0f} "
                 f"bpe: raise target_error, or export it anyway with --trial {number}")
+        if (ratio := speedup(summary, best)) is not None and ratio <= 1.0:
+            raise UserError(
+                f"no trial of study {summary.get('study_name')!r} reached its target sooner "
+                f"than plain training; the best, trial {number}, took {best['values'][0]:.0f} "
+                f"bpe ({ratio:.2f}x plain's speed): export it anyway with --trial {number}")
     elif number is None:
         policy, value = parse_policy(policy, value)
         points = points_from_summary(summary)
@@ -231,6 +239,7 @@ def tuned_config_from_summary(summary: dict, *, policy: str = "knee", value: flo
         # the speed-up of this point's cost (a cost_to_target trial records the one to the
         # reference's error, not to the study's target): the one the front and dashboard show
         "speedup": speedup(summary, trial),
+        "speedup_first_passage": speedup_first_passage(summary, trial),
         "device": attrs.get("device"),
         "cpu_threads": attrs.get("cpu_threads") if attrs.get("device") == "cpu" else None,
         "cpu_capability": attrs.get("cpu_capability") if attrs.get("device") == "cpu" else None,

@@ -13,7 +13,9 @@ from typing import Any
 
 KNOBS = ("window", "rank", "horizon")
 CSV_COLUMNS = ("trial", "cost_bpe", "val_rel_l2", "speedup", "speedup_first_passage", "window",
-               "rank", "horizon", "is_reference", "is_recommended")
+               "rank", "horizon", "reached_reference", "is_reference", "is_recommended")
+# reached_reference False: the trial never reached the reference's error, so its cost is its
+# whole spend, not a cost to that error (None: a study stored before the flag existed)
 
 
 # ---------------------------------------------------------------- summary access
@@ -118,7 +120,7 @@ def pareto_rows(summary: dict) -> list[dict]:
     if ref is not None:
         rows.append({"trial": "reference", "cost_bpe": ref[0], "val_rel_l2": ref[1],
                      "speedup": 1.0, "speedup_first_passage": 1.0,
-                     "window": None, "rank": None, "horizon": None,
+                     "window": None, "rank": None, "horizon": None, "reached_reference": True,
                      "is_reference": True, "is_recommended": False})
     rec = recommended_number(summary)
     for t in pareto_trials(summary):
@@ -127,5 +129,6 @@ def pareto_rows(summary: dict) -> list[dict]:
                      "val_rel_l2": t["values"][1], "speedup": speedup(summary, t),
                      "speedup_first_passage": speedup_first_passage(summary, t),
                      **{k: params.get(k) for k in KNOBS},
+                     "reached_reference": (t.get("user_attrs") or {}).get("reached_reference"),
                      "is_reference": False, "is_recommended": t["number"] == rec})
     return rows

@@ -61,6 +61,14 @@ def _points(trial: optuna.trial.FrozenTrial, single: bool) -> list[float] | None
     return [float(attrs.get("cost_total", trial.values[0])), float(attrs["val_error"])]
 
 
+def _no_faster(summary: dict, trial: dict) -> bool:
+    """The trial reached the target no sooner than plain training (speed-up <= 1)."""
+    from dmdopt.pareto import speedup
+
+    ratio = speedup(summary, trial)
+    return ratio is not None and ratio <= 1.0
+
+
 def hypervolume_reference_point(study: optuna.Study) -> list[float]:
     """Fixed per study: 1.5 x the reference's (cost, error), so every history is comparable."""
     ref = study.user_attrs.get("reference") or {}
@@ -162,9 +170,11 @@ def summarize(study: optuna.Study, *, storage_url: str | None = None, policy: st
     }
     if single and summary["pareto"]:
         # the best, unless it never reached the target (export refuses it then: MLflow and the
-        # dashboard showed as recommended a trial slower than plain training to nowhere)
+        # dashboard showed as recommended a trial slower than plain training to nowhere) or
+        # reached it no sooner than plain training did (the two-objective mode's "nothing
+        # beats plain training")
         best = next(r for r in rows if r["number"] == summary["pareto"][0])
-        if not missed_target(best):
+        if not missed_target(best) and not _no_faster(summary, best):
             summary["recommended"] = {"number": best["number"], "policy": "best"}
     elif summary["pareto"] and summary["reference"]:
         from dmdopt.search.recommend import points_from_summary, recommend

@@ -689,6 +689,8 @@ class StudyTracker:
         for key in ("cost_bpe", "cost_total", "cost_to_reference", "val_error", "test_error",
                     "speedup", "speedup_first_passage", "wall_time", "jumps_accepted", "jumps_rejected",
                     "reached_reference"):
+            if key == "cost_to_reference" and attrs.get("reached_reference") is False:
+                continue  # never reached: the stored figure is its whole spend, not a cost to it
             if key not in final and (num := _number(attrs.get(key))) is not None:
                 final[key] = num
         curve = [(step, v) for c, e in attrs.get("curve") or []

@@ -125,3 +125,18 @@ def test_a_heartbeat_retry_of_an_interrupts_rerun_names_the_trial_it_retried():
     rows = [t["user_attrs"] for t in summarize(study)["trials"]]
     assert rows[0]["fail_reason"] == f"{INTERRUPTED}; re-run as trial 1"
     assert rows[1]["rerun_of"] == 0 and rows[2]["rerun_of"] == 1
+
+
+def test_a_best_trial_no_faster_than_plain_training_is_not_recommended(tmp_path, capsys):
+    """It reached the target, but at 450 bpe where plain training took 400: it was marked
+    recommended and exported with exit 0 (0.89x), where the two-objective mode refuses the like."""
+    url = f"sqlite:///{tmp_path}/c.db"
+    study = single_objective_study(url, "slow", [(450.0, 0.45, True), (500.0, 0.40, True)])
+    assert summarize(study, storage_url=url)["recommended"] is None
+    out = tmp_path / "t.toml"
+    assert main(["export", "slow", "--storage", url, "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "reached its target sooner than plain training" in err[0]
+    assert "0.89x" in err[0] and "--trial 0" in err[0] and not out.exists()
+    assert main(["export", "slow", "--storage", url, "-o", str(out), "--trial", "0"]) == 0
+    assert load_tuned_config(out).provenance["trial_number"] == 0

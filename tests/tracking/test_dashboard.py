@@ -133,3 +133,24 @@ def test_cost_to_target_speed_ups_are_of_the_cost_shown_beside_them(make_summary
     rows = {r["trial"]: r for r in pareto_rows(summary)}
     for number in (0, 1, 3):
         assert rows[number]["speedup"] == pytest.approx(600.0 / rows[number]["cost_bpe"])
+
+
+def test_a_front_point_that_never_reached_the_reference_is_marked(make_summary, tmp_path,
+                                                                   monkeypatch, capsys):
+    """Its cost is its whole spend, not a cost to the reference's error, and the table said
+    "cost = bpe to reach the reference's error" of every row without a mark."""
+    from dmdopt import cli
+    from dmdopt.pareto import pareto_rows
+
+    summary = make_summary("nr")
+    summary["trials"][1]["user_attrs"]["reached_reference"] = False
+    rows = {r["trial"]: r for r in pareto_rows(summary)}
+    assert rows[1]["reached_reference"] is False and rows["reference"]["reached_reference"]
+    assert rows[0]["reached_reference"] is not False
+    monkeypatch.setattr(cli, "_load_study", lambda args: ("nr", "sqlite://", type(
+        "S", (), {"directions": [1, 1]})()))
+    monkeypatch.setattr("dmdopt.search.summary.summarize", lambda *a, **k: summary)
+    assert cli.main(["study", "pareto", "nr"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[2:]}
+    assert "never reached the reference's error" in lines["1"]
+    assert "never reached" not in lines["0"]

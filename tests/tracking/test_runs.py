@@ -89,6 +89,26 @@ def test_parent_children_metrics_and_artifacts(mlflow_store, make_summary, study
     assert sorted((m.step, m.value) for m in hv) == [(1, 100.0), (2, 150.0), (3, 170.0)]
 
 
+def test_a_trial_that_never_reached_the_reference_logs_no_cost_to_it(mlflow_store, make_summary,
+                                                                     study_name):
+    """Its stored cost_to_reference is its whole spend (the objective's penalty): logged under
+    that name, MLflow showed a cost to an error the trial never reached."""
+    summary = make_summary(study_name)
+    for number, reached in ((0, True), (1, False)):
+        attrs = summary["trials"][number]["user_attrs"]
+        attrs.update(reached_reference=reached, cost_to_reference=attrs["cost_total"] * 0.9)
+    tracker = StudyTracker(mlflow_store, study_name)
+    tracker.ensure_parent(summary)
+    for number in (0, 1):
+        tracker.log_trial(summary, number)
+    by_no = {int(r["tags.dmdopt.trial_number"]): r
+             for _, r in _runs(mlflow_store, study_name, "child").iterrows()}
+    assert by_no[0]["metrics.cost_to_reference"] > 0 and by_no[0]["metrics.reached_reference"] == 1
+    assert by_no[1]["metrics.reached_reference"] == 0
+    assert "metrics.cost_to_reference" not in by_no[1] or by_no[1]["metrics.cost_to_reference"] != \
+        by_no[1]["metrics.cost_to_reference"]  # absent: NaN in the runs frame
+
+
 def test_sync_is_idempotent(mlflow_store, make_summary, study_name):
     summary = make_summary(study_name)
     tracker = StudyTracker(mlflow_store, study_name)
