@@ -159,6 +159,17 @@ def test_plain_training_itself_is_no_recommendation_when_its_curve_ends_noisy():
     assert recommend([faster], reference) == 7
 
 
+def test_plain_training_at_another_thread_count_does_not_beat_it_in_error():
+    """A trial that kept no jump, run by one of two workers (1 thread against the reference's
+    2), ended 5.48e-10 below the reference's error: recommended as beating plain training."""
+    reference = {"cost_bpe": 200.0, "val_rel_l2": 0.7315, "first_passage_bpe": 200.0}
+    plain_again = {"number": 2, "cost_bpe": 203.0, "val_rel_l2": 0.7315 - 5.48e-10}
+    with pytest.raises(UserError, match="no trial beats plain training"):
+        recommend([plain_again], reference)
+    better = {"number": 3, "cost_bpe": 203.0, "val_rel_l2": 0.7315 * (1 - 1e-5)}
+    assert recommend([plain_again, better], reference) == 3
+
+
 def test_numpy_numbers_are_points_like_any_other():
     """A front built from a DataFrame has numpy scalars: they were dropped as "not numbers",
     leaving "no completed trial ... to recommend from"."""
