@@ -284,8 +284,11 @@ def _run_pair(*, method: str, seed: int, lr: float, quick: bool, steps: int, dmd
         result = train(dataset=dataset, model=model, training=training,
                        dmd=DMDConfig.from_dict(dmd))
     except Diverged as exc:
-        row.update(final_val_error=math.inf, cost_to_target=None, wall_to_target=None,
-                   speedup=None, error=str(exc))
+        # every key a finished DMD row has, so that the JSON rows share one layout
+        row.update(final_val_error=math.inf, cost=None, wall_time=None, cost_to_target=None,
+                   wall_to_target=None, speedup=None, first_passage_speedup=None,
+                   wall_speedup=None, dmd_share=None, accelerator_share=None, fwd_share=None,
+                   jumps_accepted=None, jumps_rejected=None, error=str(exc))
         return rows, f"{method} seed {seed}: DMD run diverged ({exc})"
     reached = result.cost_to_reach(target)
     row.update(
@@ -412,7 +415,7 @@ def run_from_args(args, error: Callable[[str], NoReturn]) -> list[dict]:
     dmd = None
     if args.dmd:
         fields = {}
-        for item in args.dmd.split(","):
+        for item in filter(None, (part.strip() for part in args.dmd.split(","))):  # "a=1,"
             key, _, value = item.partition("=")
             if key in fields:  # the last would silently win
                 error(f"--dmd: {key!r} is given twice in {args.dmd!r}")
@@ -460,12 +463,12 @@ def run_from_args(args, error: Callable[[str], NoReturn]) -> list[dict]:
 
 
 def main(argv=None) -> None:  # pragma: no cover - thin wrapper for benchmarks/bench_dmd.py
-    import argparse
     import sys
 
+    from dmdopt.cli import _Parser  # a usage error is one line, as in `dmdopt bench`
     from dmdopt.errors import UserError, WorkersFailed
 
-    parser = argparse.ArgumentParser(description="plain vs DMD-accelerated training")
+    parser = _Parser(description="plain vs DMD-accelerated training")
     add_arguments(parser)
     args = parser.parse_args(argv)
     try:

@@ -8,6 +8,7 @@ import pytest
 from processes import alive, children
 
 from dmdopt.cli import main
+from dmdopt.training.config import DMDConfig
 
 
 def test_bench_json_rows(tmp_path, monkeypatch, capsys):
@@ -228,6 +229,22 @@ def test_an_interrupted_bench_prints_and_writes_the_pairs_that_finished(tmp_path
     assert json.loads(out.read_text()) == rows
 
 
+def test_the_benchmark_script_refuses_in_one_line_and_reads_a_trailing_comma(monkeypatch,
+                                                                             capsys):
+    """benchmarks/bench_dmd.py printed argparse's usage before its error; `window=10,` was
+    "unknown key ''"."""
+    import dmdopt.bench
+
+    with pytest.raises(SystemExit) as info:
+        dmdopt.bench.main(["--dmd", "window=abc"])
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == 2 and err.count("\n") == 0 and "dmd.window" in err
+    seen = {}
+    monkeypatch.setattr(dmdopt.bench, "run_benchmark", lambda **kw: seen.update(kw) or [])
+    dmdopt.bench.main(["--methods", "gd", "--dmd", "window=10,"])
+    assert seen["dmd"].window == 10
+
+
 @pytest.mark.parametrize(("argv", "needle"), [
     (["--json", "quick.toml"], "--json: expected a path ending in .json, got quick.toml"),
     (["--quick", "--steps", "10"], "--steps 10 is fewer than the DMD window (20"),
@@ -328,3 +345,27 @@ def test_json_paths_that_are_no_rows_file_are_refused_before_anything_is_made(tm
         main(["bench", "--json", "tuned.json"])
     assert info.value.code == 2 and "is a tuned config" in capsys.readouterr().err
     assert json.loads((tmp_path / "tuned.json").read_text())["schema_version"] == 1
+
+
+def test_a_diverged_dmd_row_has_every_key_a_finished_one_has(tmp_path, monkeypatch):
+    """It lacked cost, wall_time, the shares and the jump counts: the JSON rows of one variant
+    did not share a layout."""
+    import dmdopt.training.loop as loop
+    from dmdopt.bench import run_benchmark
+
+    real = loop.train
+
+    def dmd_diverges(**kwargs):
+        if kwargs.get("dmd") is not None:
+            raise loop.Diverged("loss became inf at step 20")
+        return real(**kwargs)
+
+    kwargs = dict(quick=True, steps=20, methods=("gd",), echo=lambda *_: None,
+                  cache_dir=str(tmp_path / "data"), dmd=DMDConfig(window=5, rank=2, horizon=5))
+    finished = run_benchmark(**kwargs)[1]
+    monkeypatch.setattr(loop, "train", dmd_diverges)
+    diverged = run_benchmark(**kwargs)[1]
+    assert diverged["error"] and finished["variant"] == diverged["variant"] == "dmd"
+    assert set(finished) <= set(diverged)
+    assert all(diverged[k] is None for k in set(finished) - {"method", "variant", "seed", "lr",
+                                                            "final_val_error"})
