@@ -331,6 +331,11 @@ def cmd_study_status(args) -> int:
         # `dmdopt export NAME` alone lacks -o, and a bare name the storage of a file
         named = shlex.quote(args.name) + (f" --storage {shlex.quote(mask_url(args.storage))}"
                                           if args.storage else "")
+        if not missed:  # reached, but perhaps no sooner than plain training: export refuses
+            from dmdopt.search.summary import summarize
+
+            if summarize(study)["recommended"] is None:
+                missed = "  (no sooner than plain training)"
         how = (f"dmdopt export {named} -o tuned.toml"
                + (f" --trial {best.number}" if missed else ""))
         print(f"best       trial {best.number}  cost {cost:.1f} bpe{missed}  "
@@ -422,8 +427,8 @@ def cmd_export(args) -> int:
           f"({tuned.provenance.get('policy', policy)}) to {args.output}: "
           f"window {tuned.dmd.window} rank {tuned.dmd.rank} horizon {tuned.dmd.horizon:g}; "
           f"expected val error {exp.get('val_rel_l2', math.nan):.4f}, speed-up {exp.get('speedup', math.nan):.2f}x"
-          f" ({exp.get('speedup_first_passage', math.nan):.2f}x against plain training's first "
-          "passage to its final error)")
+          + (f" ({exp['speedup_first_passage']:.2f}x against plain training's first passage to "
+             "its final error)" if "speedup_first_passage" in exp else ""))
     return 0
 
 

@@ -150,6 +150,13 @@ def _plain(value: Any) -> Any:
 # export
 
 
+def _has_first_passage(summary: dict, attrs: dict) -> bool:
+    """Whether the trial's first-passage speed-up is measured, not the budget's ratio again."""
+    ref = summary.get("reference") or {}
+    return (attrs.get("speedup_first_passage") is not None
+            or ref.get("first_passage_bpe") is not None or isinstance(ref.get("to_target"), dict))
+
+
 def _find_trial(summary: dict, number: int) -> dict:
     for t in summary.get("trials", []):
         if t.get("number") == number:
@@ -161,6 +168,7 @@ def tuned_config_from_summary(summary: dict, *, policy: str = "knee", value: flo
                               number: int | None = None) -> TunedConfig:
     """The TunedConfig of trial `number`, or of the trial the policy recommends."""
     from dmdopt.search.recommend import format_policy, parse_policy, points_from_summary, recommend
+    from dmdopt.search.summary import no_faster
 
     if number is None and summary.get("mode") == "cost_to_target":
         # one objective: the study's best feasible trial (what `study status` names); the
@@ -178,11 +186,12 @@ def tuned_config_from_summary(summary: dict, *, policy: str = "knee", value: flo
                 f"trial {number}, ended at val error {best['values'][1]:.4g} after "
                 f"{best['values'][0]:.0f} "
                 f"bpe: raise target_error, or export it anyway with --trial {number}")
-        if (ratio := speedup(summary, best)) is not None and ratio <= 1.0:
+        if no_faster(summary, best):
             raise UserError(
                 f"no trial of study {summary.get('study_name')!r} reached its target sooner "
                 f"than plain training; the best, trial {number}, took {best['values'][0]:.0f} "
-                f"bpe ({ratio:.2f}x plain's speed): export it anyway with --trial {number}")
+                f"bpe ({speedup_first_passage(summary, best):.2f}x plain's speed): export it "
+                f"anyway with --trial {number}")
     elif number is None:
         policy, value = parse_policy(policy, value)
         points = points_from_summary(summary)
@@ -239,7 +248,10 @@ def tuned_config_from_summary(summary: dict, *, policy: str = "knee", value: flo
         # the speed-up of this point's cost (a cost_to_target trial records the one to the
         # reference's error, not to the study's target): the one the front and dashboard show
         "speedup": speedup(summary, trial),
-        "speedup_first_passage": speedup_first_passage(summary, trial),
+        # only where there is a first passage to compare with: a study stored before the
+        # reference recorded one would repeat `speedup` under the stricter ratio's name
+        "speedup_first_passage": (speedup_first_passage(summary, trial) if _has_first_passage(
+            summary, attrs) else None),
         "device": attrs.get("device"),
         "cpu_threads": attrs.get("cpu_threads") if attrs.get("device") == "cpu" else None,
         "cpu_capability": attrs.get("cpu_capability") if attrs.get("device") == "cpu" else None,
@@ -425,9 +437,9 @@ def load_tuned_config(path: str | os.PathLike) -> TunedConfig:
     return _validate(_read(path), str(path))
 
 
-def load_dmd_settings(path: str | os.PathLike) -> tuple[DMDConfig, str | None]:
-    """The `[dmd]` settings of a tuned config and the optimiser they were tuned for
-    (`[training] optimizer`, None without a `[training]` section): all that
+def load_dmd_settings(path: str | os.PathLike) -> tuple[DMDConfig, dict]:
+    """The `[dmd]` settings of a tuned config and its `[training]` table as written ({}
+    without one: the optimiser and momentum the settings were tuned for): all that
     `DMDAccelerator.from_config` uses. A user's own training loop has no use for the
     regressor's `[model]` and the pollutant's `[problem]`, so `schema_version` and `[dmd]`
     make a complete file here; the other sections, when there, are not checked."""
@@ -438,8 +450,7 @@ def load_dmd_settings(path: str | os.PathLike) -> tuple[DMDConfig, str | None]:
         raise UserError(f"{where}: missing section [dmd]")
     dmd = _build(DMDConfig, _check_section(data["dmd"], "dmd", DMDConfig, where), "dmd", where)
     training = data.get("training")
-    optimizer = training.get("optimizer") if isinstance(training, dict) else None
-    return dmd, optimizer if isinstance(optimizer, str) else None
+    return dmd, dict(training) if isinstance(training, dict) else {}
 
 
 def _read(path: str | os.PathLike) -> Any:

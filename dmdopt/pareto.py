@@ -13,7 +13,7 @@ from typing import Any
 
 KNOBS = ("window", "rank", "horizon")
 CSV_COLUMNS = ("trial", "cost_bpe", "val_rel_l2", "speedup", "speedup_first_passage", "window",
-               "rank", "horizon", "reached_reference", "is_reference", "is_recommended")
+               "rank", "horizon", "is_reference", "is_recommended", "reached_reference")
 # reached_reference False: the trial never reached the reference's error, so its cost is its
 # whole spend, not a cost to that error (None: a study stored before the flag existed)
 

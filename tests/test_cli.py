@@ -131,7 +131,7 @@ def test_pareto_of_a_study_without_reference_or_trials(tmp_path, monkeypatch, ca
     assert main(["study", "pareto", "bare", "--storage", storage, "--csv"]) == 0
     out, err = capsys.readouterr()
     assert out.strip() == "trial,cost_bpe,val_rel_l2,speedup,speedup_first_passage,window,rank," \
-                          "horizon,reached_reference,is_reference,is_recommended"
+                          "horizon,is_reference,is_recommended,reached_reference"
     assert main(["study", "pareto", "bare", "--storage", storage]) == 0
     out, err = capsys.readouterr()
     assert "0 point(s)" in out and "no reference run yet" in err

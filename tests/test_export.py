@@ -478,3 +478,23 @@ def test_from_config_needs_only_the_dmd_section_and_warns_on_another_optimiser(g
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         DMDAccelerator.from_config(tuned, model, torch.optim.AdamW(model.parameters()))
+    # plain GD and heavy ball are tuned apart: momentum on one side only is named
+    tuned.write_text(json.dumps(dict(good, training=dict(good["training"], optimizer="sgd",
+                                                         momentum=0.0))))
+    with pytest.warns(UserWarning, match=r"'sgd' with momentum 0, and this optimiser is SGD "
+                                         r"with momentum 0\.9"):
+        DMDAccelerator.from_config(tuned, model, torch.optim.SGD(model.parameters(), lr=0.1,
+                                                                 momentum=0.9))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        DMDAccelerator.from_config(tuned, model, torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+def test_no_first_passage_speedup_is_exported_where_none_was_measured(summary, tmp_path):
+    """A study stored before the reference recorded its first passage: the fallback is the
+    budget's ratio, which the file then stated again as the stricter one."""
+    tuned = export_tuned_config(summary, tmp_path / "old.toml")
+    assert "speedup_first_passage" not in tuned.expected and tuned.expected["speedup"] == 4.0
+    summary["reference"]["first_passage_bpe"] = 300.0  # the trial's cost: 150 bpe
+    tuned = export_tuned_config(summary, tmp_path / "new.toml")
+    assert tuned.expected["speedup_first_passage"] == pytest.approx(2.0)

@@ -84,15 +84,16 @@ __all__ = [
 ]
 
 NEUTRAL_TOL = 1e-6
-_GRAM_LIMIT = 2**30
-"""Bytes of the (m - 1)^2 float64 Gram above which a window with more snapshots than
-coordinates is taken for a transposed (m x p) matrix: a real window is 5-100 snapshots."""
-"""Half-width of the band around |lambda| = 1 treated as neutral (see module docstring).
+"""Width of the bands around |lambda| = 1 treated as neutral (see module docstring): up to
+1 + tol for every horizon (projected onto the circle), down to 1 - tol for horizon=inf only.
 
 With horizon=inf the largest amplification of a kept mode is 1 / NEUTRAL_TOL = 1e6 step
 lengths; eigenvalues closer to 1 than that are numerically indistinguishable from a mode that
 never converges.
 """
+_GRAM_LIMIT = 2**30
+"""Bytes of the (m - 1)^2 float64 Gram above which a window with more snapshots than
+coordinates is taken for a transposed (m x p) matrix: a real window is 5-100 snapshots."""
 
 GROWING_POLICIES = ("drop", "drift")
 """What `predict` does with growing modes (|lambda| > 1 + tol); see the module docstring."""
@@ -145,7 +146,8 @@ def _check_growing(growing: str) -> None:
 
 
 def _check_tol(tol: float) -> None:
-    # tol >= 1 would call lambda = 0 neutral (0/0), NaN would make every mode growing
+    # tol >= 1 would keep no decaying mode for horizon=inf (|lambda| < 1 - tol never
+    # holds), NaN would make every mode growing
     if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not 0 <= tol < 1:
         raise ValueError(f"tol must be a number in [0, 1); got tol={tol!r}")
 

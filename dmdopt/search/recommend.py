@@ -23,7 +23,8 @@ budget=C
 
 Every policy chooses among the front's points that plain training (the reference) does not
 weakly dominate: a point that costs at least the reference's budget (or its first passage to
-its own final error, when its curve got there earlier) and ends no more accurate is no reason
+its own final error, when its curve got there earlier) and ends no more accurate (by more
+than `ERROR_RTOL` relative, which rounding at another thread count does not reach) is no reason
 to use DMD (a trial that never reaches the reference's error is charged its
 whole spend, so such points do reach the front).
 

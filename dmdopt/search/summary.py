@@ -61,11 +61,13 @@ def _points(trial: optuna.trial.FrozenTrial, single: bool) -> list[float] | None
     return [float(attrs.get("cost_total", trial.values[0])), float(attrs["val_error"])]
 
 
-def _no_faster(summary: dict, trial: dict) -> bool:
-    """The trial reached the target no sooner than plain training (speed-up <= 1)."""
-    from dmdopt.pareto import speedup
+def no_faster(summary: dict, trial: dict) -> bool:
+    """The trial reached the target no sooner than plain training did: its first-passage
+    speed-up is <= 1 (plain's cost to the target, or without one its first passage to its
+    own final error, over the trial's; the two-objective mode's filter, `recommend`)."""
+    from dmdopt.pareto import speedup_first_passage
 
-    ratio = speedup(summary, trial)
+    ratio = speedup_first_passage(summary, trial)
     return ratio is not None and ratio <= 1.0
 
 
@@ -174,7 +176,7 @@ def summarize(study: optuna.Study, *, storage_url: str | None = None, policy: st
         # reached it no sooner than plain training did (the two-objective mode's "nothing
         # beats plain training")
         best = next(r for r in rows if r["number"] == summary["pareto"][0])
-        if not missed_target(best) and not _no_faster(summary, best):
+        if not missed_target(best) and not no_faster(summary, best):
             summary["recommended"] = {"number": best["number"], "policy": "best"}
     elif summary["pareto"] and summary["reference"]:
         from dmdopt.search.recommend import points_from_summary, recommend

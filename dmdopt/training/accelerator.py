@@ -221,15 +221,24 @@ class DMDAccelerator:
         """An accelerator with the `[dmd]` settings of a tuned config (TOML/JSON/YAML): a file
         from `dmdopt export`, or one holding only `schema_version` and a complete `[dmd]`.
         Settings tuned for one optimiser may not suit another (window 10 helps SGD and hurts
-        Adam), so an optimiser other than the file's `[training] optimizer` gets a warning."""
+        Adam), so an optimiser other than the file's `[training] optimizer` gets a warning, as
+        does SGD with momentum for settings tuned without it, and the other way round."""
         from dmdopt.export import load_dmd_settings
 
-        dmd, tuned_for = load_dmd_settings(path)
+        dmd, training = load_dmd_settings(path)
+        tuned_for, momentum = training.get("optimizer"), training.get("momentum")
         kinds = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}  # AdamW is an Adam
-        if tuned_for in kinds and not isinstance(optimizer, kinds[tuned_for]):
+        wanted, this = repr(tuned_for), type(optimizer).__name__
+        differs = tuned_for in kinds and not isinstance(optimizer, kinds[tuned_for])
+        if not differs and tuned_for == "sgd" and isinstance(momentum, (int, float)):
+            # plain GD and heavy ball are tuned apart (window 10 suits one, 20 the other)
+            ours = optimizer.defaults.get("momentum") or 0.0
+            differs = (momentum > 0) != (ours > 0)
+            wanted, this = f"'sgd' with momentum {momentum:g}", f"SGD with momentum {ours:g}"
+        if differs:
             warnings.warn(f"{path}: its DMD settings were tuned for training.optimizer = "
-                          f"{tuned_for!r}, and this optimiser is {type(optimizer).__name__}: "
-                          "they may not suit it (tune them for it in a study)", stacklevel=2)
+                          f"{wanted}, and this optimiser is {this}: they may not suit it (tune "
+                          "them for it in a study)", stacklevel=2)
         return cls(model, optimizer, dmd, **kwargs)
 
     @property

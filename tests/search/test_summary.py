@@ -140,3 +140,17 @@ def test_a_best_trial_no_faster_than_plain_training_is_not_recommended(tmp_path,
     assert "0.89x" in err[0] and "--trial 0" in err[0] and not out.exists()
     assert main(["export", "slow", "--storage", url, "-o", str(out), "--trial", "0"]) == 0
     assert load_tuned_config(out).provenance["trial_number"] == 0
+    # status names the export that works (it suggested the refused one)
+    capsys.readouterr()
+    assert main(["study", "status", "slow", "--storage", url]) == 0
+    printed = capsys.readouterr().out
+    assert "(no sooner than plain training)" in printed and "-o tuned.toml --trial 0`" in printed
+    # faster than plain's budget (1.14x), but plain training first reached its final error,
+    # the target, at 300 bpe: no sooner than that (it was exported at 0.86x)
+    url = f"sqlite:///{tmp_path}/d.db"
+    study = single_objective_study(url, "early", [(350.0, 0.45, True)])
+    study.set_user_attr("reference", {"cost_bpe": 400.0, "val_rel_l2": REF_ERROR,
+                                      "first_passage_bpe": 300.0})
+    assert summarize(study, storage_url=url)["recommended"] is None
+    assert main(["export", "early", "--storage", url, "-o", str(out)]) == 2
+    assert "0.86x plain's speed" in capsys.readouterr().err
