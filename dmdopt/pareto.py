@@ -120,8 +120,8 @@ def pareto_rows(summary: dict) -> list[dict]:
     if ref is not None:
         rows.append({"trial": "reference", "cost_bpe": ref[0], "val_rel_l2": ref[1],
                      "speedup": 1.0, "speedup_first_passage": 1.0,
-                     "window": None, "rank": None, "horizon": None, "reached_reference": True,
-                     "is_reference": True, "is_recommended": False})
+                     "window": None, "rank": None, "horizon": None,
+                     "is_reference": True, "is_recommended": False, "reached_reference": True})
     rec = recommended_number(summary)
     for t in pareto_trials(summary):
         params = t.get("params") or {}
@@ -129,6 +129,6 @@ def pareto_rows(summary: dict) -> list[dict]:
                      "val_rel_l2": t["values"][1], "speedup": speedup(summary, t),
                      "speedup_first_passage": speedup_first_passage(summary, t),
                      **{k: params.get(k) for k in KNOBS},
-                     "reached_reference": (t.get("user_attrs") or {}).get("reached_reference"),
-                     "is_reference": False, "is_recommended": t["number"] == rec})
+                     "is_reference": False, "is_recommended": t["number"] == rec,
+                     "reached_reference": (t.get("user_attrs") or {}).get("reached_reference")})
     return rows
