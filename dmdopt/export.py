@@ -66,8 +66,7 @@ _ADDED_LATER = {"training": ("accept_rows",)}
 _RECORDED_BEFORE = {"dmd": {"growing": "drop"}}
 EXPECTED_KEYS = ("cost_bpe", "cost_total", "cost_to_reference", "reference_val_rel_l2",
                  "val_rel_l2", "test_rel_l2", "speedup", "speedup_first_passage", "device",
-                 "cpu_threads",
-                 "cpu_capability", "max_steps", "settings_hash")
+                 "cpu_threads", "cpu_capability", "max_steps", "settings_hash")
 
 
 def _problem_cls():

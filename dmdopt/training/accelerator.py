@@ -6,31 +6,31 @@
         acc.step(closure)   # closure() -> loss tensor, forward only, used to accept/reject
 
 After each optimiser step the accelerator copies the model's trainable parameters, grouped by
-`DMDConfig.grouping` (not the optimiser's param_groups; a parameter the optimiser holds but
-the model does not register is never extrapolated), into snapshot buffers (`window` rows). When the buffer is full it fits one affine-exact DMD per group
-(`dmdopt.dmd.fit_dmd`) and runs a **line search over the horizon** with forward passes only:
-candidates horizon x factor (or, for horizon=inf, damped steps now + f (inf-state - now)) are
-tried from the smallest step to the largest, and the search stops at the first candidate that
-is worse than the previous one once some candidate has improved on the current loss, or at the
-second rise in a row before any has (a non-finite loss counts as a rise; the loss along the
-ladder is close to unimodal; this keeps the forward passes to ~3 per jump). The best
-candidate is kept **only if the closure's loss improves** on the current weights;
-otherwise the weights are rolled back bit for bit. Either way a fresh window starts. The
-model's buffers (e.g. BatchNorm running statistics, which a closure run in train mode
-updates) are put back before every closure call, so no candidate sees another's update; a
-kept jump then keeps the buffers its own closure call left (as after one train-mode forward
-at the kept weights: statistics of the weights kept, not of the ones left), a rejected one
-the buffers from before the test. A window
-holding a non-finite snapshot makes its Gram non-finite and the jump is rejected before any
-forward pass, so NaN never reaches the weights; a candidate that moves no weights (every mode
-dropped) is skipped without one. Every closure call of a jump sees the same random numbers (a
-dropout layer draws the same masks for each candidate, so the test compares weights, not
-noise) and leaves torch's default generators (CPU, and CUDA) as they were. A closure that
-draws its check batch from its own `torch.Generator`, a loader's iterator, `numpy` or `random`
-gets a new batch at every call (each candidate judged on other data) and advances that
-stream: pick the check batch once, outside the closure. An exception or Ctrl-C inside a
-closure rolls the weights and buffers back before it propagates. The DMD maths runs outside
-any autocast region the caller opened (the closure keeps it).
+`DMDConfig.grouping` (not the optimiser's param_groups; a parameter the optimiser holds but the
+model does not register is never extrapolated), into snapshot buffers (`window` rows). When the
+buffer is full it fits one affine-exact DMD per group (`dmdopt.dmd.fit_dmd`) and runs a **line
+search over the horizon** with forward passes only: candidates horizon x factor (or, for
+horizon=inf, damped steps now + f (inf-state - now)) are tried from the smallest step to the
+largest, and the search stops at the first candidate that is worse than the previous one once
+some candidate has improved on the current loss, or at the second rise in a row before any has
+(a non-finite loss counts as a rise; the loss along the ladder is close to unimodal; this keeps
+the forward passes to ~3 per jump). The best candidate is kept **only if the closure's loss
+improves** on the current weights; otherwise the weights are rolled back bit for bit. Either
+way a fresh window starts. The model's buffers (e.g. BatchNorm running statistics, which a
+closure run in train mode updates) are put back before every closure call, so no candidate sees
+another's update; a kept jump then keeps the buffers its own closure call left (as after one
+train-mode forward at the kept weights: statistics of the weights kept, not of the ones left),
+a rejected one the buffers from before the test. A window holding a non-finite snapshot makes
+its Gram non-finite and the jump is rejected before any forward pass, so NaN never reaches the
+weights; a candidate that moves no weights (every mode dropped) is skipped without one. Every
+closure call of a jump sees the same random numbers (a dropout layer draws the same masks for
+each candidate, so the test compares weights, not noise) and leaves torch's default generators
+(CPU, and CUDA) as they were. A closure that draws its check batch from its own
+`torch.Generator`, a loader's iterator, `numpy` or `random` gets a new batch at every call
+(each candidate judged on other data) and advances that stream: pick the check batch once,
+outside the closure. An exception or Ctrl-C inside a closure rolls the weights and buffers back
+before it propagates. The DMD maths runs outside any autocast region the caller opened (the
+closure keeps it).
 
 Data-parallel training: pass the `DistributedDataParallel`-wrapped model. Its ranks then
 score every candidate by the closure's loss averaged over the DDP's process group, so they
@@ -42,10 +42,10 @@ leaves the ranks' all-reduces unpaired (gloo aborts, NCCL hangs until its watchd
 error end the job on every rank.
 
 Cost: every closure call is added to the `CostCounter` (`forward_weight` batches each), the
-fits (`dmd_flops`) and every extra candidate (2pr + p per group for a predict, 3p for a
-damped step) to its DMD FLOPs. `stats` holds: `jumps_accepted`, `jumps_rejected`; `forward_passes`, the closure calls
-(the `CostCounter` gets `forward_weight` times that); `dmd_flops`; `dmd_seconds`, the
-accelerator's own wall time (snapshots, linear algebra, forming candidates);
+fits (`dmd_flops`) and every extra candidate (2pr + p per group for a predict, 3p for a damped
+step) to its DMD FLOPs. `stats` holds: `jumps_accepted`, `jumps_rejected`; `forward_passes`,
+the closure calls (the `CostCounter` gets `forward_weight` times that); `dmd_flops`;
+`dmd_seconds`, the accelerator's own wall time (snapshots, linear algebra, forming candidates);
 `forward_seconds`, the closures'; `chosen_horizons`, each kept jump's horizon in steps, or
 under horizon=inf either inf (the converged state) or the factor f < 1 of a damped step.
 

@@ -89,20 +89,28 @@ def test_status_prints_what_a_trial_that_missed_the_target_spent(tmp_path, capsy
     assert "best       trial 0  cost 300.0 bpe  (target not reached)" in capsys.readouterr().out
 
 
+def _refused_unless_asked(study, url, out, capsys) -> str:
+    """The study's best trial 0 is no recommendation (MLflow's tag, the dashboard's mark):
+    export refuses it in one line naming `--trial 0`, writes nothing, and exports it when
+    asked. Returns the refusal."""
+    name = study.study_name
+    assert summarize(study, storage_url=url)["recommended"] is None
+    assert main(["export", name, "--storage", url, "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--trial 0" in err[0] and not out.exists()
+    assert main(["export", name, "--storage", url, "-o", str(out), "--trial", "0"]) == 0
+    assert load_tuned_config(out).provenance["trial_number"] == 0
+    capsys.readouterr()
+    return err[0]
+
+
 def test_a_study_whose_trials_all_missed_the_target_exports_only_on_request(tmp_path, capsys):
     """Its best trial never reached the target: export wrote it as the recommendation (a
     config slower than plain training), where the two-objective mode says nothing beats it."""
     url = f"sqlite:///{tmp_path}/c.db"
     study = single_objective_study(url, "miss", [(600.0, 0.48, False), (700.0, 0.55, False)])
-    # nor is it the summary's recommendation (MLflow's tag, the dashboard's mark)
-    assert summarize(study, storage_url=url)["recommended"] is None
-    out = tmp_path / "t.toml"
-    assert main(["export", "miss", "--storage", url, "-o", str(out)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "no trial of study 'miss' reached its target" in err[0]
-    assert "--trial 0" in err[0] and not out.exists()
-    assert main(["export", "miss", "--storage", url, "-o", str(out), "--trial", "0"]) == 0
-    assert load_tuned_config(out).provenance["trial_number"] == 0
+    err = _refused_unless_asked(study, url, tmp_path / "t.toml", capsys)
+    assert "no trial of study 'miss' reached its target" in err
 
 
 def test_a_heartbeat_retry_of_an_interrupts_rerun_names_the_trial_it_retried():
@@ -132,16 +140,9 @@ def test_a_best_trial_no_faster_than_plain_training_is_not_recommended(tmp_path,
     recommended and exported with exit 0 (0.89x), where the two-objective mode refuses the like."""
     url = f"sqlite:///{tmp_path}/c.db"
     study = single_objective_study(url, "slow", [(450.0, 0.45, True), (500.0, 0.40, True)])
-    assert summarize(study, storage_url=url)["recommended"] is None
-    out = tmp_path / "t.toml"
-    assert main(["export", "slow", "--storage", url, "-o", str(out)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "reached its target sooner than plain training" in err[0]
-    assert "0.89x" in err[0] and "--trial 0" in err[0] and not out.exists()
-    assert main(["export", "slow", "--storage", url, "-o", str(out), "--trial", "0"]) == 0
-    assert load_tuned_config(out).provenance["trial_number"] == 0
+    err = _refused_unless_asked(study, url, tmp_path / "slow.toml", capsys)
+    assert "reached its target sooner than plain training" in err and "0.89x" in err
     # status names the export that works (it suggested the refused one)
-    capsys.readouterr()
     assert main(["study", "status", "slow", "--storage", url]) == 0
     printed = capsys.readouterr().out
     assert "(no sooner than plain training)" in printed and "-o tuned.toml --trial 0`" in printed
@@ -151,6 +152,5 @@ def test_a_best_trial_no_faster_than_plain_training_is_not_recommended(tmp_path,
     study = single_objective_study(url, "early", [(350.0, 0.45, True)])
     study.set_user_attr("reference", {"cost_bpe": 400.0, "val_rel_l2": REF_ERROR,
                                       "first_passage_bpe": 300.0})
-    assert summarize(study, storage_url=url)["recommended"] is None
-    assert main(["export", "early", "--storage", url, "-o", str(out)]) == 2
-    assert "0.86x plain's speed" in capsys.readouterr().err
+    err = _refused_unless_asked(study, url, tmp_path / "early.toml", capsys)
+    assert "0.86x plain's speed" in err
